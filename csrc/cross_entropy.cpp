@@ -1,0 +1,193 @@
+// Fused cross-entropy on CPU: one pass over each row gives its loss and its gradient.
+//   loss_i = logsumexp(x_i) - (1-eps) * x_i[t_i] - eps/V * sum_j x_ij
+//   grad_i = (softmax(x_i) - eps/V - (1-eps) * one_hot(t_i)) * scale      (scale = 1/count for mean)
+// Math in fp32 (fp64 for fp64 logits); rows in parallel with OpenMP; lanes with at::vec.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+namespace fusedops {
+namespace {
+
+using at::vec::Vectorized;
+enum Reduction { kNone = 0, kMean = 1, kSum = 2 };  // torch's at::Reduction numbering
+
+// Vectorized<acc_t>::size() elements of scalar_t, converted to acc_t (and back).
+template <typename acc_t, typename scalar_t>
+inline Vectorized<acc_t> load_acc(const scalar_t* p) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return Vectorized<acc_t>::loadu(p);
+  } else {
+    alignas(64) acc_t buf[Vectorized<acc_t>::size()];
+    for (int k = 0; k < Vectorized<acc_t>::size(); ++k) buf[k] = static_cast<acc_t>(p[k]);
+    return Vectorized<acc_t>::loadu(buf);
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void store_acc(scalar_t* p, const Vectorized<acc_t>& v) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    v.store(p);
+  } else {
+    alignas(64) acc_t buf[Vectorized<acc_t>::size()];
+    v.store(buf);
+    for (int k = 0; k < Vectorized<acc_t>::size(); ++k) p[k] = static_cast<scalar_t>(buf[k]);
+  }
+}
+
+// max that propagates NaN, like at::vec::maximum
+template <typename T>
+inline T nan_max(T a, T b) { return (std::isnan(a) || a > b) ? a : b; }
+
+// Checks every target before anything is written; returns how many are not ignore_index.
+template <typename index_t>
+int64_t count_targets(const index_t* target, int64_t n, int64_t num_classes, int64_t ignore_index) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = target[i];
+    if (t == ignore_index) continue;
+    TORCH_CHECK_INDEX(t >= 0 && t < num_classes, "cross_entropy: target[", i, "] = ", t,
+                      " is out of range for ", num_classes, " classes (argument 'target')");
+    ++count;
+  }
+  return count;
+}
+
+// Rows [begin, end): row_loss[i] and grad row i. grad may alias logits (in-place backward).
+template <typename scalar_t, typename index_t>
+void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* target,
+                        scalar_t* grad, int64_t grad_stride, at::opmath_type<scalar_t>* row_loss,
+                        int64_t begin, int64_t end, int64_t V, int64_t ignore_index, double eps,
+                        double scale_) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const acc_t lowest = std::numeric_limits<acc_t>::lowest();  // a finite start: -inf - start = -inf
+  const acc_t smooth = eps / V, keep = 1.0 - eps, scale = scale_;
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t* x = logits + i * stride;
+    scalar_t* g = grad + i * grad_stride;
+    const int64_t t = target[i];
+    if (t == ignore_index) {
+      std::fill(g, g + V, scalar_t(0));
+      row_loss[i] = 0;
+      continue;
+    }
+    const acc_t xt = static_cast<acc_t>(x[t]);  // read before an in-place write overwrites it
+    // online max and sum of exp, per lane: s = s * exp(m - m') + exp(x - m')
+    Vec m(lowest), s(0), sx(0);
+    int64_t j = 0;
+    for (; j + W <= V; j += W) {
+      const Vec v = load_acc<acc_t>(x + j);
+      const Vec mn = at::vec::maximum(m, v);
+      s = s * (m - mn).exp() + (v - mn).exp();
+      sx = sx + v;
+      m = mn;
+    }
+    alignas(64) acc_t ms[W], ss[W], sxs[W];
+    m.store(ms), s.store(ss), sx.store(sxs);
+    acc_t M = lowest, S = 0, SX = 0;
+    for (int64_t k = 0; k < W; ++k) M = nan_max(M, ms[k]);
+    for (int64_t k = 0; k < W; ++k) S += ss[k] * std::exp(ms[k] - M), SX += sxs[k];
+    for (; j < V; ++j) {
+      const acc_t v = static_cast<acc_t>(x[j]);
+      const acc_t mn = nan_max(M, v);
+      S = S * std::exp(M - mn) + std::exp(v - mn);
+      SX += v;
+      M = mn;
+    }
+    const acc_t lse = M + std::log(S);
+    row_loss[i] = lse - keep * xt - (eps > 0 ? smooth * SX : acc_t(0));  // skip 0 * (-inf)
+    // gradient: (exp(x - M) / S - eps/V) * scale, then the target column once, in acc_t
+    const acc_t inv = acc_t(1) / S;
+    const Vec vM(M), vinv(inv), vsmooth(smooth), vscale(scale);
+    for (j = 0; j + W <= V; j += W) {
+      const Vec p = (load_acc<acc_t>(x + j) - vM).exp() * vinv;
+      store_acc<acc_t>(g + j, (p - vsmooth) * vscale);
+    }
+    for (; j < V; ++j) {
+      g[j] = static_cast<scalar_t>((std::exp(static_cast<acc_t>(x[j]) - M) * inv - smooth) * scale);
+    }
+    g[t] = static_cast<scalar_t>((std::exp(xt - M) * inv - smooth - keep) * scale);
+  }
+}
+
+// Shared by the out-of-place and in-place forward: fills grad, returns the loss.
+at::Tensor cross_entropy_into(const at::Tensor& logits, const at::Tensor& target, at::Tensor& grad,
+                              int64_t reduction, int64_t ignore_index, double eps) {
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.stride(1) == 1,
+                    "cross_entropy: logits must be 2-D with unit stride along classes");
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0),
+                    "cross_entropy: target must have shape (N,)");
+  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kSum, "cross_entropy: bad reduction ", reduction);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const at::Tensor tgt = target.contiguous();
+  const auto acc_dtype = at::toOpMathType(logits.scalar_type());
+  at::Tensor row_loss = at::empty({N}, logits.options().dtype(acc_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    AT_DISPATCH_INDEX_TYPES(tgt.scalar_type(), "cross_entropy_target", [&] {
+      const index_t* t = tgt.const_data_ptr<index_t>();
+      const int64_t count = count_targets(t, N, V, ignore_index);
+      const double scale = reduction == kMean ? (count > 0 ? 1.0 / count : 0.0) : 1.0;
+      const scalar_t* x = logits.const_data_ptr<scalar_t>();
+      scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+      acc_t* rl = row_loss.mutable_data_ptr<acc_t>();
+      const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
+      at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+        cross_entropy_rows<scalar_t, index_t>(x, logits.stride(0), t, g, grad.stride(0), rl, begin,
+                                              end, V, ignore_index, eps, scale);
+      });
+      if (reduction != kNone) {  // a serial sum: the same loss for any thread count
+        acc_t total = 0;
+        for (int64_t i = 0; i < N; ++i) total += rl[i];
+        row_loss = at::scalar_tensor(reduction == kMean ? total / acc_t(count) : total,
+                                     row_loss.options());
+      }
+    });
+  });
+  return row_loss.to(logits.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits,
+                                                         const at::Tensor& target, int64_t reduction,
+                                                         int64_t ignore_index, double label_smoothing) {
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  at::Tensor loss = cross_entropy_into(logits, target, grad, reduction, ignore_index, label_smoothing);
+  return {loss, grad};
+}
+
+at::Tensor cross_entropy_forward_inplace(at::Tensor& logits, const at::Tensor& target, int64_t reduction,
+                                  int64_t ignore_index, double label_smoothing) {
+  return cross_entropy_into(logits, target, logits, reduction, ignore_index, label_smoothing);
+}
+
+// grad *= grad_output (a scalar, or one value per row); nothing to do for the usual scalar 1.
+void cross_entropy_backward_inplace(at::Tensor& grad, const at::Tensor& grad_output) {
+  if (grad_output.numel() == 1 && grad_output.item<double>() == 1.0) return;
+  grad.mul_(grad_output.dim() == 1 ? grad_output.unsqueeze(1) : grad_output);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fusedops, m) {
+  m.def("cross_entropy_forward(Tensor logits, Tensor target, int reduction, int ignore_index, "
+        "float label_smoothing) -> (Tensor, Tensor)");
+  m.def("cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, int reduction, int ignore_index, "
+        "float label_smoothing) -> Tensor");
+  m.def("cross_entropy_backward_inplace(Tensor(a!) grad, Tensor grad_output) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fusedops, CPU, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward);
+  m.impl("cross_entropy_forward_inplace", &cross_entropy_forward_inplace);
+  m.impl("cross_entropy_backward_inplace", &cross_entropy_backward_inplace);
+}
+
+}  // namespace fusedops

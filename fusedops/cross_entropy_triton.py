@@ -1,0 +1,106 @@
+"""Triton kernels of the fused cross-entropy (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+
+One program per row: an online max and sum of exp over the row in blocks, then the gradient.
+Math in fp32 (fp64 for fp64 logits), offsets in int64.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .cross_entropy import MEAN, NONE
+
+MAX_BLOCK = 4096
+
+
+@triton.jit
+def _forward_kernel(x_ptr, x_stride, t_ptr, g_ptr, g_stride, loss_ptr, count_ptr, V, ignore_index,
+                    eps, IS_MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    g_row = g_ptr + row * g_stride
+    t = tl.load(t_ptr + row).to(tl.int64)
+    ignored = t == ignore_index
+    xt = tl.load(x_row + tl.where(ignored, 0, t)).to(ACC)  # read before an in-place write
+    cols = tl.arange(0, BLOCK)
+    # online max and sum of exp: s = s * exp(m - m') + sum(exp(x - m'))
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    sx = tl.zeros((), ACC)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        mask = offs < V
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        e = tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new))  # -inf - -inf would be NaN
+        s = s * tl.where(m == m_new, 1.0, tl.exp(m - m_new)) + tl.sum(e, 0)
+        sx += tl.sum(tl.where(mask, x, 0.0), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    smooth = eps / V
+    keep = 1.0 - eps
+    # loss = logsumexp(x) - (1-eps) * x[t] - eps/V * sum(x)   (the last term skipped when eps = 0)
+    loss = lse - keep * xt - tl.where(eps > 0, smooth * sx, 0.0)
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+    scale = 1.0
+    if IS_MEAN:
+        count = tl.load(count_ptr)
+        scale = tl.where(count > 0, 1.0 / count.to(ACC), 0.0)
+    inv = 1.0 / s
+    # grad = (softmax(x) - eps/V - (1-eps) * one_hot(t)) * scale, the target column in ACC
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        mask = offs < V
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
+        g = (tl.exp(x - m) * inv - smooth - tl.where(offs == t, keep, 0.0)) * scale
+        g = tl.where(ignored, 0.0, g)
+        tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_kernel(g_ptr, g_stride, go_ptr, V, PER_ROW: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < V
+    go = tl.load(go_ptr + row if PER_ROW else go_ptr).to(ACC)
+    ptrs = g_ptr + row * g_stride + offs
+    g = tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, (g.to(ACC) * go).to(g.dtype), mask=mask)  # grad *= grad_output
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _block(V):
+    return min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
+
+
+def forward(logits, target, grad, reduction, ignore_index, label_smoothing):
+    """Writes the gradient into `grad` (may be `logits` itself) and returns the loss."""
+    N, V = logits.shape
+    row_loss = torch.empty(N, device=logits.device, dtype=_acc(logits.dtype))
+    count = (target != ignore_index).sum()
+    if N > 0:
+        _forward_kernel[(N,)](
+            logits, logits.stride(0), target, grad, grad.stride(0), row_loss, count, V, ignore_index,
+            label_smoothing, IS_MEAN=reduction == MEAN, ACC=_tl_acc(logits.dtype),
+            BLOCK=_block(V), num_warps=8 if V >= 2048 else 4)
+    if reduction == NONE:
+        return row_loss.to(logits.dtype)
+    total = row_loss.sum()
+    return (total / count if reduction == MEAN else total).to(logits.dtype)
+
+
+def scale_(grad, grad_output):
+    """grad *= grad_output, a scalar or one value per row."""
+    N, V = grad.shape
+    if N > 0 and V > 0:
+        block = _block(V)
+        _scale_kernel[(N, triton.cdiv(V, block))](grad, grad.stride(0), grad_output.contiguous(), V,
+                                                  PER_ROW=grad_output.dim() == 1, ACC=_tl_acc(grad.dtype),
+                                                  BLOCK=block)
