@@ -1,0 +1,238 @@
+"""The chunked reference: the data pipeline, the hand-written backward against autograd, and the
+functional cross-entropy and batch norm against PyTorch."""
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusedops import data, reference
+
+NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
+# the gradients the notebooks show as bit-exact; the rest are equal up to rounding
+EXACT = ("logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes",
+         "logits", "h", "W2", "b2")
+
+
+@pytest.fixture(scope="module")
+def words():
+    return data.load_words(NAMES)
+
+
+@pytest.fixture(scope="module")
+def vocab(words):
+    return data.Vocab(words)
+
+
+@pytest.fixture(scope="module")
+def dataset(words, vocab):
+    return data.splits(words, vocab)
+
+
+def minibatch(dataset, seed, batch_size):
+    """The notebooks' parameters and one minibatch, all drawn from one generator."""
+    (Xtr, Ytr), _, _ = dataset
+    g = torch.Generator().manual_seed(seed)
+    params = reference.init_params(generator=g)
+    ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
+    return params, Xtr[ix], Ytr[ix]
+
+
+# data
+
+
+def test_vocab_is_dot_then_sorted_letters(vocab):
+    assert len(vocab) == 27
+    assert vocab.itos == list(".abcdefghijklmnopqrstuvwxyz")
+    assert vocab.stoi["."] == 0 and vocab.stoi["z"] == 26
+    assert vocab.decode([5, 13, 13, 1, 0]) == "emma."
+
+
+def test_splits_have_the_notebooks_sizes(words, vocab, dataset):
+    random_state, first = random.getstate(), list(words[:3])
+    (Xtr, Ytr), (Xval, Yval), (Xte, Yte) = data.splits(words, vocab)
+    assert (len(Xtr), len(Xval), len(Xte)) == (182625, 22655, 22866)
+    assert Xtr.shape == (182625, 3) and Ytr.shape == (182625,)
+    assert Xtr.dtype == Ytr.dtype == torch.int64
+    assert Xtr[:4].tolist() == [[0, 0, 0], [0, 0, 25], [0, 25, 21], [25, 21, 8]]  # as printed in seed 000
+    assert Ytr[:4].tolist() == [25, 21, 8, 5]
+    assert words[:3] == first and random.getstate() == random_state  # nothing shared is touched
+
+
+def test_build_dataset_contexts():
+    stoi = data.Vocab(["emma"]).stoi  # . a e m
+    X, Y = data.build_dataset(["emma"], stoi, block_size=3)
+    assert X.tolist() == [[0, 0, 0], [0, 0, 2], [0, 2, 3], [2, 3, 3], [3, 3, 1]]  # ... ..e .em emm mma
+    assert Y.tolist() == [2, 3, 3, 1, 0]  # e m m a .
+
+
+def test_character_outside_the_vocabulary(vocab):
+    with pytest.raises(ValueError, match=r"'bob3'.*'3'"):
+        data.build_dataset(["ann", "bob3"], vocab.stoi)
+    with pytest.raises(ValueError, match=r"'Zoe'.*'Z'"):
+        data.splits(["ann", "Zoe"] * 5, vocab)
+    with pytest.raises(ValueError, match=r"'a\.b'"):
+        data.Vocab(["a.b"])
+
+
+def test_missing_or_empty_data_file(tmp_path):
+    with pytest.raises(ValueError, match="nope.txt"):
+        data.load_words(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.txt"):
+        data.load_words(tmp_path / "empty.txt")
+
+
+# the MLP: hand-written backward vs autograd
+
+
+def test_first_loss_is_the_notebooks(dataset):
+    params, Xb, Yb = minibatch(dataset, reference.SEED, 32)
+    assert round(reference.forward(params, Xb, Yb)["loss"].item(), 4) == 3.3399  # seed 000's printed loss
+
+
+@pytest.mark.parametrize("seed,batch_size", [(reference.SEED, 32), (1, 7), (2, 100), (3, 33)])
+def test_hand_written_backward_matches_autograd(dataset, seed, batch_size):
+    params, Xb, Yb = minibatch(dataset, seed, batch_size)
+    acts = reference.forward(params, Xb, Yb)
+    for name in reference.INTERMEDIATES:
+        acts[name].retain_grad()
+    acts["loss"].backward()
+    grads = reference.backward(params, acts, Xb, Yb)
+    tensors = {**acts, **params}
+    assert set(grads) == set(reference.INTERMEDIATES) | set(reference.PARAMETERS)
+    assert list(grads)[:len(EXACT)] == list(EXACT)
+    for name, dt in grads.items():
+        expected = tensors[name].grad
+        assert dt.shape == expected.shape, name
+        assert torch.allclose(dt, expected), reference.format_row(reference.compare(name, dt, expected))
+        if name in EXACT:
+            assert torch.equal(dt, expected), reference.format_row(reference.compare(name, dt, expected))
+
+
+def test_compare_row_format():
+    row = reference.compare("probs", torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
+    assert row == ("probs", False, False, 0.5)
+    expected = "probs           | exact: False | approximate: False | maxdiff: 0.5"
+    assert reference.format_row(row) == expected
+
+
+# cross-entropy vs F.cross_entropy
+
+
+def logits_and_target(n=16, V=11, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(n, V, generator=g)).to(dtype).requires_grad_()
+    return logits, torch.randint(0, V, (n,), generator=g)
+
+
+def loss_and_grad(fn, logits, target, **kwargs):
+    x = logits.detach().clone().requires_grad_()
+    loss = fn(x, target, **kwargs)
+    loss.backward(torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype))
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("ignored", ["none", "some", "all"])
+def test_cross_entropy_matches_torch(dtype, reduction, label_smoothing, ignored):
+    logits, target = logits_and_target(dtype=dtype)
+    if ignored == "some":
+        target[::3] = -100
+    elif ignored == "all":
+        target[:] = -100
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
+    loss, grad = loss_and_grad(reference.cross_entropy, logits, target, **kwargs)
+    expected_loss, expected_grad = loss_and_grad(F.cross_entropy, logits, target, **kwargs)
+    assert loss.dtype == dtype and loss.shape == expected_loss.shape
+    if ignored == "all" and reduction == "mean":
+        assert loss.isnan() and expected_loss.isnan()
+        return
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_cross_entropy_other_ignore_index_and_int32_target():
+    logits, target = logits_and_target()
+    target[1::2] = 3
+    kwargs = dict(ignore_index=3, label_smoothing=0.2)
+    loss, grad = loss_and_grad(reference.cross_entropy, logits, target.int(), **kwargs)
+    expected_loss, expected_grad = loss_and_grad(F.cross_entropy, logits, target, **kwargs)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cross_entropy_half_precision_computes_in_float32(dtype):
+    logits, target = logits_and_target(dtype=dtype)
+    loss, grad = loss_and_grad(reference.cross_entropy, logits, target, reduction="sum")
+    expected_loss, expected_grad = loss_and_grad(F.cross_entropy, logits.float(), target, reduction="sum")
+    assert loss.dtype == grad.dtype == dtype
+    torch.testing.assert_close(loss, expected_loss.to(dtype))
+    torch.testing.assert_close(grad, expected_grad.to(dtype))
+
+
+def test_cross_entropy_equals_the_mlp_loss(dataset):
+    params, Xb, Yb = minibatch(dataset, reference.SEED, 32)
+    acts = reference.forward(params, Xb, Yb)
+    assert torch.equal(reference.cross_entropy(acts["logits"], Yb), acts["loss"])
+
+
+def test_cross_entropy_bad_arguments():
+    logits, target = logits_and_target()
+    with pytest.raises(ValueError, match="reduction"):
+        reference.cross_entropy(logits, target, reduction="avg")
+    with pytest.raises(ValueError, match="target"):
+        reference.cross_entropy(logits, torch.full_like(target, 11))
+    with pytest.raises(ValueError, match=r"\(N, V\)"):
+        reference.cross_entropy(logits[0], target[0])
+
+
+# batch norm vs F.batch_norm
+
+
+@pytest.mark.parametrize("shape", [(32, 6), (8, 6, 5)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_norm_matches_torch(shape, training, affine, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (2 * torch.randn(shape, generator=g, dtype=dtype) + 3).requires_grad_()
+    C = shape[1]
+    weight = torch.randn(C, generator=g, dtype=dtype).requires_grad_() if affine else None
+    bias = torch.randn(C, generator=g, dtype=dtype).requires_grad_() if affine else None
+    running_mean = torch.randn(C, generator=g, dtype=dtype)
+    running_var = torch.rand(C, generator=g, dtype=dtype) + 0.5
+    dy = torch.randn(shape, generator=g, dtype=dtype)
+    outs = []
+    for fn in (reference.batch_norm, F.batch_norm):
+        stats = running_mean.clone(), running_var.clone()
+        inputs = [t for t in (x, weight, bias) if t is not None]
+        y = fn(x, *stats, weight, bias, training=training, momentum=0.3, eps=1e-4)
+        outs.append((y, *stats, *torch.autograd.grad(y, inputs, dy)))
+    for mine, theirs in zip(*outs):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_batch_norm_without_running_stats():
+    x = torch.randn(10, 4, 3, dtype=torch.float64)
+    torch.testing.assert_close(reference.batch_norm(x, None, None, training=True),
+                               F.batch_norm(x, None, None, training=True))
+    with pytest.raises(ValueError, match="running_mean"):
+        reference.batch_norm(x, None, None, training=False)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        reference.batch_norm(x[:1, :, :1], None, None, training=True)
+
+
+def test_unbiased_batch_norm_is_the_notebooks(dataset):
+    params, Xb, Yb = minibatch(dataset, reference.SEED, 32)
+    acts = reference.forward(params, Xb, Yb)
+    running_mean, running_var = torch.zeros(64), torch.ones(64)
+    hpreact = reference.batch_norm(acts["hprebn"], running_mean, running_var, params["bngain"].view(-1),
+                                   params["bnbias"].view(-1), training=True, momentum=0.001, unbiased=True)
+    assert torch.equal(hpreact, acts["hpreact"])
+    torch.testing.assert_close(running_mean, 0.001 * acts["bnmeani"].view(-1))
+    torch.testing.assert_close(running_var, 0.999 + 0.001 * acts["bnvar"].view(-1))
