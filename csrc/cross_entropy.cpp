@@ -164,14 +164,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
 }
 
 at::Tensor cross_entropy_forward_inplace(at::Tensor& logits, const at::Tensor& target, int64_t reduction,
-                                  int64_t ignore_index, double label_smoothing) {
-  return cross_entropy_into(logits, target, logits, reduction, ignore_index, label_smoothing);
-}
-
-// grad *= grad_output (a scalar, or one value per row); nothing to do for the usual scalar 1.
-void cross_entropy_backward_inplace(at::Tensor& grad, const at::Tensor& grad_output) {
-  if (grad_output.numel() == 1 && grad_output.item<double>() == 1.0) return;
-  grad.mul_(grad_output.dim() == 1 ? grad_output.unsqueeze(1) : grad_output);
+                                         int64_t ignore_index, double label_smoothing) {
+  at::Tensor loss = cross_entropy_into(logits, target, logits, reduction, ignore_index, label_smoothing);
+  logits.unsafeGetTensorImpl()->bump_version();  // as every in-place op: autograd sees the write
+  return loss;
 }
 
 }  // namespace
@@ -181,13 +177,11 @@ TORCH_LIBRARY_FRAGMENT(fusedops, m) {
         "float label_smoothing) -> (Tensor, Tensor)");
   m.def("cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, int reduction, int ignore_index, "
         "float label_smoothing) -> Tensor");
-  m.def("cross_entropy_backward_inplace(Tensor(a!) grad, Tensor grad_output) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusedops, CPU, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward);
   m.impl("cross_entropy_forward_inplace", &cross_entropy_forward_inplace);
-  m.impl("cross_entropy_backward_inplace", &cross_entropy_backward_inplace);
 }
 
 }  // namespace fusedops

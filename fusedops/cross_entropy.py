@@ -2,7 +2,7 @@
 
 The forward kernel computes, per row, loss = logsumexp(x) - (1-eps)*x[t] - eps/V*sum(x) and the
 gradient (softmax(x) - eps/V - (1-eps)*one_hot(t)) / n; backward only scales the saved gradient
-by the upstream one. With `inplace_backward=True` that gradient is written over the logits.
+by the upstream one (or hands it back as it is). With `inplace_backward=True` that gradient is written over the logits.
 """
 import torch
 from torch import Tensor, nn
@@ -35,13 +35,6 @@ def _forward_inplace_triton(logits: Tensor, target: Tensor, reduction: int, igno
     return cross_entropy_triton.forward(logits, target, logits, reduction, ignore_index, label_smoothing)
 
 
-@torch.library.custom_op("fusedops::cross_entropy_backward_inplace_triton", mutates_args=("grad",))
-def _backward_inplace_triton(grad: Tensor, grad_output: Tensor) -> None:
-    from . import cross_entropy_triton
-
-    cross_entropy_triton.scale_(grad, grad_output)
-
-
 def _check_target_range(target, num_classes, ignore_index):
     """The C++ kernel checks this itself; here for the Triton kernel, before it writes anything."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
@@ -60,25 +53,18 @@ def _forward_inplace_fake(logits, target, reduction, ignore_index, label_smoothi
     return logits.new_empty(logits.shape[:1] if reduction == NONE else ())
 
 
-def _backward_inplace_fake(grad, grad_output):
-    return None
-
-
 _forward_triton.register_fake(_forward_fake)
 _forward_inplace_triton.register_fake(_forward_inplace_fake)
-_backward_inplace_triton.register_fake(_backward_inplace_fake)
 register_cpp_fake("fusedops::cross_entropy_forward", _forward_fake)
 register_cpp_fake("fusedops::cross_entropy_forward_inplace", _forward_inplace_fake)
-register_cpp_fake("fusedops::cross_entropy_backward_inplace", _backward_inplace_fake)
 
 
 def _ops(backend):
-    """(forward, forward writing over the logits, in-place backward) of a backend."""
+    """(forward, forward writing the gradient over the logits) of a backend."""
     ops = torch.ops.fusedops
     if backend == "cpp":
-        return ops.cross_entropy_forward, ops.cross_entropy_forward_inplace, ops.cross_entropy_backward_inplace
-    return (ops.cross_entropy_forward_triton, ops.cross_entropy_forward_inplace_triton,
-            ops.cross_entropy_backward_inplace_triton)
+        return ops.cross_entropy_forward, ops.cross_entropy_forward_inplace
+    return ops.cross_entropy_forward_triton, ops.cross_entropy_forward_inplace_triton
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -86,25 +72,24 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, reduction, ignore_index, label_smoothing, inplace, backend):
-        forward, forward_inplace, _ = _ops(backend)
+        forward, forward_inplace = _ops(backend)
         if inplace:
             loss, grad = forward_inplace(logits, target, reduction, ignore_index, label_smoothing), logits
         else:
             loss, grad = forward(logits, target, reduction, ignore_index, label_smoothing)
         ctx.save_for_backward(grad)
-        ctx.backend = backend
-        ctx.used = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.used:
-            raise RuntimeError("fusedops.cross_entropy: backward ran twice through the same graph; "
-                               "its saved gradient is scaled in place, so retain_graph=True is not supported")
-        ctx.used = True
         (grad,) = ctx.saved_tensors
-        _ops(ctx.backend)[2](grad, grad_output)  # grad *= grad_output
-        return grad, None, None, None, None, None, None
+        # The loss is usually the graph's last op (grad_output = 1): hand back the saved gradient as
+        # it is, no new N x V buffer. Otherwise dlogits = grad * grad_output (per row for "none").
+        if (not torch.compiler.is_compiling() and grad_output.numel() == 1
+                and grad_output.item() == 1.0):
+            return grad, None, None, None, None, None, None
+        scale = grad_output.unsqueeze(1) if grad_output.dim() == 1 else grad_output
+        return grad * scale, None, None, None, None, None, None
 
 
 def cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,

@@ -56,26 +56,6 @@ def _forward_kernel(x_ptr, x_stride, t_ptr, g_ptr, g_stride, loss_ptr, count_ptr
         tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _scale_kernel(g_ptr, g_stride, go_ptr, V, PER_ROW: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < V
-    go = tl.load(go_ptr + row if PER_ROW else go_ptr).to(ACC)
-    ptrs = g_ptr + row * g_stride + offs
-    g = tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, (g.to(ACC) * go).to(g.dtype), mask=mask)  # grad *= grad_output
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _block(V):
     return min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
 
@@ -83,24 +63,15 @@ def _block(V):
 def forward(logits, target, grad, reduction, ignore_index, label_smoothing):
     """Writes the gradient into `grad` (may be `logits` itself) and returns the loss."""
     N, V = logits.shape
-    row_loss = torch.empty(N, device=logits.device, dtype=_acc(logits.dtype))
+    fp64 = logits.dtype == torch.float64
+    row_loss = torch.empty(N, device=logits.device, dtype=torch.float64 if fp64 else torch.float32)
     count = (target != ignore_index).sum()
     if N > 0:
         _forward_kernel[(N,)](
             logits, logits.stride(0), target, grad, grad.stride(0), row_loss, count, V, ignore_index,
-            label_smoothing, IS_MEAN=reduction == MEAN, ACC=_tl_acc(logits.dtype),
+            label_smoothing, IS_MEAN=reduction == MEAN, ACC=tl.float64 if fp64 else tl.float32,
             BLOCK=_block(V), num_warps=8 if V >= 2048 else 4)
     if reduction == NONE:
         return row_loss.to(logits.dtype)
     total = row_loss.sum()
     return (total / count if reduction == MEAN else total).to(logits.dtype)
-
-
-def scale_(grad, grad_output):
-    """grad *= grad_output, a scalar or one value per row."""
-    N, V = grad.shape
-    if N > 0 and V > 0:
-        block = _block(V)
-        _scale_kernel[(N, triton.cdiv(V, block))](grad, grad.stride(0), grad_output.contiguous(), V,
-                                                  PER_ROW=grad_output.dim() == 1, ACC=_tl_acc(grad.dtype),
-                                                  BLOCK=block)
