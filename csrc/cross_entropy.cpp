@@ -104,17 +104,28 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
     }
     const acc_t lse = M + std::log(S);
     row_loss[i] = lse - keep * xt - (eps > 0 ? smooth * SX : acc_t(0));  // skip 0 * (-inf)
-    // gradient: (exp(x - M) / S - eps/V) * scale, then the target column once, in acc_t
+    // gradient: (exp(x - M) / S - eps/V) * scale off the target column; returns sum of softmax
     const acc_t inv = acc_t(1) / S;
     const Vec vM(M), vinv(inv), vsmooth(smooth), vscale(scale);
-    for (j = 0; j + W <= V; j += W) {
-      const Vec p = (load_acc<acc_t>(x + j) - vM).exp() * vinv;
-      store_acc<acc_t>(g + j, (p - vsmooth) * vscale);
-    }
-    for (; j < V; ++j) {
-      g[j] = static_cast<scalar_t>((std::exp(static_cast<acc_t>(x[j]) - M) * inv - smooth) * scale);
-    }
-    g[t] = static_cast<scalar_t>((std::exp(xt - M) * inv - smooth - keep) * scale);
+    auto grad_range = [&](int64_t a, int64_t b) {
+      Vec psum(0);
+      int64_t j = a;
+      for (; j + W <= b; j += W) {
+        const Vec p = (load_acc<acc_t>(x + j) - vM).exp() * vinv;
+        store_acc<acc_t>(g + j, (p - vsmooth) * vscale);
+        psum = psum + p;
+      }
+      acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return u + v; }, psum);
+      for (; j < b; ++j) {
+        const acc_t p = std::exp(static_cast<acc_t>(x[j]) - M) * inv;
+        g[j] = static_cast<scalar_t>((p - smooth) * scale);
+        total += p;
+      }
+      return total;
+    };
+    const acc_t others = grad_range(0, t) + grad_range(t + 1, V);
+    // target column: softmax_t - 1 = -(sum of the others), exact even when softmax_t rounds to 1
+    g[t] = static_cast<scalar_t>((eps - smooth - others) * scale);
   }
 }
 

@@ -39,7 +39,6 @@ def register_cpp_fake(qualname, fake):
         torch.library.register_fake(qualname)(fake)
 
 
-@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing
 def load_cpp() -> bool:
     """Registers the C++ ops as torch.ops.fusedops.*, building them first if needed."""
     global _cpp_loaded
@@ -56,6 +55,12 @@ def load_cpp() -> bool:
             torch.library.register_fake(qualname)(fake)
         _cpp_loaded = True
     return True
+
+
+# torch.compile calls load_cpp once while tracing and keeps its result: what the decorator
+# torch.compiler.assume_constant_result marks, set directly because the decorator would import
+# torch._dynamo (and triton with it) when fusedops is imported.
+load_cpp._dynamo_marked_constant = True
 
 
 def pick_backend(backend, tensor):

@@ -14,13 +14,15 @@ MAX_BLOCK = 4096
 
 @triton.jit
 def _forward_kernel(x_ptr, x_stride, t_ptr, g_ptr, g_stride, loss_ptr, count_ptr, V, ignore_index,
-                    eps, IS_MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                    eps_ptr, IS_MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    eps = tl.load(eps_ptr)  # label smoothing, in ACC (a float argument would be fp32)
     x_row = x_ptr + row * x_stride
     g_row = g_ptr + row * g_stride
     t = tl.load(t_ptr + row).to(tl.int64)
     ignored = t == ignore_index
-    xt = tl.load(x_row + tl.where(ignored, 0, t)).to(ACC)  # read before an in-place write
+    t_col = tl.where(ignored, -1, t)  # the target's column, -1 (none) in an ignored row
+    xt = tl.load(x_row + t_col, mask=~ignored, other=0.0).to(ACC)  # read before an in-place write
     cols = tl.arange(0, BLOCK)
     # online max and sum of exp: s = s * exp(m - m') + sum(exp(x - m'))
     m = tl.full((), float("-inf"), ACC)
@@ -44,16 +46,22 @@ def _forward_kernel(x_ptr, x_stride, t_ptr, g_ptr, g_stride, loss_ptr, count_ptr
     scale = 1.0
     if IS_MEAN:
         count = tl.load(count_ptr)
-        scale = tl.where(count > 0, 1.0 / count.to(ACC), 0.0)
+        scale = tl.where(count > 0, 1.0 / tl.maximum(count, 1).to(ACC), 0.0)
     inv = 1.0 / s
-    # grad = (softmax(x) - eps/V - (1-eps) * one_hot(t)) * scale, the target column in ACC
+    # grad = (softmax(x) - eps/V) * scale off the target column
+    others = tl.zeros((), ACC)
     for start in range(0, V, BLOCK):
         offs = start + cols
         mask = offs < V
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-        g = (tl.exp(x - m) * inv - smooth - tl.where(offs == t, keep, 0.0)) * scale
-        g = tl.where(ignored, 0.0, g)
-        tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+        p = tl.exp(x - m) * inv
+        off_target = mask & (offs != t_col)
+        others += tl.sum(tl.where(off_target, p, 0.0), 0)
+        g = tl.where(ignored, 0.0, (p - smooth) * scale)
+        tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=off_target)
+    # target column: softmax_t - 1 = -(sum of the others), exact even when softmax_t rounds to 1
+    g_t = (eps - smooth - others) * scale
+    tl.store(g_row + t_col, g_t.to(g_ptr.dtype.element_ty), mask=~ignored)
 
 
 def _block(V):
@@ -64,12 +72,14 @@ def forward(logits, target, grad, reduction, ignore_index, label_smoothing):
     """Writes the gradient into `grad` (may be `logits` itself) and returns the loss."""
     N, V = logits.shape
     fp64 = logits.dtype == torch.float64
-    row_loss = torch.empty(N, device=logits.device, dtype=torch.float64 if fp64 else torch.float32)
+    acc = torch.float64 if fp64 else torch.float32
+    row_loss = torch.empty(N, device=logits.device, dtype=acc)
+    eps = torch.full((), label_smoothing, device=logits.device, dtype=acc)
     count = (target != ignore_index).sum()
     if N > 0:
         _forward_kernel[(N,)](
-            logits, logits.stride(0), target, grad, grad.stride(0), row_loss, count, V, ignore_index,
-            label_smoothing, IS_MEAN=reduction == MEAN, ACC=tl.float64 if fp64 else tl.float32,
+            logits, logits.stride(0), target, grad, grad.stride(0), row_loss, count, V, ignore_index, eps,
+            IS_MEAN=reduction == MEAN, ACC=tl.float64 if fp64 else tl.float32,
             BLOCK=_block(V), num_warps=8 if V >= 2048 else 4)
     if reduction == NONE:
         return row_loss.to(logits.dtype)

@@ -1,0 +1,345 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedops
+from fusedops import reference
+from fusedops.data import Vocab, load_words, splits
+
+BACKENDS = ["cpp", "triton"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def loss_and_grad(fn, logits, target, grad_output=None, **kwargs):
+    """fn(logits, target, **kwargs) and d(loss . grad_output)/dlogits on a fresh leaf."""
+    x = logits.detach().clone().requires_grad_()
+    loss = fn(x, target, **kwargs)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), x.grad
+
+
+def fused(backend):
+    return lambda x, t, **kw: fusedops.cross_entropy(x, t, backend=backend, **kw)
+
+
+def make_target(N, V, ignored, ignore_index=-100, generator=None):
+    target = torch.randint(0, V, (N,), generator=generator)
+    if ignored == "some":
+        target[::3] = ignore_index
+    elif ignored == "all":
+        target[:] = ignore_index
+    return target
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("shape", [(1, 1), (32, 27), (7, 41)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("ignored", ["none", "some", "all"])
+def test_matches_torch(backend, shape, reduction, label_smoothing, ignored):
+    g = torch.Generator().manual_seed(sum(shape))
+    logits = torch.randn(shape, generator=g) * 3
+    target = make_target(*shape, ignored, generator=g)
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing)
+    loss, grad = loss_and_grad(fused(backend), logits, target, **kw)
+    loss_t, grad_t = loss_and_grad(F.cross_entropy, logits, target, **kw)
+    torch.testing.assert_close(loss, loss_t, equal_nan=True, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, grad_t, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,N", [("cpp", 64), ("triton", 8)])
+def test_vocabulary_larger_than_a_block(backend, N):
+    logits = torch.randn(N, 50257) * 4
+    target = make_target(N, 50257, "some")
+    for kw in (dict(), dict(label_smoothing=0.05, reduction="none")):
+        loss, grad = loss_and_grad(fused(backend), logits, target, **kw)
+        loss_64, grad_64 = loss_and_grad(F.cross_entropy, logits.double(), target, **kw)
+        torch.testing.assert_close(loss, loss_64.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, grad_64.float(), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_upstream_gradient(backend, reduction):
+    logits, target = torch.randn(9, 13), torch.randint(0, 13, (9,))
+    grad_output = torch.randn(9) if reduction == "none" else torch.tensor(-2.5)
+    _, grad = loss_and_grad(fused(backend), logits, target, grad_output, reduction=reduction)
+    _, grad_t = loss_and_grad(F.cross_entropy, logits, target, grad_output, reduction=reduction)
+    torch.testing.assert_close(grad, grad_t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_is_tight(backend):
+    logits, target = torch.randn(16, 300, dtype=torch.float64) * 5, torch.randint(0, 300, (16,))
+    loss, grad = loss_and_grad(fused(backend), logits, target, label_smoothing=0.2)
+    loss_t, grad_t = loss_and_grad(F.cross_entropy, logits, target, label_smoothing=0.2)
+    assert loss.dtype == grad.dtype == torch.float64
+    torch.testing.assert_close(loss, loss_t, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(grad, grad_t, rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_against_float32(backend, dtype):
+    logits, target = (torch.randn(24, 77) * 4).to(dtype), torch.randint(0, 77, (24,))
+    loss, grad = loss_and_grad(fused(backend), logits, target, reduction="none")
+    loss_32, grad_32 = loss_and_grad(F.cross_entropy, logits.float(), target, reduction="none")
+    assert loss.dtype == grad.dtype == dtype
+    ulp = torch.finfo(dtype).eps
+    # the math is fp32: only the final rounding to `dtype` is lost
+    torch.testing.assert_close(loss.float(), loss_32, rtol=ulp, atol=0)
+    torch.testing.assert_close(grad.float(), grad_32, rtol=ulp, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layouts(backend):
+    """int32 targets, transposed and row-sliced logits, (N, V, d...) and (V,) like PyTorch."""
+    target = torch.randint(0, 11, (6,))
+    cases = [
+        (torch.randn(6, 11), target.int()),
+        (torch.randn(11, 6).t(), target),
+        (torch.randn(6, 20)[:, 3:14], target),
+        (torch.randn(2, 11, 3, 4), torch.randint(0, 11, (2, 3, 4))),
+        (torch.randn(11), torch.tensor(4)),
+    ]
+    for logits, t in cases:
+        for reduction in ("mean", "none"):
+            loss, grad = loss_and_grad(fused(backend), logits, t, reduction=reduction)
+            loss_t, grad_t = loss_and_grad(F.cross_entropy, logits, t.long(), reduction=reduction)
+            assert loss.shape == loss_t.shape
+            torch.testing.assert_close(loss, loss_t)
+            torch.testing.assert_close(grad, grad_t)
+
+
+def notebook_minibatch(seed=reference.SEED, batch_size=32):
+    words = load_words(os.path.join(ROOT, "names.txt"))
+    (Xtr, Ytr), _, _ = splits(words, Vocab(words))
+    g = torch.Generator().manual_seed(seed)
+    params = reference.init_params(generator=g)
+    ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
+    return params, Xtr[ix], Ytr[ix]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dlogits_match_the_chunked_reference(backend):
+    params, Xb, Yb = notebook_minibatch()
+    acts = reference.forward(params, Xb, Yb)
+    dlogits = reference.backward(params, acts, Xb, Yb)["logits"]
+    loss, grad = loss_and_grad(fused(backend), acts["logits"], Yb)
+    torch.testing.assert_close(loss, acts["loss"].detach(), rtol=1e-6, atol=0)
+    assert (grad - dlogits).abs().max().item() <= 1e-8  # the notebooks' maxdiff level
+
+
+def test_check_command():
+    out = subprocess.run([sys.executable, "-m", "fusedops", "check"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    fused_row = [line for line in out.stdout.splitlines() if line.startswith("fused dlogits")]
+    assert len(fused_row) == 1 and "approximate: True" in fused_row[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck(backend, reduction):
+    logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 6, -100, 3, 3])
+    fn = lambda x: fusedops.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1,  # noqa: E731
+                                          backend=backend)
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def _op_samples():
+    g = torch.Generator().manual_seed(0)
+    for N, V, reduction, smoothing in [(6, 9, 1, 0.1), (1, 1, 0, 0.0), (5, 300, 2, 0.0), (0, 4, 2, 0.0)]:
+        target = torch.randint(0, V, (N,), generator=g)
+        target[::2] = -100
+        yield torch.randn(N, V, generator=g), target, reduction, -100, smoothing
+
+
+@pytest.mark.parametrize("name", ["cross_entropy_forward", "cross_entropy_forward_triton",
+                                  "cross_entropy_forward_inplace", "cross_entropy_forward_inplace_triton"])
+def test_opcheck(name):
+    fusedops._backend.load_cpp()
+    op = getattr(torch.ops.fusedops, name)
+    for args in _op_samples():
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_compile_fullgraph(backend, compiler, inplace):
+    torch._dynamo.reset()
+
+    def step(x, t):
+        return fusedops.cross_entropy(x * 2, t, label_smoothing=0.1, inplace_backward=inplace, backend=backend) * 3
+
+    logits, target = torch.randn(6, 9), torch.randint(0, 9, (6,))
+    loss, grad = loss_and_grad(torch.compile(step, fullgraph=True, backend=compiler), logits, target)
+    loss_t, grad_t = loss_and_grad(lambda x, t: F.cross_entropy(x * 2, t, label_smoothing=0.1) * 3, logits, target)
+    torch.testing.assert_close(loss, loss_t)
+    torch.testing.assert_close(grad, grad_t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_writes_the_gradient_into_the_logits(backend):
+    logits, target = torch.randn(8, 30), torch.randint(0, 30, (8,))
+    _, grad_t = loss_and_grad(F.cross_entropy, logits, target)
+    x = logits.clone().requires_grad_()
+    fusedops.cross_entropy(x, target, inplace_backward=True, backend=backend).backward()
+    torch.testing.assert_close(x.grad, grad_t)
+    # logits from a layer: the gradient it receives is the logits' own storage, no N x V buffer
+    w = logits.clone().requires_grad_()
+    y = w * 1.0
+    received = []
+    y.register_hook(lambda grad: received.append(grad.data_ptr()))
+    fusedops.cross_entropy(y, target, inplace_backward=True, backend=backend).backward()
+    assert received == [y.data_ptr()]
+    torch.testing.assert_close(w.grad, grad_t)
+    # upstream gradient != 1
+    w.grad = None
+    (fusedops.cross_entropy(w * 1.0, target, inplace_backward=True, backend=backend) * 4).backward()
+    torch.testing.assert_close(w.grad, 4 * grad_t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_is_seen_by_autograd_version_checks(backend):
+    logits, target = torch.randn(4, 5, requires_grad=True), torch.randint(0, 5, (4,))
+    y = logits * 2
+    other = (y * y).sum()  # saves y, which the in-place loss then overwrites
+    loss = fusedops.cross_entropy(y, target, inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()
+    y = logits * 2
+    loss = fusedops.cross_entropy(y, target, inplace_backward=True, backend=backend)
+    y.add_(1)  # the saved gradient is gone
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_backward_twice_with_retain_graph(backend, inplace):
+    logits, target = torch.randn(5, 6), torch.randint(0, 6, (5,))
+    _, grad_t = loss_and_grad(F.cross_entropy, logits, target)
+    x = logits.clone().requires_grad_()
+    loss = fusedops.cross_entropy(x * 1.0, target, inplace_backward=inplace, backend=backend)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    (loss * 0.5).backward()
+    torch.testing.assert_close(x.grad, 2.5 * grad_t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_confident_predictions(backend, dtype):
+    """Target logit = max + 20: softmax_t rounds to 1, yet its gradient is no worse than PyTorch's."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 1000, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 1000, (64,), generator=g)
+    rows = torch.arange(64)
+    logits[rows, target] = logits.max(1).values + 20
+    logits = logits.to(dtype)
+    _, grad_64 = loss_and_grad(F.cross_entropy, logits.double(), target)
+    exact = grad_64[rows, target]
+
+    def error(fn):
+        _, grad = loss_and_grad(fn, logits, target)
+        return ((grad[rows, target].double() - exact).abs() / exact.abs()).max().item()
+
+    fused_error, torch_error = error(fused(backend)), error(F.cross_entropy)
+    assert fused_error <= torch_error
+    assert fused_error < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_like_torch(backend, reduction):
+    loss, grad = loss_and_grad(fused(backend), torch.randn(0, 5), torch.zeros(0, dtype=torch.long),
+                               reduction=reduction)
+    loss_t, grad_t = loss_and_grad(F.cross_entropy, torch.randn(0, 5), torch.zeros(0, dtype=torch.long),
+                                   reduction=reduction)
+    torch.testing.assert_close(loss, loss_t, equal_nan=True)
+    assert grad.shape == grad_t.shape == (0, 5)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # the interpreter's numpy on inf/NaN
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_logits_like_torch(backend):
+    inf, nan = float("inf"), float("nan")
+    logits = torch.randn(6, 5)
+    logits[0, 1] = nan
+    logits[1, 2] = inf
+    logits[2, 3] = -inf  # not the target: a masked class, harmless
+    logits[3, :] = -inf
+    logits[4, 0] = -inf  # the target itself
+    target = torch.tensor([0, 1, 2, 3, 0, 4])
+    for smoothing in (0.0, 0.1):
+        loss, grad = loss_and_grad(fused(backend), logits, target, reduction="none", label_smoothing=smoothing)
+        loss_t, grad_t = loss_and_grad(F.cross_entropy, logits, target, reduction="none", label_smoothing=smoothing)
+        torch.testing.assert_close(loss, loss_t, equal_nan=True)
+        torch.testing.assert_close(grad, grad_t, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("bad", [5, -1, -101])
+def test_target_out_of_range_is_caught_before_any_write(backend, inplace, bad):
+    logits = torch.randn(4, 5)
+    x = logits.clone().requires_grad_()
+    target = torch.tensor([0, bad, 1, -100])
+    with pytest.raises(IndexError, match=rf"target\[1\] = {bad} is out of range for 5 classes"):
+        fusedops.cross_entropy(x, target, inplace_backward=inplace, backend=backend)
+    assert torch.equal(x.detach(), logits)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_bad_arguments(backend):
+    logits, target = torch.randn(4, 5), torch.randint(0, 5, (4,))
+    cases = [
+        (TypeError, "target", dict(target=target.float())),
+        (TypeError, "logits", dict(logits=torch.randint(0, 5, (4, 5)))),
+        (ValueError, "target has shape", dict(target=target[:3])),
+        (ValueError, "at least one class", dict(logits=torch.randn(4, 0))),
+        (ValueError, "reduction", dict(reduction="avg")),
+        (ValueError, "label_smoothing", dict(label_smoothing=1.5)),
+        (ValueError, "label_smoothing", dict(label_smoothing=-0.1)),
+        (ValueError, "target is on meta", dict(target=target.to("meta"))),
+        (ValueError, "backend", dict(backend="cuda")),
+    ]
+    for error, message, change in cases:
+        kw = dict(logits=logits, target=target, backend=backend) | change
+        with pytest.raises(error, match=message):
+            fusedops.cross_entropy(kw.pop("logits"), kw.pop("target"), **kw)
+
+
+def test_inplace_needs_unit_class_stride():
+    x = torch.randn(11, 6).t().requires_grad_()
+    with pytest.raises(ValueError, match="inplace_backward"):
+        fusedops.cross_entropy(x * 1, torch.zeros(6, dtype=torch.long), inplace_backward=True)
+
+
+def test_module_mirrors_torch():
+    logits, target = torch.randn(10, 7), make_target(10, 7, "some", ignore_index=2)
+    for kw in (dict(), dict(reduction="sum", label_smoothing=0.3), dict(ignore_index=2, reduction="none")):
+        mine, theirs = fusedops.CrossEntropyLoss(**kw), torch.nn.CrossEntropyLoss(**kw)
+        loss, grad = loss_and_grad(mine, logits, target)
+        loss_t, grad_t = loss_and_grad(theirs, logits, target)
+        torch.testing.assert_close(loss, loss_t)
+        torch.testing.assert_close(grad, grad_t)
+    with pytest.warns(UserWarning, match="deprecated"):  # the legacy arguments too, as torch
+        assert fusedops.CrossEntropyLoss(size_average=False).reduction == "sum"
+    with pytest.raises(NotImplementedError, match="weight"):
+        fusedops.CrossEntropyLoss(weight=torch.ones(7))
+    with pytest.raises(ValueError, match="reduction"):
+        fusedops.CrossEntropyLoss(reduction="avg")
+
+
+def test_import_is_light():
+    code = "import sys, fusedops; print('triton' in sys.modules, 'fusedops._C' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr
