@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace fusedops {
 namespace {
@@ -60,6 +61,8 @@ int64_t count_targets(const index_t* target, int64_t n, int64_t num_classes, int
 }
 
 // Rows [begin, end): row_loss[i] and grad row i. grad may alias logits (in-place backward).
+// One exp per element: pass 1 keeps e = exp(x - m_b) in a scratch row (m_b: the running max when
+// block b was read), pass 2 rescales it to the softmax and writes the gradient.
 template <typename scalar_t, typename index_t>
 void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* target,
                         scalar_t* grad, int64_t grad_stride, at::opmath_type<scalar_t>* row_loss,
@@ -67,9 +70,11 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
                         double scale_) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
+  constexpr int64_t W = Vec::size(), B = 8 * W;  // lanes, elements per block
   const acc_t lowest = std::numeric_limits<acc_t>::lowest();  // a finite start: -inf - start = -inf
   const acc_t smooth = eps / V, keep = 1.0 - eps, scale = scale_;
+  const auto add = [](Vec& u, Vec& v) { return u + v; };
+  std::vector<acc_t> e(V), block_max((V + B - 1) / B);
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* x = logits + i * stride;
     scalar_t* g = grad + i * grad_stride;
@@ -80,52 +85,64 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
       continue;
     }
     const acc_t xt = static_cast<acc_t>(x[t]);  // read before an in-place write overwrites it
-    // online max and sum of exp, per lane: s = s * exp(m - m') + exp(x - m')
-    Vec m(lowest), s(0), sx(0);
-    int64_t j = 0;
-    for (; j + W <= V; j += W) {
-      const Vec v = load_acc<acc_t>(x + j);
-      const Vec mn = at::vec::maximum(m, v);
-      s = s * (m - mn).exp() + (v - mn).exp();
-      sx = sx + v;
-      m = mn;
+    // pass 1, block by block: online max M and sum of exp, s = s * exp(M - M') + sum(exp(x - M'))
+    Vec s(0), sx(0);
+    acc_t M = lowest, s_tail = 0, sx_tail = 0;
+    for (int64_t b0 = 0; b0 < V; b0 += B) {
+      const int64_t b1 = std::min(b0 + B, V);
+      int64_t j = b0;
+      Vec vm(lowest);
+      for (; j + W <= b1; j += W) vm = at::vec::maximum(vm, load_acc<acc_t>(x + j));
+      acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return at::vec::maximum(u, v); }, vm);
+      for (; j < b1; ++j) m = nan_max(m, static_cast<acc_t>(x[j]));
+      if (m > M || std::isnan(m)) {
+        s = s * Vec(std::exp(M - m));
+        M = m;
+      }
+      block_max[b0 / B] = M;
+      const Vec vM(M);
+      for (j = b0; j + W <= b1; j += W) {
+        const Vec v = load_acc<acc_t>(x + j);
+        const Vec ev = (v - vM).exp();
+        ev.store(e.data() + j);
+        s = s + ev;
+        sx = sx + v;
+      }
+      for (; j < b1; ++j) {  // only in the last block: no rescale follows
+        const acc_t v = static_cast<acc_t>(x[j]);
+        e[j] = std::exp(v - M);
+        s_tail += e[j];
+        sx_tail += v;
+      }
     }
-    alignas(64) acc_t ms[W], ss[W], sxs[W];
-    m.store(ms), s.store(ss), sx.store(sxs);
-    acc_t M = lowest, S = 0, SX = 0;
-    for (int64_t k = 0; k < W; ++k) M = nan_max(M, ms[k]);
-    for (int64_t k = 0; k < W; ++k) S += ss[k] * std::exp(ms[k] - M), SX += sxs[k];
-    for (; j < V; ++j) {
-      const acc_t v = static_cast<acc_t>(x[j]);
-      const acc_t mn = nan_max(M, v);
-      S = S * std::exp(M - mn) + std::exp(v - mn);
-      SX += v;
-      M = mn;
-    }
+    const acc_t S = at::vec::vec_reduce_all<acc_t>(add, s) + s_tail;
+    const acc_t SX = at::vec::vec_reduce_all<acc_t>(add, sx) + sx_tail;
     const acc_t lse = M + std::log(S);
     row_loss[i] = lse - keep * xt - (eps > 0 ? smooth * SX : acc_t(0));  // skip 0 * (-inf)
-    // gradient: (exp(x - M) / S - eps/V) * scale off the target column; returns sum of softmax
-    const acc_t inv = acc_t(1) / S;
-    const Vec vM(M), vinv(inv), vsmooth(smooth), vscale(scale);
-    auto grad_range = [&](int64_t a, int64_t b) {
-      Vec psum(0);
-      int64_t j = a;
-      for (; j + W <= b; j += W) {
-        const Vec p = (load_acc<acc_t>(x + j) - vM).exp() * vinv;
+    // pass 2: p = e * exp(m_b - M) / S; grad = (p - eps/V) * scale, and the sum of p off the target
+    e[t] = 0;
+    Vec others(0);
+    acc_t others_tail = 0;
+    const Vec vsmooth(smooth), vscale(scale);
+    for (int64_t b0 = 0; b0 < V; b0 += B) {
+      const int64_t b1 = std::min(b0 + B, V);
+      const acc_t f = std::exp(block_max[b0 / B] - M) / S;
+      const Vec vf(f);
+      int64_t j = b0;
+      for (; j + W <= b1; j += W) {
+        const Vec p = Vec::loadu(e.data() + j) * vf;
         store_acc<acc_t>(g + j, (p - vsmooth) * vscale);
-        psum = psum + p;
+        others = others + p;
       }
-      acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return u + v; }, psum);
-      for (; j < b; ++j) {
-        const acc_t p = std::exp(static_cast<acc_t>(x[j]) - M) * inv;
+      for (; j < b1; ++j) {
+        const acc_t p = e[j] * f;
         g[j] = static_cast<scalar_t>((p - smooth) * scale);
-        total += p;
+        others_tail += p;
       }
-      return total;
-    };
-    const acc_t others = grad_range(0, t) + grad_range(t + 1, V);
+    }
     // target column: softmax_t - 1 = -(sum of the others), exact even when softmax_t rounds to 1
-    g[t] = static_cast<scalar_t>((eps - smooth - others) * scale);
+    const acc_t p_others = at::vec::vec_reduce_all<acc_t>(add, others) + others_tail;
+    g[t] = static_cast<scalar_t>((eps - smooth - p_others) * scale);
   }
 }
 
