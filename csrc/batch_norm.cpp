@@ -1,0 +1,302 @@
+// Fused batch norm on CPU: statistics over the batch (and length) of each channel.
+//   training: mean = sum(x) / n,  var = sum((x - mean)^2) / (n or n-1),  invstd = 1 / sqrt(var + eps)
+//   eval:     mean, var = running_mean, running_var
+//   forward:  y = (x - mean) * a + beta,  a = gamma * invstd
+//   backward: dbeta = sum(dy),  dgamma = sum(dy * xhat),  xhat = (x - mean) * invstd
+//             dx = gamma*invstd/n * (n*dy - sum(dy) - f * xhat * sum(dy*xhat))   (f = n/(n-1) if unbiased)
+//             eval: dx = dy * gamma * invstd (the statistics are constants)
+// The kernels see a (rows, C) matrix with C contiguous: (N, C) input as it is, (N, C, L) through a
+// channels-last (N*L, C) copy (a view when the input is stored that way already).
+// Reductions in fp64 (Welford for the statistics) over fixed row chunks, a function of the shape and
+// not of the thread count, each chunk into its own partial buffer, merged in chunk order. Elementwise
+// passes in fp32 (fp64 for fp64 input; fp16/bf16 go through an fp32 copy), lanes along C with
+// at::vec; there the fp64 mean is applied as hi + lo, two floats of that precision.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace fusedops {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+constexpr int64_t kColumnBlock = 1024;  // columns of one reduction task: its partials stay in L1
+constexpr int64_t kChunkRows = 256;     // rows per chunk of a reduction, at least ...
+constexpr int64_t kMaxChunks = 32;      // ... and at most this many chunks
+
+// The (row chunk, column block) tasks of a reduction over the rows of a (rows, cols) matrix.
+struct Tiles {
+  int64_t rows, cols, chunks, chunk_rows, blocks;
+  Tiles(int64_t R, int64_t C)
+      : rows(R), cols(C), chunks(std::clamp<int64_t>(R / kChunkRows, 1, kMaxChunks)),
+        chunk_rows((R + chunks - 1) / chunks), blocks((C + kColumnBlock - 1) / kColumnBlock) {}
+  int64_t row_begin(int64_t k) const { return std::min(rows, k * chunk_rows); }
+  int64_t row_end(int64_t k) const { return std::min(rows, (k + 1) * chunk_rows); }
+
+  // f(chunk, first row, end row, first column, end column) for every task, tasks in parallel.
+  template <typename F>
+  void for_each_task(const F& f) const {
+    at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t k = task / blocks, c0 = task % blocks * kColumnBlock;
+        f(k, row_begin(k), row_end(k), c0, std::min(cols, c0 + kColumnBlock));
+      }
+    });
+  }
+};
+
+// Per column of x (rows, cols): mean and m2 = sum((x - mean)^2), in one pass of Welford's updates
+// per chunk, the chunks merged with Chan's formula. Plain loops along C, vectorised by the compiler.
+template <typename T>
+void mean_and_m2(const T* x, const Tiles& t, double* mean, double* m2) {
+  std::vector<double> chunk_mean(t.chunks * t.cols, 0.0), chunk_m2(t.chunks * t.cols, 0.0);
+  t.for_each_task([&](int64_t k, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    double *mk = chunk_mean.data() + k * t.cols, *m2k = chunk_m2.data() + k * t.cols;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = x + r * t.cols;
+      const double inv_count = 1.0 / (r - r0 + 1);
+      for (int64_t c = c0; c < c1; ++c) {  // mean += (x - mean) / count, m2 += (x - old mean) * (x - mean)
+        const double v = row[c], d = v - mk[c];
+        mk[c] += d * inv_count;
+        m2k[c] += d * (v - mk[c]);
+      }
+    }
+  });
+  std::fill(mean, mean + t.cols, 0.0);
+  std::fill(m2, m2 + t.cols, 0.0);
+  double count = 0;
+  for (int64_t k = 0; k < t.chunks; ++k) {
+    const double n_k = t.row_end(k) - t.row_begin(k), total = count + n_k;
+    if (n_k == 0) continue;
+    for (int64_t c = 0; c < t.cols; ++c) {  // Chan: delta = mean_k - mean, m2 += m2_k + delta^2 * n * n_k / total
+      const double delta = chunk_mean[k * t.cols + c] - mean[c];
+      mean[c] += delta * (n_k / total);
+      m2[c] += chunk_m2[k * t.cols + c] + delta * delta * (count * n_k / total);
+    }
+    count = total;
+  }
+}
+
+// S column sums of term(r, c) (S doubles for row r, column c) over all rows: S * cols fp64, sum s
+// of column c at s * cols + c. Each task adds its chunk's rows into its own slot of a partial buffer,
+// then the chunks are added in order. Plain loops along C, vectorised by the compiler.
+template <int S, typename Term>
+std::vector<double> column_sums(const Tiles& t, const Term& term) {
+  const int64_t stride = t.chunks * t.cols;
+  std::vector<double> partial(S * stride, 0.0), total(S * t.cols, 0.0);
+  t.for_each_task([&](int64_t k, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    double* acc = partial.data() + k * t.cols;
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const std::array<double, S> v = term(r, c);
+        for (int s = 0; s < S; ++s) acc[s * stride + c] += v[s];
+      }
+    }
+  });
+  for (int s = 0; s < S; ++s) {
+    for (int64_t k = 0; k < t.chunks; ++k) {
+      for (int64_t c = 0; c < t.cols; ++c) total[s * t.cols + c] += partial[s * stride + k * t.cols + c];
+    }
+  }
+  return total;
+}
+
+// out[r, j:j+n] = f(r, j, n) over every row (in parallel) and vector of columns.
+template <typename T, typename F>
+void for_each_row(T* out, int64_t R, int64_t C, const F& f) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t j = 0;
+      for (; j + W <= C; j += W) f(r, j, W).store(out + r * C + j);
+      if (j < C) f(r, j, C - j).store(out + r * C + j, C - j);
+    }
+  });
+}
+
+// The fp64 mean as two values of T, hi + lo: (x - hi) - lo is accurate even when |mean| >> std,
+// where x - T(mean) would be off by half an ulp of the mean.
+template <typename T>
+struct SplitMean {
+  std::vector<T> hi, lo;
+  SplitMean(const double* mean, int64_t C) : hi(C), lo(C) {
+    for (int64_t c = 0; c < C; ++c) {
+      hi[c] = static_cast<T>(mean[c]);
+      lo[c] = static_cast<T>(mean[c] - static_cast<double>(hi[c]));
+    }
+  }
+  // x - mean = (x - hi) - lo, n lanes from column j
+  Vectorized<T> centered(const T* x, int64_t j, int64_t n) const {
+    using Vec = Vectorized<T>;
+    return (Vec::loadu(x, n) - Vec::loadu(hi.data() + j, n)) - Vec::loadu(lo.data() + j, n);
+  }
+};
+
+// (N, C) or (N, C, L) -> contiguous (N*L, C) of `dtype`: the layout the kernels take.
+Tensor to_rows(const Tensor& t, at::ScalarType dtype) {
+  if (t.dim() == 2) return t.to(dtype).contiguous();
+  return t.transpose(1, 2).to(dtype).reshape({-1, t.size(1)}).contiguous();
+}
+
+// The inverse of to_rows: a contiguous tensor with the shape and dtype of `like`.
+Tensor from_rows(const Tensor& rows, const Tensor& like) {
+  if (like.dim() == 2) return rows.to(like.scalar_type());
+  Tensor out = at::empty(like.sizes(), like.options());
+  out.copy_(rows.view({like.size(0), like.size(2), like.size(1)}).transpose(1, 2));
+  return out;
+}
+
+// A per-channel tensor as a contiguous one of `dtype`, or undefined for None.
+Tensor per_channel(const std::optional<Tensor>& t, at::ScalarType dtype) {
+  return t.has_value() ? t->to(dtype).contiguous() : Tensor();
+}
+
+void check_input(const char* op, const Tensor& input) {
+  TORCH_CHECK_VALUE(input.dim() == 2 || input.dim() == 3, op, ": input must be (N, C) or (N, C, L), got ",
+                    input.dim(), "-D input of shape ", input.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()), op, ": input must be floating point, got ",
+                    input.scalar_type());
+}
+
+void check_channels(const char* op, const char* name, const std::optional<Tensor>& t, int64_t C) {
+  TORCH_CHECK_VALUE(!t.has_value() || (t->dim() == 1 && t->size(0) == C), op, ": ", name,
+                    " must have shape (", C, ",) for input with ", C, " channels, got ",
+                    t.has_value() ? t->sizes() : at::IntArrayRef{});
+}
+
+// out, mean (fp64), invstd, var. Training: the batch's mean, invstd of the biased or unbiased
+// variance, and the unbiased variance (for running_var); eval: the running statistics.
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training,
+    bool unbiased, double eps) {
+  constexpr const char* op = "batch_norm_forward";
+  check_input(op, input);
+  const int64_t C = input.size(1);
+  check_channels(op, "weight", weight, C);
+  check_channels(op, "bias", bias, C);
+  check_channels(op, "running_mean", running_mean, C);
+  check_channels(op, "running_var", running_var, C);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const Tensor x = to_rows(input, acc);
+  const int64_t R = x.size(0);
+  Tensor mean, var, invstd = at::empty({C}, x.options());
+  if (training) {
+    TORCH_CHECK_VALUE(R > 1, op, ": expected more than 1 value per channel when training, got input of shape ",
+                      input.sizes());
+    mean = at::empty({C}, x.options().dtype(at::kDouble));
+    var = at::empty({C}, x.options());
+  } else {
+    TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(), op,
+                      ": running_mean and running_var are needed when training=False");
+    mean = running_mean->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    var = running_var->to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  }
+  const Tensor gamma = per_channel(weight, acc), beta = per_channel(bias, acc);
+  Tensor y = at::empty({R, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "batch_norm_forward", [&] {
+    using Vec = Vectorized<scalar_t>;
+    double* pmean = mean.mutable_data_ptr<double>();
+    scalar_t *pvar = var.mutable_data_ptr<scalar_t>(), *pinvstd = invstd.mutable_data_ptr<scalar_t>();
+    std::vector<double> m2(C);
+    if (training) mean_and_m2(x.const_data_ptr<scalar_t>(), Tiles(R, C), pmean, m2.data());
+    std::vector<scalar_t> a(C), b(C, scalar_t(0));
+    for (int64_t c = 0; c < C; ++c) {
+      if (training) {
+        pvar[c] = static_cast<scalar_t>(m2[c] / (R - 1));  // running_var always takes the unbiased variance
+        pinvstd[c] = static_cast<scalar_t>(1.0 / std::sqrt(m2[c] / (unbiased ? R - 1 : R) + eps));
+      } else {
+        pinvstd[c] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(pvar[c]) + eps));
+      }
+      a[c] = gamma.defined() ? gamma.const_data_ptr<scalar_t>()[c] * pinvstd[c] : pinvstd[c];  // gamma * invstd
+      if (beta.defined()) b[c] = beta.const_data_ptr<scalar_t>()[c];
+    }
+    const SplitMean<scalar_t> m(pmean, C);
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    for_each_row(y.mutable_data_ptr<scalar_t>(), R, C, [&](int64_t r, int64_t j, int64_t n) {
+      // y = (x - mean) * a + beta
+      return at::vec::fmadd(m.centered(px + r * C + j, j, n), Vec::loadu(a.data() + j, n), Vec::loadu(b.data() + j, n));
+    });
+  });
+  return {from_rows(y, input), mean, invstd, var};
+}
+
+// grad_input, grad_weight, grad_bias (the last two in fp32, fp64 for fp64 input) from the mean
+// (fp64) and invstd the forward normalised with.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, const Tensor& input,
+                                                       const Tensor& mean, const Tensor& invstd,
+                                                       const std::optional<Tensor>& weight, bool training,
+                                                       bool unbiased) {
+  constexpr const char* op = "batch_norm_backward";
+  check_input(op, input);
+  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+                    " but input ", input.sizes());
+  const int64_t C = input.size(1);
+  check_channels(op, "mean", mean, C);
+  check_channels(op, "invstd", invstd, C);
+  check_channels(op, "weight", weight, C);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const Tensor x = to_rows(input, acc), dy = to_rows(grad_out, acc);
+  const int64_t R = x.size(0);
+  TORCH_CHECK_VALUE(!training || R > 1, op, ": expected more than 1 value per channel when training");
+  const Tensor mean64 = mean.to(at::kDouble).contiguous(), inv = per_channel(invstd, acc);
+  const Tensor gamma = per_channel(weight, acc);
+  Tensor dx = at::empty({R, C}, x.options()), grad_weight = at::empty({C}, x.options()),
+         grad_bias = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "batch_norm_backward", [&] {
+    using Vec = Vectorized<scalar_t>;
+    const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = dy.const_data_ptr<scalar_t>();
+    const double* pmean = mean64.const_data_ptr<double>();
+    const std::vector<double> sums = column_sums<2>(Tiles(R, C), [&](int64_t r, int64_t c) {
+      const double g = pdy[r * C + c];
+      return std::array<double, 2>{g, g * (px[r * C + c] - pmean[c])};  // dy, dy * (x - mean)
+    });
+    std::vector<scalar_t> k1(C), k2(C, scalar_t(0)), k3(C, scalar_t(0));  // dx = k1*dy + k2*(x - mean) + k3
+    const double f = unbiased ? R / (R - 1.0) : 1.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double sum_dy = sums[c], sum_dy_xmu = sums[C + c], invstd_c = inv.const_data_ptr<scalar_t>()[c];
+      const double gamma_invstd = (gamma.defined() ? gamma.const_data_ptr<scalar_t>()[c] : 1.0) * invstd_c;
+      grad_weight.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sum_dy_xmu * invstd_c);  // sum(dy * xhat)
+      grad_bias.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sum_dy);                    // sum(dy)
+      k1[c] = static_cast<scalar_t>(gamma_invstd);
+      if (training) {  // dx = gamma*invstd/n * (n*dy - sum(dy) - f * xhat * sum(dy*xhat))
+        k2[c] = static_cast<scalar_t>(-gamma_invstd * invstd_c * invstd_c * sum_dy_xmu * f / R);
+        k3[c] = static_cast<scalar_t>(-gamma_invstd * sum_dy / R);
+      }
+    }
+    const SplitMean<scalar_t> m(pmean, C);
+    for_each_row(dx.mutable_data_ptr<scalar_t>(), R, C, [&](int64_t r, int64_t j, int64_t n) {
+      const Vec d = m.centered(px + r * C + j, j, n);
+      return at::vec::fmadd(Vec::loadu(k1.data() + j, n), Vec::loadu(pdy + r * C + j, n),
+                            at::vec::fmadd(Vec::loadu(k2.data() + j, n), d, Vec::loadu(k3.data() + j, n)));
+    });
+  });
+  return {from_rows(dx, input), grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fusedops, m) {
+  m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+        "Tensor? running_var, bool training, bool unbiased, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("batch_norm_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+        "bool training, bool unbiased) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fusedops, CPU, m) {
+  m.impl("batch_norm_forward", &batch_norm_forward);
+  m.impl("batch_norm_backward", &batch_norm_backward);
+}
+
+}  // namespace fusedops

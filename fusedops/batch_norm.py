@@ -1,0 +1,208 @@
+"""Fused batch norm. Forward: one reduction pass for the per-channel statistics (training), then one
+elementwise pass y = (x - mean) * gamma * invstd + beta. Backward: one reduction pass for sum(dy) and
+sum(dy*xhat), which are dbeta and dgamma, then one elementwise pass for
+
+    dx = gamma * invstd / n * (n*dy - sum(dy) - f * xhat * sum(dy*xhat)),   f = n/(n-1) if unbiased else 1
+
+`unbiased=True` normalises with the Bessel-corrected variance (as the makemore notebooks do),
+`unbiased=False` with the biased one (as PyTorch); running_var always takes the unbiased one. In eval
+mode the statistics are constants and dx = dy * gamma * invstd.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import reference
+from ._backend import pick_backend, register_cpp_fake
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype):
+    """The dtype the kernels compute in: fp64 for fp64 input, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Triton launches as opaque custom ops, so torch.compile and autograd see the same ops as on CPU.
+@torch.library.custom_op("fusedops::batch_norm_forward_triton", mutates_args=())
+def _forward_triton(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                    unbiased: bool, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from . import batch_norm_triton
+
+    return batch_norm_triton.forward(input, weight, bias, running_mean, running_var, training, unbiased, eps)
+
+
+@torch.library.custom_op("fusedops::batch_norm_backward_triton", mutates_args=())
+def _backward_triton(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                     training: bool, unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from . import batch_norm_triton
+
+    return batch_norm_triton.backward(grad_out, input, mean, invstd, weight, training, unbiased)
+
+
+def _forward_fake(input, weight, bias, running_mean, running_var, training, unbiased, eps):
+    """out, mean (fp64), invstd, var: the last two per channel in the compute dtype."""
+    channels = input.shape[1]
+    acc = acc_dtype(input.dtype)
+    return (torch.empty_like(input, memory_format=torch.contiguous_format),
+            input.new_empty(channels, dtype=torch.float64), input.new_empty(channels, dtype=acc),
+            input.new_empty(channels, dtype=acc))
+
+
+def _backward_fake(grad_out, input, mean, invstd, weight, training, unbiased):
+    """grad_input, and grad_weight, grad_bias per channel in the compute dtype."""
+    channels = input.shape[1]
+    acc = acc_dtype(input.dtype)
+    return (torch.empty_like(input, memory_format=torch.contiguous_format),
+            input.new_empty(channels, dtype=acc), input.new_empty(channels, dtype=acc))
+
+
+_forward_triton.register_fake(_forward_fake)
+_backward_triton.register_fake(_backward_fake)
+register_cpp_fake("fusedops::batch_norm_forward", _forward_fake)
+register_cpp_fake("fusedops::batch_norm_backward", _backward_fake)
+
+
+def _ops(backend):
+    """(forward, backward) of a backend."""
+    ops = torch.ops.fusedops
+    if backend == "cpp":
+        return ops.batch_norm_forward, ops.batch_norm_backward
+    return ops.batch_norm_forward_triton, ops.batch_norm_backward_triton
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """input (N, C) or (N, C, L). Returns the output and, not differentiable, the mean (fp64) and
+    variance it was normalised with: in training the batch mean and unbiased batch variance, which
+    update the running statistics."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, unbiased, eps, backend):
+        out, mean, invstd, var = _ops(backend)[0](input, weight, bias, running_mean, running_var, training,
+                                                  unbiased, eps)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.training, ctx.unbiased, ctx.backend = training, unbiased, backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_var):
+        input, weight, mean, invstd = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = _ops(ctx.backend)[1](grad_out, input, mean, invstd, weight,
+                                                                  ctx.training, ctx.unbiased)
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        return (grad_input if need_input else None,
+                grad_weight.to(weight.dtype) if need_weight else None,
+                grad_bias.to(ctx.bias_dtype) if need_bias else None,
+                None, None, None, None, None, None)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+               eps=1e-5, *, unbiased=False, backend=None):
+    """Like `torch.nn.functional.batch_norm` for (N, C) and (N, C, L) input, fused.
+
+    training: normalise with the batch statistics and, if running_mean/running_var are given,
+    update them in place: running = (1 - momentum) * running + momentum * batch (running_var with
+    the unbiased batch variance). Otherwise normalise with running_mean and running_var.
+    unbiased: normalise with the Bessel-corrected batch variance (the makemore notebooks) instead
+    of the biased one (PyTorch). backend: None (C++ on CPU, Triton on CUDA), "cpp", "triton" or
+    "reference" (the chunked reference, differentiated by autograd).
+    """
+    _check_args(input, running_mean, running_var, weight, bias, training, eps)
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"batch_norm: momentum must be a float, got {momentum!r} (momentum=None, the "
+                        "cumulative average, needs the batch count that BatchNorm1d keeps)")
+    backend = pick_backend(backend, input)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend):
+    """batch_norm on checked arguments; momentum may be a 0-dim tensor (BatchNorm1d's momentum=None)."""
+    if backend == "reference":
+        return reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                    unbiased)
+    stats = (None, None) if training else (running_mean, running_var)
+    out, mean, var = BatchNormFunction.apply(input, weight, bias, *stats, training, unbiased, eps, backend)
+    if training and running_mean is not None:
+        with torch.no_grad():  # running = (1 - momentum) * running + momentum * batch
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(var.to(running_var.dtype), momentum)
+    return out
+
+
+def _check_args(input, running_mean, running_var, weight, bias, training, eps):
+    if not isinstance(input, Tensor) or input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"batch_norm: input must be a float16, bfloat16, float32 or float64 tensor, got "
+                        f"{getattr(input, 'dtype', type(input))}")
+    if input.dim() not in (2, 3):
+        raise ValueError(f"batch_norm: input must be (N, C) or (N, C, L), got {input.dim()}-D input of shape "
+                         f"{tuple(input.shape)}")
+    channels = input.shape[1]
+    # per-channel tensors: the input's dtype, or float32 for float16/bfloat16 input (mixed precision)
+    dtypes = (input.dtype,) if input.dtype in (torch.float32, torch.float64) else (input.dtype, torch.float32)
+    named = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"batch_norm: {name} must be a tensor or None, got {type(t).__name__}")
+        if t.device != input.device:
+            raise ValueError(f"batch_norm: {name} is on {t.device} but input is on {input.device}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"batch_norm: {name} has dtype {t.dtype} but input has {input.dtype}; expected "
+                            f"{' or '.join(map(str, dtypes))}")
+        if t.shape != (channels,):
+            raise ValueError(f"batch_norm: {name} has shape {tuple(t.shape)} but input has {channels} channels, "
+                             f"expected ({channels},)")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm: running_mean and running_var must both be tensors or both be None, got "
+                         f"running_mean={type(running_mean).__name__}, running_var={type(running_var).__name__}")
+    if not training and running_mean is None:
+        raise ValueError("batch_norm: training=False normalises with running_mean and running_var, got None")
+    values_per_channel = input.shape[0] * (input.shape[2] if input.dim() == 3 else 1)
+    if training and values_per_channel < 2:
+        raise ValueError("batch_norm: expected more than 1 value per channel when training, got input of shape "
+                         f"{tuple(input.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"batch_norm: eps must be a non-negative number, got {eps!r}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Drop-in for `torch.nn.BatchNorm1d`: the same parameters, buffers and state_dict, fused.
+
+    unbiased=True normalises with the Bessel-corrected batch variance (the makemore notebooks).
+    backend: as `batch_norm`.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, unbiased=False, backend=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.unbiased, self.backend = unbiased, backend
+
+    def _check_input_dim(self, input):
+        if input.dim() not in (2, 3):
+            raise ValueError(f"BatchNorm1d: expected 2D or 3D input, got {input.dim()}D input")
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        use_batch_stats = self.training or self.running_mean is None
+        # in training without tracked statistics (track_running_stats=False), nothing to update
+        keep_stats = not self.training or self.track_running_stats
+        running_mean = self.running_mean if keep_stats else None
+        running_var = self.running_var if keep_stats else None
+        _check_args(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, self.eps)
+        backend = pick_backend(self.backend, input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # the cumulative average: running = mean of the batches so far
+                momentum = 1.0 / self.num_batches_tracked.double()
+        return _batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
+                           self.eps, self.unbiased, backend)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", unbiased={self.unbiased}, backend={self.backend!r}"

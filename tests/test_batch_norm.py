@@ -1,0 +1,323 @@
+import functools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedops
+from fusedops import reference
+from fusedops.data import Vocab, load_words, splits
+
+BACKENDS = ["cpp", "triton"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def forward_and_grads(fn, x, params, grad_out):
+    """fn(x, *params) and the gradients of <fn(x, *params), grad_out> w.r.t. x and every param,
+    all on fresh leaves (None for a None param)."""
+    x = x.detach().clone().requires_grad_()
+    params = [None if p is None else p.detach().clone().requires_grad_() for p in params]
+    y = fn(x, *params)
+    leaves = [x] + [p for p in params if p is not None]
+    grads = iter(torch.autograd.grad(y, leaves, grad_out))
+    return y.detach(), [next(grads)] + [None if p is None else next(grads) for p in params]
+
+
+def assert_all_close(actual, expected, **tol):
+    for a, e in zip(actual, expected, strict=True):
+        if e is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, e, **tol)
+
+
+@functools.cache
+def notebook_minibatch(seed=reference.SEED, batch_size=32):
+    words = load_words(os.path.join(ROOT, "names.txt"))
+    (Xtr, Ytr), _, _ = splits(words, Vocab(words))
+    g = torch.Generator().manual_seed(seed)
+    params = reference.init_params(generator=g)
+    ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
+    return params, Xtr[ix], Ytr[ix]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_the_chunked_reference(backend):
+    params, Xb, Yb = notebook_minibatch()
+    acts = reference.forward(params, Xb, Yb)
+    grads = reference.backward(params, acts, Xb, Yb)
+    gain, bias = params["bngain"].view(-1), params["bnbias"].view(-1)
+    fn = lambda x, w, b: fusedops.batch_norm(x, None, None, w, b, training=True, unbiased=True,  # noqa: E731
+                                             backend=backend)
+    hpreact, (dhprebn, dbngain, dbnbias) = forward_and_grads(fn, acts["hprebn"], [gain, bias], grads["hpreact"])
+    torch.testing.assert_close(hpreact, acts["hpreact"].detach(), rtol=1e-6, atol=1e-6)  # a few fp32 ulps of |x| < 8
+    for fused, chunked in [(dhprebn, grads["hprebn"]), (dbngain, grads["bngain"]), (dbnbias, grads["bnbias"])]:
+        assert (fused - chunked.view(fused.shape)).abs().max().item() <= 1e-8  # the notebooks' maxdiff level
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(7, 5), (4, 3, 6)])
+@pytest.mark.parametrize("training", [True, False])
+def test_unbiased_matches_the_reference(backend, shape, training):
+    g = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(shape, generator=g) * 3 + 1, torch.randn(shape, generator=g)
+    w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    rm, rv = torch.randn(shape[1], generator=g), torch.rand(shape[1], generator=g) + 0.5
+    stats = {"fused": (rm.clone(), rv.clone()), "reference": (rm.clone(), rv.clone())}
+    results = {}
+    for name, kind in [("fused", backend), ("reference", "reference")]:
+        fn = lambda x, w, b: fusedops.batch_norm(x, *stats[name], w, b, training, momentum=0.3,  # noqa: E731
+                                                 unbiased=True, backend=kind)
+        results[name] = forward_and_grads(fn, x, [w, b], dy)
+    (y, grads), (y_ref, grads_ref) = results["fused"], results["reference"]
+    torch.testing.assert_close(y, y_ref)
+    assert_all_close(grads, grads_ref, rtol=1e-5, atol=1e-6)
+    assert_all_close(stats["fused"], stats["reference"])
+
+
+# (shape, input layout, BatchNorm1d keyword arguments) of the comparisons with torch.nn.BatchNorm1d
+TORCH_CASES = {
+    "2d": ((64, 16), "contiguous", {}),
+    "3d": ((16, 8, 5), "contiguous", {}),
+    "2d_non_contiguous": ((64, 16), "transposed", {}),
+    "3d_non_contiguous": ((16, 8, 5), "transposed", {}),
+    "momentum_none": ((32, 6), "contiguous", dict(momentum=None)),
+    "affine_false": ((32, 6, 3), "contiguous", dict(affine=False)),
+    "no_running_stats": ((32, 6), "contiguous", dict(track_running_stats=False)),
+}
+
+
+def make_input(shape, layout, generator):
+    """A random (N, C) or (N, C, L) input, stored C-last ("transposed") or contiguous."""
+    if layout == "contiguous":
+        return torch.randn(shape, generator=generator) * 2 + 0.5
+    return (torch.randn(shape[:1] + shape[2:] + shape[1:2], generator=generator) * 2 + 0.5).movedim(-1, 1)
+
+
+def module_step(module, x, dy, call=None):
+    """The output of call(x) (default: module(x)) and the gradients w.r.t. x and the module's parameters."""
+    x = x.detach().clone().requires_grad_()
+    params = [p for p in (module.weight, module.bias) if p is not None]
+    for p in params:
+        p.grad = None
+    y = (call or module)(x)
+    y.backward(dy)
+    return [y.detach(), x.grad] + [p.grad for p in params]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("case", list(TORCH_CASES))
+def test_module_matches_torch(backend, case):
+    shape, layout, kwargs = TORCH_CASES[case]
+    g = torch.Generator().manual_seed(2)
+    ours = fusedops.BatchNorm1d(shape[1], backend=backend, **kwargs)
+    theirs = torch.nn.BatchNorm1d(shape[1], **kwargs)
+    if ours.affine:
+        with torch.no_grad():
+            for p in (ours.weight, ours.bias):
+                p.copy_(torch.randn(shape[1], generator=g))
+    theirs.load_state_dict(ours.state_dict())
+    for step in range(4):  # three training steps, then eval
+        if step == 3:
+            ours.eval(), theirs.eval()
+        x, dy = make_input(shape, layout, g), torch.randn(shape, generator=g)
+        assert_all_close(module_step(ours, x, dy), module_step(theirs, x, dy), rtol=1e-5, atol=1e-5)
+        assert_all_close(list(ours.state_dict().values()), list(theirs.state_dict().values()), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape,backend", [((2000, 1100), "cpp"), ((70, 130), "triton")])
+def test_several_row_chunks_and_channel_blocks(shape, backend):
+    g = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(shape, generator=g) - 2, torch.randn(shape, generator=g)
+    w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    y, grads = forward_and_grads(lambda x, w, b: fusedops.batch_norm(x, None, None, w, b, True, backend=backend),
+                                 x, [w, b], dy)
+    y64, grads64 = forward_and_grads(lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
+                                     x.double(), [w.double(), b.double()], dy.double())
+    assert_all_close([y.double()] + [gr.double() for gr in grads], [y64] + grads64, rtol=1e-5, atol=1e-5)
+
+
+def test_cpp_sums_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(4)
+    x, dy = torch.randn(3000, 40, generator=g), torch.randn(3000, 40, generator=g)
+    w, b = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    fn = lambda x, w, b: fusedops.batch_norm(x, None, None, w, b, True, backend="cpp")  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y, grads = forward_and_grads(fn, x, [w, b], dy)
+            results.append([y] + grads)
+    finally:
+        torch.set_num_threads(threads)
+    assert_all_close(results[0], results[1], rtol=0, atol=0)
+
+
+def test_state_dict_round_trips_both_ways():
+    g = torch.Generator().manual_seed(5)
+    ours, theirs = fusedops.BatchNorm1d(6, momentum=None), torch.nn.BatchNorm1d(6, momentum=None)
+    for module in (ours, theirs):
+        for _ in range(2):
+            module(torch.randn(10, 6, generator=g) * 3 + 1)
+    for source, target in [(ours, torch.nn.BatchNorm1d(6)), (theirs, fusedops.BatchNorm1d(6))]:
+        target.load_state_dict(source.state_dict())  # strict: the same keys
+        assert_all_close(list(target.state_dict().values()), list(source.state_dict().values()))
+        source.eval(), target.eval()
+        x = torch.randn(5, 6, generator=g)
+        torch.testing.assert_close(target(x), source(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("param_dtype", ["same", "float32"])
+@pytest.mark.parametrize("training", [True, False])
+def test_half_precision_against_float32(backend, dtype, param_dtype, training):
+    g = torch.Generator().manual_seed(6)
+    x, dy = (torch.randn(48, 8, generator=g) * 2 + 1).to(dtype), torch.randn(48, 8, generator=g).to(dtype)
+    pdtype = dtype if param_dtype == "same" else torch.float32
+    w, b = (torch.randn(8, generator=g).to(pdtype) for _ in range(2))
+    rm, rv = torch.randn(8, generator=g).to(pdtype), (torch.rand(8, generator=g) + 0.5).to(pdtype)
+    stats32 = rm.float(), rv.float()
+    y, grads = forward_and_grads(lambda x, w, b: fusedops.batch_norm(x, rm, rv, w, b, training, backend=backend),
+                                 x, [w, b], dy)
+    y32, grads32 = forward_and_grads(lambda x, w, b: F.batch_norm(x, *stats32, w, b, training),
+                                     x.float(), [w.float(), b.float()], dy.float())
+    assert y.dtype == dtype and [gr.dtype for gr in grads] == [dtype, pdtype, pdtype]
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.float16 else dict(rtol=4e-2, atol=4e-2)
+    assert_all_close([y.float()] + [gr.float() for gr in grads], [y32] + grads32, **tol)
+    assert_all_close([rm.float(), rv.float()], list(stats32), **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("mode", ["train", "train_unbiased", "eval"])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 2)])
+def test_gradcheck(backend, mode, shape):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    training = mode != "eval"
+    running = torch.randn(3, generator=g, dtype=torch.float64), torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    stats = (None, None) if training else running
+    fn = lambda x, w, b: fusedops.batch_norm(x, *stats, w, b, training, unbiased=mode == "train_unbiased",  # noqa: E731
+                                             backend=backend)
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_backward_is_the_plain_affine_one(backend):
+    g = torch.Generator().manual_seed(8)
+    x, dy = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
+    w, b = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    rm, rv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+    fn = lambda x, w, b: fusedops.batch_norm(x, rm, rv, w, b, training=False, backend=backend)  # noqa: E731
+    _, (dx, dw, db) = forward_and_grads(fn, x, [w, b], dy)
+    invstd = (rv + 1e-5).rsqrt()
+    torch.testing.assert_close(dx, dy * w * invstd)  # the statistics are constants
+    torch.testing.assert_close(dw, (dy * (x - rm) * invstd).sum(0))
+    torch.testing.assert_close(db, dy.sum(0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_mean_small_std(backend):
+    g = torch.Generator().manual_seed(9)
+    x = 1000 + 0.01 * torch.randn(256, 8, generator=g)
+    w, b = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    y = fusedops.batch_norm(x, None, None, w, b, training=True, backend=backend)
+    y64 = F.batch_norm(x.double(), None, None, w.double(), b.double(), training=True)
+    assert (y - y64).abs().max() <= 1e-3 * y64.abs().max()  # torch.nn.functional reaches ~6e-3 here
+
+
+def _op_samples(backend):
+    """(name, args) for every registered op of the backend."""
+    g = torch.Generator().manual_seed(10)
+    suffix = "" if backend == "cpp" else "_triton"
+    for shape, affine, training in [((6, 5), True, True), ((4, 3, 2), False, True), ((5, 3), True, False)]:
+        C = shape[1]
+        x, dy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        w, b = (torch.randn(C, generator=g), torch.randn(C, generator=g)) if affine else (None, None)
+        rm, rv = (None, None) if training else (torch.randn(C, generator=g), torch.rand(C, generator=g) + 0.5)
+        forward_args = (x, w, b, rm, rv, training, False, 1e-5)
+        yield "batch_norm_forward" + suffix, forward_args
+        _, mean, invstd, _ = getattr(torch.ops.fusedops, "batch_norm_forward" + suffix)(*forward_args)
+        yield "batch_norm_backward" + suffix, (dy, x, mean, invstd, w, training, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    fusedops._backend.load_cpp()
+    for name, args in _op_samples(backend):
+        torch.library.opcheck(getattr(torch.ops.fusedops, name), args)
+
+
+@pytest.mark.parametrize("backend,compiler", [("cpp", "aot_eager"), ("cpp", "inductor"), ("triton", "aot_eager")])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_compile_fullgraph(backend, compiler, momentum):
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(11)
+    ours = fusedops.BatchNorm1d(5, momentum=momentum, backend=backend)
+    theirs = torch.nn.BatchNorm1d(5, momentum=momentum)
+    compiled = torch.compile(lambda x: ours(x * 2), fullgraph=True, backend=compiler)
+    for step in range(2):
+        x, dy = torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g)
+        assert_all_close(module_step(ours, x, dy, compiled), module_step(theirs, x, dy, lambda x: theirs(x * 2)))
+        assert_all_close(list(ours.state_dict().values()), list(theirs.state_dict().values()))
+
+
+# (keyword arguments that replace the good ones, the exception, a pattern its message matches)
+BAD_ARGUMENTS = {
+    "one_value_per_channel": (dict(input=torch.randn(1, 4)), ValueError, "more than 1 value per channel"),
+    "one_value_per_channel_3d": (dict(input=torch.randn(1, 4, 1)), ValueError, "more than 1 value per channel"),
+    "1d_input": (dict(input=torch.randn(4)), ValueError, "input must be .N, C. or .N, C, L., got 1-D"),
+    "4d_input": (dict(input=torch.randn(8, 4, 2, 2)), ValueError, "input must be .N, C. or .N, C, L., got 4-D"),
+    "integer_input": (dict(input=torch.ones(8, 4, dtype=torch.int64)), TypeError, "input must be a float"),
+    "wrong_channels": (dict(weight=torch.ones(5)), ValueError, r"weight has shape \(5,\) but input has 4 channels"),
+    "wrong_running_mean": (dict(running_mean=torch.zeros(3)), ValueError, "running_mean has shape"),
+    "running_var_dtype": (dict(running_var=torch.ones(4, dtype=torch.float64)), TypeError,
+                          "running_var has dtype torch.float64 but input has torch.float32"),
+    "bias_dtype": (dict(bias=torch.zeros(4, dtype=torch.float16)), TypeError, "bias has dtype torch.float16"),
+    "bias_device": (dict(bias=torch.zeros(4, device="meta")), ValueError, "bias is on meta but input is on cpu"),
+    "running_mean_device": (dict(running_mean=torch.zeros(4, device="meta")), ValueError, "running_mean is on meta"),
+    "one_running_stat": (dict(running_var=None), ValueError, "running_mean and running_var must both be"),
+    "eval_without_stats": (dict(running_mean=None, running_var=None, training=False), ValueError,
+                           "training=False normalises with running_mean and running_var"),
+    "momentum_none": (dict(momentum=None), TypeError, "momentum must be a float, got None"),
+    "negative_eps": (dict(eps=-1.0), ValueError, "eps must be a non-negative number, got -1.0"),
+    "bad_backend": (dict(backend="cuda"), ValueError, "backend must be one of"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_leave_the_running_stats_untouched(backend, case):
+    replace, error, message = BAD_ARGUMENTS[case]
+    running_mean, running_var = torch.randn(4), torch.rand(4) + 0.5
+    saved = running_mean.clone(), running_var.clone()
+    args = dict(input=torch.randn(8, 4), running_mean=running_mean, running_var=running_var, weight=torch.ones(4),
+                bias=torch.zeros(4), training=True, momentum=0.1, eps=1e-5, backend=backend)
+    args.update(replace)
+    with pytest.raises(error, match=message):
+        fusedops.batch_norm(**args)
+    assert_all_close([running_mean, running_var], list(saved), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,message", [((1, 4), "more than 1 value per channel"), ((8, 4, 2, 2), "2D or 3D"),
+                                           ((8, 5), r"has shape \(4,\) but input has 5 channels")])
+def test_module_rejects_bad_input_before_counting_it(backend, shape, message):
+    module = fusedops.BatchNorm1d(4, momentum=None, backend=backend)
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        module(torch.randn(shape))
+    assert_all_close(list(module.state_dict().values()), list(saved.values()), rtol=0, atol=0)
+
+
+def test_ops_check_their_arguments():
+    fusedops._backend.load_cpp()
+    with pytest.raises(ValueError, match="input must be .N, C. or .N, C, L."):
+        torch.ops.fusedops.batch_norm_forward(torch.randn(4), None, None, None, None, True, False, 1e-5)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        torch.ops.fusedops.batch_norm_forward(torch.randn(4, 3), torch.ones(2), None, None, None, True, False, 1e-5)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        torch.ops.fusedops.batch_norm_forward(torch.randn(1, 3), None, None, None, None, True, False, 1e-5)
