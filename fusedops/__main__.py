@@ -23,18 +23,11 @@ def check(args):
     words = data.load_words(args.data)
     vocab = data.Vocab(words)
     (Xtr, Ytr), _, _ = data.splits(words, vocab)
-    g = torch.Generator().manual_seed(args.seed)
-    params = reference.init_params(vocab_size=len(vocab), generator=g)
-    ix = torch.randint(0, Xtr.shape[0], (args.batch_size,), generator=g)
-    Xb, Yb = Xtr[ix], Ytr[ix]
-
+    params, Xb, Yb = reference.notebook_batch(Xtr, Ytr, args.batch_size, args.seed, len(vocab))
     acts = reference.forward(params, Xb, Yb)
-    for name in reference.INTERMEDIATES:
-        acts[name].retain_grad()
-    acts["loss"].backward()
     grads = reference.backward(params, acts, Xb, Yb)
-    tensors = {**acts, **params}
-    rows = [reference.compare(name, dt, tensors[name].grad) for name, dt in grads.items()]
+    expected = reference.autograd_grads(params, acts)
+    rows = [reference.compare(name, dt, expected[name]) for name, dt in grads.items()]
 
     logits = acts["logits"].detach().clone().requires_grad_()
     cross_entropy(logits, Yb).backward()
@@ -44,6 +37,63 @@ def check(args):
     for row in rows:
         print(reference.format_row(row))
     return 0 if all(row.approximate for row in rows) else 1
+
+
+def train(args):
+    """Trains the notebooks' MLP on the data and reports train/val/test loss (eval mode), sampled
+    names and time per step; writes loss.png and run.json to --out."""
+    import json
+    import time
+
+    from fusedops import makemore
+
+    if args.manual_backward and args.layers == "torch" and not args.compare:
+        raise SystemExit("--manual-backward runs the fused kernels by hand: it needs --layers fusedops")
+    words = data.load_words(args.data)
+    vocab = data.Vocab(words)
+    (Xtr, Ytr), (Xval, Yval), (Xte, Yte) = (
+        (X.to(args.device), Y.to(args.device)) for X, Y in data.splits(words, vocab))
+    out_dir = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(out_dir, exist_ok=True)
+    runs = {}
+    for layers in makemore.LAYERS if args.compare else (args.layers,):
+        g = torch.Generator().manual_seed(args.seed)
+        model = makemore.MLP(len(vocab), n_embd=args.embed, n_hidden=args.hidden, layers=layers,
+                             bn_momentum=args.bn_momentum, backend=args.backend, generator=g).to(args.device)
+        manual = args.manual_backward and layers == "fusedops"
+        losses, seconds = makemore.train(model, Xtr, Ytr, steps=args.steps, batch_size=args.batch_size,
+                                         lr=args.lr, decay_step=args.decay_step, generator=g,
+                                         step_fn=makemore.manual_step if manual else None,
+                                         progress=not args.quiet)
+        runs[layers] = dict(
+            layers=layers, manual_backward=manual, ms_per_step=seconds * 1e3,
+            train=makemore.split_loss(model, Xtr, Ytr), val=makemore.split_loss(model, Xval, Yval),
+            test=makemore.split_loss(model, Xte, Yte), samples=makemore.sample(model, vocab.itos),
+            losses=losses)
+    report = {k: v for k, v in vars(args).items() if k != "run"}
+    if args.compare:
+        a, b = runs["fusedops"], runs["torch"]
+        report["compare"] = dict(speed_ratio=a["ms_per_step"] / b["ms_per_step"],
+                                 max_step_loss_diff=max(abs(x - y) for x, y in zip(a["losses"], b["losses"])))
+    print_runs(runs, report.get("compare"))
+    makemore.plot_losses({k: r["losses"] for k, r in runs.items()}, os.path.join(out_dir, "loss.png"))
+    with open(os.path.join(out_dir, "run.json"), "w") as f:
+        json.dump(dict(report, runs=runs), f)
+    print(f"wrote {out_dir}/loss.png and {out_dir}/run.json")
+    return 0
+
+
+def print_runs(runs, compare):
+    names = list(runs)
+    print("\n" + " " * 16 + "".join(f"{n:>14s}" for n in names))
+    for key, fmt in (("train", ".4f"), ("val", ".4f"), ("test", ".4f"), ("ms_per_step", ".3f")):
+        print(f"{key + ' loss' if key != 'ms_per_step' else 'ms per step':16s}"
+              + "".join(f"{runs[n][key]:>14{fmt}}" for n in names))
+    if compare:
+        print(f"fusedops / torch time per step: {compare['speed_ratio']:.2f}; largest per-step loss "
+              f"difference: {compare['max_step_loss_diff']:.2e}")
+    for n in names:
+        print(f"\n{n} samples: " + " ".join(runs[n]["samples"]))
 
 
 def batch_size(text):
@@ -68,6 +118,28 @@ def build_parser():
                                        description=check.__doc__)
     add_data_args(check_parser)
     check_parser.set_defaults(run=check)
+
+    train_parser = commands.add_parser("train", help="train the notebooks' MLP with fusedops layers",
+                                       description=train.__doc__)
+    add_data_args(train_parser)
+    train_parser.add_argument("--steps", type=int, default=200_000, help="(default: %(default)s)")
+    train_parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, / 10 from --decay-step")
+    train_parser.add_argument("--decay-step", type=int, default=None, help="(default: half of --steps)")
+    train_parser.add_argument("--embed", type=int, default=10, help="embedding size (default: %(default)s)")
+    train_parser.add_argument("--hidden", type=int, default=64, help="hidden units (default: %(default)s)")
+    train_parser.add_argument("--bn-momentum", type=float, default=0.001,
+                              help="running statistics: r = (1-m) r + m batch (default: %(default)s)")
+    train_parser.add_argument("--device", default="cpu")
+    train_parser.add_argument("--backend", choices=("cpp", "triton", "reference"), default=None,
+                              help="fusedops kernels (default: C++ on CPU, Triton on CUDA)")
+    train_parser.add_argument("--layers", choices=("fusedops", "torch"), default="fusedops",
+                              help="torch: the same model in torch layers, for comparison")
+    train_parser.add_argument("--compare", action="store_true", help="train with both layers, side by side")
+    train_parser.add_argument("--manual-backward", action="store_true",
+                              help="no loss.backward(): every gradient by hand, with the fused kernels")
+    train_parser.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
+    train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    train_parser.set_defaults(run=train)
     return parser
 
 

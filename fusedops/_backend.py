@@ -63,6 +63,11 @@ def load_cpp() -> bool:
 load_cpp._dynamo_marked_constant = True
 
 
+def acc_dtype(dtype):
+    """The dtype the kernels compute in: fp64 for fp64 input, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def pick_backend(backend, tensor):
     """The backend for a call on `tensor`: `backend` if given, else Triton on CUDA, C++ on CPU."""
     if backend is None:

@@ -15,14 +15,9 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import reference
-from ._backend import pick_backend, register_cpp_fake
+from ._backend import acc_dtype, pick_backend, register_cpp_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def acc_dtype(dtype):
-    """The dtype the kernels compute in: fp64 for fp64 input, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # Triton launches as opaque custom ops, so torch.compile and autograd see the same ops as on CPU.

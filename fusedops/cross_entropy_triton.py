@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._backend import acc_dtype
 from .cross_entropy import MEAN, NONE
 
 MAX_BLOCK = 4096
@@ -71,15 +72,14 @@ def _block(V):
 def forward(logits, target, grad, reduction, ignore_index, label_smoothing):
     """Writes the gradient into `grad` (may be `logits` itself) and returns the loss."""
     N, V = logits.shape
-    fp64 = logits.dtype == torch.float64
-    acc = torch.float64 if fp64 else torch.float32
+    acc = acc_dtype(logits.dtype)
     row_loss = torch.empty(N, device=logits.device, dtype=acc)
     eps = torch.full((), label_smoothing, device=logits.device, dtype=acc)
     count = (target != ignore_index).sum()
     if N > 0:
         _forward_kernel[(N,)](
             logits, logits.stride(0), target, grad, grad.stride(0), row_loss, count, V, ignore_index, eps,
-            IS_MEAN=reduction == MEAN, ACC=tl.float64 if fp64 else tl.float32,
+            IS_MEAN=reduction == MEAN, ACC=tl.float64 if acc == torch.float64 else tl.float32,
             BLOCK=_block(V), num_warps=8 if V >= 2048 else 4)
     if reduction == NONE:
         return row_loss.to(logits.dtype)

@@ -37,6 +37,14 @@ def init_params(vocab_size=27, n_embd=10, n_hidden=64, block_size=3, seed=SEED, 
     return params
 
 
+def notebook_batch(X, Y, batch_size=32, seed=SEED, vocab_size=27):
+    """The notebooks' parameters, then one minibatch of (X, Y), both drawn from one generator."""
+    g = torch.Generator().manual_seed(seed)
+    params = init_params(vocab_size=vocab_size, generator=g)
+    ix = torch.randint(0, X.shape[0], (batch_size,), generator=g)
+    return params, X[ix], Y[ix]
+
+
 def forward(params, Xb, Yb):
     """The forward pass, one small step at a time: a dict of every intermediate, 'loss' last."""
     C, W1, b1, W2, b2, bngain, bnbias = (params[k] for k in PARAMETERS)
@@ -115,6 +123,14 @@ def backward(params, acts, Xb, Yb):
                 W2=dW2, b2=db2, hpreact=dhpreact, bngain=dbngain, bnraw=dbnraw, bnbias=dbnbias,
                 bnvar_inv=dbnvar_inv, bnvar=dbnvar, bndiff2=dbndiff2, bndiff=dbndiff, bnmeani=dbnmeani,
                 hprebn=dhprebn, embcat=dembcat, W1=dW1, b1=db1, emb=demb, C=dC)
+
+
+def autograd_grads(params, acts):
+    """What autograd says: loss.backward(), then the .grad of every intermediate and parameter."""
+    for name in INTERMEDIATES:
+        acts[name].retain_grad()
+    acts["loss"].backward()
+    return {name: t.grad for name, t in {**acts, **params}.items() if name != "loss"}
 
 
 Row = namedtuple("Row", "name exact approximate maxdiff")

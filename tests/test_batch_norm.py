@@ -1,5 +1,3 @@
-import functools
-import os
 
 import pytest
 import torch
@@ -7,10 +5,8 @@ import torch.nn.functional as F
 
 import fusedops
 from fusedops import reference
-from fusedops.data import Vocab, load_words, splits
 
 BACKENDS = ["cpp", "triton"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def forward_and_grads(fn, x, params, grad_out):
@@ -32,19 +28,9 @@ def assert_all_close(actual, expected, **tol):
             torch.testing.assert_close(a, e, **tol)
 
 
-@functools.cache
-def notebook_minibatch(seed=reference.SEED, batch_size=32):
-    words = load_words(os.path.join(ROOT, "names.txt"))
-    (Xtr, Ytr), _, _ = splits(words, Vocab(words))
-    g = torch.Generator().manual_seed(seed)
-    params = reference.init_params(generator=g)
-    ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
-    return params, Xtr[ix], Ytr[ix]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_the_chunked_reference(backend):
-    params, Xb, Yb = notebook_minibatch()
+def test_matches_the_chunked_reference(backend, notebook_batch):
+    params, Xb, Yb = notebook_batch
     acts = reference.forward(params, Xb, Yb)
     grads = reference.backward(params, acts, Xb, Yb)
     gain, bias = params["bngain"].view(-1), params["bnbias"].view(-1)

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import fusedops
 from fusedops import reference
-from fusedops.data import Vocab, load_words, splits
 
 BACKENDS = ["cpp", "triton"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,18 +114,9 @@ def test_layouts(backend):
             torch.testing.assert_close(grad, grad_t)
 
 
-def notebook_minibatch(seed=reference.SEED, batch_size=32):
-    words = load_words(os.path.join(ROOT, "names.txt"))
-    (Xtr, Ytr), _, _ = splits(words, Vocab(words))
-    g = torch.Generator().manual_seed(seed)
-    params = reference.init_params(generator=g)
-    ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
-    return params, Xtr[ix], Ytr[ix]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dlogits_match_the_chunked_reference(backend):
-    params, Xb, Yb = notebook_minibatch()
+def test_dlogits_match_the_chunked_reference(backend, notebook_batch):
+    params, Xb, Yb = notebook_batch
     acts = reference.forward(params, Xb, Yb)
     dlogits = reference.backward(params, acts, Xb, Yb)["logits"]
     loss, grad = loss_and_grad(fused(backend), acts["logits"], Yb)

@@ -25,18 +25,6 @@ def vocab(words):
     return data.Vocab(words)
 
 
-@pytest.fixture(scope="module")
-def dataset(words, vocab):
-    return data.splits(words, vocab)
-
-
-def minibatch(dataset, seed, batch_size):
-    """The notebooks' parameters and one minibatch, all drawn from one generator."""
-    (Xtr, Ytr), _, _ = dataset
-    g = torch.Generator().manual_seed(seed)
-    params = reference.init_params(generator=g)
-    ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
-    return params, Xtr[ix], Ytr[ix]
 
 
 # data
@@ -49,7 +37,7 @@ def test_vocab_is_dot_then_sorted_letters(vocab):
     assert vocab.decode([5, 13, 13, 1, 0]) == "emma."
 
 
-def test_splits_have_the_notebooks_sizes(words, vocab, dataset):
+def test_splits_have_the_notebooks_sizes(words, vocab):
     random_state, first = random.getstate(), list(words[:3])
     (Xtr, Ytr), (Xval, Yval), (Xte, Yte) = data.splits(words, vocab)
     assert (len(Xtr), len(Xval), len(Xte)) == (182625, 22655, 22866)
@@ -87,24 +75,21 @@ def test_missing_or_empty_data_file(tmp_path):
 # the MLP: hand-written backward vs autograd
 
 
-def test_first_loss_is_the_notebooks(dataset):
-    params, Xb, Yb = minibatch(dataset, reference.SEED, 32)
+def test_first_loss_is_the_notebooks(notebook_batch):
+    params, Xb, Yb = notebook_batch
     assert round(reference.forward(params, Xb, Yb)["loss"].item(), 4) == 3.3399  # seed 000's printed loss
 
 
 @pytest.mark.parametrize("seed,batch_size", [(reference.SEED, 32), (1, 7), (2, 100), (3, 33)])
-def test_hand_written_backward_matches_autograd(dataset, seed, batch_size):
-    params, Xb, Yb = minibatch(dataset, seed, batch_size)
+def test_hand_written_backward_matches_autograd(names_splits, seed, batch_size):
+    params, Xb, Yb = reference.notebook_batch(*names_splits[0], batch_size, seed)
     acts = reference.forward(params, Xb, Yb)
-    for name in reference.INTERMEDIATES:
-        acts[name].retain_grad()
-    acts["loss"].backward()
     grads = reference.backward(params, acts, Xb, Yb)
-    tensors = {**acts, **params}
+    autograd = reference.autograd_grads(params, acts)
     assert set(grads) == set(reference.INTERMEDIATES) | set(reference.PARAMETERS)
     assert list(grads)[:len(EXACT)] == list(EXACT)
     for name, dt in grads.items():
-        expected = tensors[name].grad
+        expected = autograd[name]
         assert dt.shape == expected.shape, name
         assert torch.allclose(dt, expected), reference.format_row(reference.compare(name, dt, expected))
         if name in EXACT:
@@ -175,8 +160,8 @@ def test_cross_entropy_half_precision_computes_in_float32(dtype):
     torch.testing.assert_close(grad, expected_grad.to(dtype))
 
 
-def test_cross_entropy_equals_the_mlp_loss(dataset):
-    params, Xb, Yb = minibatch(dataset, reference.SEED, 32)
+def test_cross_entropy_equals_the_mlp_loss(notebook_batch):
+    params, Xb, Yb = notebook_batch
     acts = reference.forward(params, Xb, Yb)
     assert torch.equal(reference.cross_entropy(acts["logits"], Yb), acts["loss"])
 
@@ -227,8 +212,8 @@ def test_batch_norm_without_running_stats():
         reference.batch_norm(x[:1, :, :1], None, None, training=True)
 
 
-def test_unbiased_batch_norm_is_the_notebooks(dataset):
-    params, Xb, Yb = minibatch(dataset, reference.SEED, 32)
+def test_unbiased_batch_norm_is_the_notebooks(notebook_batch):
+    params, Xb, Yb = notebook_batch
     acts = reference.forward(params, Xb, Yb)
     running_mean, running_var = torch.zeros(64), torch.ones(64)
     hpreact = reference.batch_norm(acts["hprebn"], running_mean, running_var, params["bngain"].view(-1),
