@@ -61,7 +61,7 @@ register_cpp_fake("fusedops::batch_norm_forward", _forward_fake)
 register_cpp_fake("fusedops::batch_norm_backward", _backward_fake)
 
 
-def _ops(backend):
+def ops(backend):
     """(forward, backward) of a backend."""
     ops = torch.ops.fusedops
     if backend == "cpp":
@@ -76,7 +76,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, unbiased, eps, backend):
-        out, mean, invstd, var = _ops(backend)[0](input, weight, bias, running_mean, running_var, training,
+        out, mean, invstd, var = ops(backend)[0](input, weight, bias, running_mean, running_var, training,
                                                   unbiased, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training, ctx.unbiased, ctx.backend = training, unbiased, backend
@@ -87,7 +87,7 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_mean, grad_var):
         input, weight, mean, invstd = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias = _ops(ctx.backend)[1](grad_out, input, mean, invstd, weight,
+        grad_input, grad_weight, grad_bias = ops(ctx.backend)[1](grad_out, input, mean, invstd, weight,
                                                                   ctx.training, ctx.unbiased)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         return (grad_input if need_input else None,
@@ -123,10 +123,15 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     stats = (None, None) if training else (running_mean, running_var)
     out, mean, var = BatchNormFunction.apply(input, weight, bias, *stats, training, unbiased, eps, backend)
     if training and running_mean is not None:
-        with torch.no_grad():  # running = (1 - momentum) * running + momentum * batch
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(var.to(running_var.dtype), momentum)
+        update_running_stats(running_mean, running_var, mean, var, momentum)
     return out
+
+
+@torch.no_grad()
+def update_running_stats(running_mean, running_var, mean, var, momentum):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_(var.to(running_var.dtype), momentum)
 
 
 def _check_args(input, running_mean, running_var, weight, bias, training, eps):
@@ -191,13 +196,18 @@ class BatchNorm1d(_BatchNorm):
         running_var = self.running_var if keep_stats else None
         _check_args(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, self.eps)
         backend = pick_backend(self.backend, input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # the cumulative average: running = mean of the batches so far
-                momentum = 1.0 / self.num_batches_tracked.double()
+        momentum = self.count_batch() if self.training else 0.0
         return _batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
                            self.eps, self.unbiased, backend)
+
+    def count_batch(self):
+        """Counts a training batch; returns its weight in the running statistics' update."""
+        if not self.track_running_stats or self.num_batches_tracked is None:
+            return 0.0 if self.momentum is None else self.momentum
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # the cumulative average: running = mean of the batches so far
+            return 1.0 / self.num_batches_tracked.double()
+        return self.momentum
 
     def extra_repr(self):
         return super().extra_repr() + f", unbiased={self.unbiased}, backend={self.backend!r}"

@@ -59,7 +59,7 @@ register_cpp_fake("fusedops::cross_entropy_forward", _forward_fake)
 register_cpp_fake("fusedops::cross_entropy_forward_inplace", _forward_inplace_fake)
 
 
-def _ops(backend):
+def ops(backend):
     """(forward, forward writing the gradient over the logits) of a backend."""
     ops = torch.ops.fusedops
     if backend == "cpp":
@@ -72,7 +72,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, reduction, ignore_index, label_smoothing, inplace, backend):
-        forward, forward_inplace = _ops(backend)
+        forward, forward_inplace = ops(backend)
         if inplace:
             loss, grad = forward_inplace(logits, target, reduction, ignore_index, label_smoothing), logits
         else:
