@@ -14,10 +14,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
-def names_splits():
+def names():
+    """The words of names.txt."""
+    return data.load_words(os.path.join(ROOT, "names.txt"))
+
+
+@pytest.fixture(scope="session")
+def names_splits(names):
     """names.txt's ((Xtr, Ytr), (Xval, Yval), (Xte, Yte)), as the notebooks split it."""
-    words = data.load_words(os.path.join(ROOT, "names.txt"))
-    return data.splits(words, data.Vocab(words))
+    return data.splits(names, data.Vocab(names))
 
 
 @pytest.fixture

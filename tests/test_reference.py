@@ -1,6 +1,5 @@
 """The chunked reference: the data pipeline, the hand-written backward against autograd, and the
 functional cross-entropy and batch norm against PyTorch."""
-import os
 import random
 
 import pytest
@@ -9,22 +8,14 @@ import torch.nn.functional as F
 
 from fusedops import data, reference
 
-NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
 # the gradients the notebooks show as bit-exact; the rest are equal up to rounding
 EXACT = ("logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes",
          "logits", "h", "W2", "b2")
 
 
 @pytest.fixture(scope="module")
-def words():
-    return data.load_words(NAMES)
-
-
-@pytest.fixture(scope="module")
-def vocab(words):
-    return data.Vocab(words)
-
-
+def vocab(names):
+    return data.Vocab(names)
 
 
 # data
@@ -37,15 +28,15 @@ def test_vocab_is_dot_then_sorted_letters(vocab):
     assert vocab.decode([5, 13, 13, 1, 0]) == "emma."
 
 
-def test_splits_have_the_notebooks_sizes(words, vocab):
-    random_state, first = random.getstate(), list(words[:3])
-    (Xtr, Ytr), (Xval, Yval), (Xte, Yte) = data.splits(words, vocab)
+def test_splits_have_the_notebooks_sizes(names, vocab):
+    random_state, first = random.getstate(), list(names[:3])
+    (Xtr, Ytr), (Xval, Yval), (Xte, Yte) = data.splits(names, vocab)
     assert (len(Xtr), len(Xval), len(Xte)) == (182625, 22655, 22866)
     assert Xtr.shape == (182625, 3) and Ytr.shape == (182625,)
     assert Xtr.dtype == Ytr.dtype == torch.int64
     assert Xtr[:4].tolist() == [[0, 0, 0], [0, 0, 25], [0, 25, 21], [25, 21, 8]]  # as printed in seed 000
     assert Ytr[:4].tolist() == [25, 21, 8, 5]
-    assert words[:3] == first and random.getstate() == random_state  # nothing shared is touched
+    assert names[:3] == first and random.getstate() == random_state  # nothing shared is touched
 
 
 def test_build_dataset_contexts():
