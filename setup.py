@@ -24,6 +24,6 @@ setup(
     )],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.4", "tqdm", "matplotlib"],
     extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis"]},
 )
