@@ -41,7 +41,7 @@ class MLP(nn.Module):
         if layers not in LAYERS:
             raise ValueError(f"layers must be one of {LAYERS}, got {layers!r}")
         self.layers, self.backend = layers, backend
-        p = reference.init_params(vocab_size, n_embd, n_hidden, block_size, generator=generator)
+        p = reference.init_params(vocab_size, n_embd, n_hidden, block_size, generator=generator, bngain=(0.1, 1.0))
         self.embedding = nn.Embedding(vocab_size, n_embd)
         self.hidden = nn.Linear(n_embd * block_size, n_hidden)
         bn = BatchNorm1d(n_hidden, momentum=bn_momentum, unbiased=True, backend=backend) \

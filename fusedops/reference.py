@@ -18,9 +18,12 @@ INTERMEDIATES = ("logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", 
 PARAMETERS = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
 
 
-def init_params(vocab_size=27, n_embd=10, n_hidden=64, block_size=3, seed=SEED, generator=None):
+def init_params(vocab_size=27, n_embd=10, n_hidden=64, block_size=3, seed=SEED, generator=None,
+                bngain=(1.0, 0.0)):
     """The notebooks' parameters, drawn in their order from `generator` (or a fresh one seeded with
-    `seed`); all require grad. Pass your own generator to keep drawing minibatches from it after."""
+    `seed`); all require grad. Pass your own generator to keep drawing minibatches from it after.
+    bngain = randn * scale + shift: (1.0, 0.0) as the exercise notebook, which wants gains far from 1
+    to expose a wrong backward; (0.1, 1.0) as the notebook that trains the model."""
     g = torch.Generator().manual_seed(seed) if generator is None else generator
     fan_in = n_embd * block_size
     params = {
@@ -29,7 +32,7 @@ def init_params(vocab_size=27, n_embd=10, n_hidden=64, block_size=3, seed=SEED, 
         "b1": torch.randn(n_hidden, generator=g) * 0.1,  # useless under batch norm, kept to check it
         "W2": torch.randn((n_hidden, vocab_size), generator=g) * 0.1,
         "b2": torch.randn(vocab_size, generator=g) * 0.1,
-        "bngain": torch.randn((1, n_hidden), generator=g) * 1.0,
+        "bngain": torch.randn((1, n_hidden), generator=g) * bngain[0] + bngain[1],
         "bnbias": torch.randn((1, n_hidden), generator=g) * 0.1,
     }
     for p in params.values():
