@@ -130,8 +130,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 @torch.no_grad()
 def update_running_stats(running_mean, running_var, mean, var, momentum):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
-    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.lerp_(var.to(running_var.dtype), momentum)
+    torch._foreach_lerp_((running_mean, running_var), (mean.to(running_mean.dtype), var.to(running_var.dtype)),
+                         momentum)
 
 
 def _check_args(input, running_mean, running_var, weight, bias, training, eps):
@@ -145,13 +145,14 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps):
     # per-channel tensors: the input's dtype, or float32 for float16/bfloat16 input (mixed precision)
     dtypes = (input.dtype,) if input.dtype in (torch.float32, torch.float64) else (input.dtype, torch.float32)
     named = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    device = input.device
     for name, t in named.items():
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"batch_norm: {name} must be a tensor or None, got {type(t).__name__}")
-        if t.device != input.device:
-            raise ValueError(f"batch_norm: {name} is on {t.device} but input is on {input.device}")
+        if t.device != device:
+            raise ValueError(f"batch_norm: {name} is on {t.device} but input is on {device}")
         if t.dtype not in dtypes:
             raise TypeError(f"batch_norm: {name} has dtype {t.dtype} but input has {input.dtype}; expected "
                             f"{' or '.join(map(str, dtypes))}")
