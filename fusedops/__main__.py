@@ -83,6 +83,19 @@ def train(args):
     return 0
 
 
+def bench(args):
+    """Times fusedops against PyTorch eager, torch.compile of the same code, the chunked reference and
+    the copy floor (forward, backward, forward+backward; peak memory), and a makemore training step;
+    writes a markdown table, a CSV and a PNG plot per op to --out. See fusedops/bench.py."""
+    from fusedops import bench as suite
+
+    torch.set_num_threads(args.threads)
+    out_dir = args.out or os.path.join("bench", "results", "quick" if args.quick else "")
+    suite.run(args.op, out_dir=out_dir, quick=args.quick, device=args.device, min_run_time=args.min_run_time,
+              data_path=args.data)
+    return 0
+
+
 def print_runs(runs, compare):
     names = list(runs)
     print("\n" + " " * 16 + "".join(f"{n:>14s}" for n in names))
@@ -140,6 +153,19 @@ def build_parser():
     train_parser.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
     train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     train_parser.set_defaults(run=train)
+
+    bench_parser = commands.add_parser("bench", help="fusedops vs eager, torch.compile, reference, copy floor",
+                                       description=bench.__doc__)
+    bench_parser.add_argument("--op", nargs="+", choices=("ce", "bn", "train"), default=["ce", "bn", "train"])
+    bench_parser.add_argument("--quick", action="store_true",
+                              help="small shapes, fp32, forward+backward, no torch.compile: under a minute")
+    bench_parser.add_argument("--out", default=None, help="(default: bench/results, bench/results/quick with --quick)")
+    bench_parser.add_argument("--device", default=None, help="(default: cuda if available, else cpu)")
+    bench_parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="(default: %(default)s)")
+    bench_parser.add_argument("--min-run-time", type=float, default=None,
+                              help="seconds per measurement (default: 0.5, 0.05 with --quick)")
+    bench_parser.add_argument("--data", default=default_data_path(), help="names for --op train")
+    bench_parser.set_defaults(run=bench)
     return parser
 
 

@@ -1,0 +1,488 @@
+"""The benchmark suite: fusedops against PyTorch eager, torch.compile of the same eager code, the
+chunked reference and the floor, on the same inputs in one run (`python -m fusedops bench`).
+
+Each case (op, shape, dtype) is timed in three modes:
+- forward: with grad enabled, as in training (it builds the graph; fusedops' cross-entropy computes
+  its gradient here),
+- backward: the graph's backward, timed alone (each run's forward is outside the timed region),
+- forward+backward, whose peak extra memory is measured too.
+Median and IQR come from torch.utils.benchmark.Timer on CPU, triton.testing.do_bench on CUDA. The
+floor is a `copy_` of the input's bytes into an existing buffer: the least memory traffic of a pass
+that reads the input and writes a tensor of its size. `train` times a training step of the
+makemore MLP. Results go to <out>/{cross_entropy,batch_norm,train}.{md,csv,png}.
+"""
+import contextlib
+import csv
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import textwrap
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fusedops
+from fusedops import data, makemore, reference
+
+# The profiler (the CPU memory view below) logs two lines each time it starts unless told not to;
+# it reads this when it first starts.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+FORWARD, BACKWARD, FWD_BWD, STEP = "forward", "backward", "forward+backward", "step"
+MODES = (FWD_BWD, FORWARD, BACKWARD)
+EAGER, COMPILE, REFERENCE, FLOOR = "eager", "torch.compile", "reference", "copy floor"
+OPS = ("ce", "bn", "train")
+FILES = {"ce": "cross_entropy", "bn": "batch_norm", "train": "train"}
+TITLES = {"ce": "Cross-entropy", "bn": "Batch norm (training mode)", "train": "makemore MLP training"}
+BASELINE = {"ce": EAGER, "bn": EAGER, "train": "torch layers"}
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+MIN_RUNS = 5  # measurements per median, at least
+
+FULL = dict(shapes={"ce": [(32, 27), (4096, 1024), (1024, 32768), (8192, 8192)],
+                    "bn": [(32, 64), (16384, 256), (65536, 256)]},
+            dtypes=(torch.float32, torch.bfloat16), modes=MODES, skip=(), min_run_time=0.5,
+            train_steps=1000, train_repeats=5)
+QUICK = dict(shapes={"ce": [(32, 27), (4096, 1024)], "bn": [(32, 64), (16384, 256)]},
+             dtypes=(torch.float32,), modes=(FWD_BWD,), skip=(COMPILE,), min_run_time=0.05,
+             train_steps=200, train_repeats=3)
+
+
+@dataclass
+class Result:
+    """One (op, shape, dtype, mode, provider): times in ms; the ratios are filled by add_ratios."""
+    op: str
+    shape: str
+    dtype: str
+    mode: str
+    provider: str
+    median_ms: float
+    iqr_ms: float
+    vs_eager: float = math.nan  # the baseline's median / this one: > 1 is faster than eager
+    vs_floor: float = math.nan  # this median / the copy floor's: how far from the bandwidth floor
+    peak_mb: float = math.nan  # peak memory allocated during forward+backward, beyond the inputs
+    input_mb: float = math.nan
+    compile_s: float = math.nan  # torch.compile: wall time of the first forward+backward (not timed)
+
+
+# --- providers: name -> (function of (input, *args), its parameters) -------------------------------
+
+def fusedops_backends(device):
+    """The fused kernels native to the device (Triton's interpreter on CPU is no benchmark)."""
+    return ("triton",) if device.type == "cuda" else ("cpp",)
+
+
+def ce_providers(device):
+    """Every cross-entropy provider on the device: loss(logits, target). torch.compile's entry holds
+    the eager code; run_case compiles it."""
+    providers = {EAGER: F.cross_entropy, COMPILE: F.cross_entropy, REFERENCE: reference.cross_entropy}
+    for b in fusedops_backends(device):
+        providers[f"fusedops {b}"] = partial(fusedops.cross_entropy, backend=b)
+        # writes the gradient over the logits: no N x V buffer
+        providers[f"fusedops {b} in-place"] = partial(fusedops.cross_entropy, backend=b, inplace_backward=True)
+    if device.type == "cuda":
+        try:
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+            providers["liger"] = LigerCrossEntropyLoss()  # also writes the gradient over the logits
+        except ImportError:
+            pass
+    return {name: (fn, []) for name, fn in providers.items()}
+
+
+def bn_providers(channels, device):
+    """Every batch-norm provider on the device, each its own layer: fp32 parameters and fresh running
+    statistics (bf16 input runs mixed, as under autocast); the biased variance, as nn.BatchNorm1d."""
+    layer = partial(nn.BatchNorm1d, channels, device=device)
+    layers = {EAGER: layer(), COMPILE: layer(), REFERENCE: layer()}
+    for b in fusedops_backends(device):
+        layers[f"fusedops {b}"] = fusedops.BatchNorm1d(channels, device=device, backend=b)
+    providers = {name: (m, list(m.parameters())) for name, m in layers.items()}
+    ref = layers[REFERENCE]  # holds the reference's parameters and running statistics
+    providers[REFERENCE] = (lambda x: reference.batch_norm(x, ref.running_mean, ref.running_var, ref.weight,
+                                                           ref.bias, True, ref.momentum, ref.eps),
+                            providers[REFERENCE][1])
+    return providers
+
+
+def provider_names(op, device):
+    """The providers a case of `op` runs on the device, the copy floor first."""
+    if op == "train":
+        return list(TRAIN_VARIANTS)
+    return [FLOOR, *(ce_providers(device) if op == "ce" else bn_providers(2, device))]
+
+
+def make_inputs(op, shape, dtype, device):
+    """(x, args, grad_out): the differentiable input (logits, or batch norm's input), the other
+    arguments (the target), and the gradient flowing into the output (None for the cross-entropy's
+    scalar loss: dloss = 1)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, generator=g, device=device).to(dtype)
+    if op == "ce":
+        return x, (torch.randint(0, shape[1], shape[:1], generator=g, device=device),), None
+    return x, (), torch.randn(shape, generator=g, device=device).to(dtype)
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+def median_iqr(times):
+    """(median, interquartile range) of a list of times."""
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return median, q3 - q1
+
+
+def measure(fn, device, min_run_time):
+    """(median, IQR) in ms of calls to fn, over about min_run_time seconds (and MIN_RUNS measurements)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        q1, median, q3 = do_bench(fn, rep=min_run_time * 1e3, quantiles=[0.25, 0.5, 0.75])
+        return median, q3 - q1
+    from torch.utils.benchmark import Timer
+
+    # Timer runs on 1 thread unless told otherwise
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    times = list(m.times)
+    while len(times) < MIN_RUNS:  # slow calls: blocked_autorange may stop after one block
+        times += timer.timeit(m.number_per_run).times
+    median, iqr = median_iqr(times)
+    return median * 1e3, iqr * 1e3
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_backward(forward, backward, device, min_run_time):
+    """(median, IQR) in ms of backward(forward()), timing only the backward: each run builds its graph
+    outside the timed region, so the backward runs once per graph, as in training (a compiled backward
+    refuses retain_graph). The gradients outlive the timed region, as they would feed the layer below."""
+    times, start = [], time.perf_counter()
+    while len(times) < MIN_RUNS or time.perf_counter() - start < min_run_time:
+        out = forward()
+        sync(device)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            grads = backward(out)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            grads = backward(out)
+            times.append((time.perf_counter() - t) * 1e3)
+        del out, grads
+    return median_iqr(times)
+
+
+def peak_extra_bytes(fn, device):
+    """Peak of the bytes allocated while fn() runs, beyond those allocated before it.
+
+    CUDA: the caching allocator's max_memory_allocated. CPU: with profile_memory, the profiler records
+    every allocation (+bytes) and free (-bytes) of torch's CPU allocator with a timestamp; their
+    running sum in time order is what fn holds at each moment, and its maximum is the peak. It counts
+    tensor storage (all that the ops allocate), not Python objects.
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def time_provider(fn, params, x, args, grad_out, device, modes, min_run_time):
+    """(first forward+backward's seconds, its peak extra bytes, {mode: (median ms, IQR ms)})."""
+    x = x.detach().clone().requires_grad_()  # its own copy: the in-place providers overwrite it
+    wrt = [x, *params]
+
+    def forward():
+        return fn(x, *args)
+
+    def backward(out):
+        return torch.autograd.grad(out, wrt, grad_out)
+
+    def forward_backward():
+        return backward(forward())
+
+    start = time.perf_counter()
+    forward_backward()  # warm-up; torch.compile compiles here
+    sync(device)
+    first_s = time.perf_counter() - start
+    peak = peak_extra_bytes(forward_backward, device)
+    times = {}
+    for mode in modes:
+        if mode == BACKWARD:
+            times[mode] = measure_backward(forward, backward, device, min_run_time)
+        else:
+            times[mode] = measure(forward if mode == FORWARD else forward_backward, device, min_run_time)
+    return first_s, peak, times
+
+
+def run_case(op, shape, dtype, device, *, modes=MODES, skip=(), min_run_time):
+    """Result rows of one case: every provider (but those in `skip`) in every mode."""
+    x, args, grad_out = make_inputs(op, shape, dtype, device)
+    case = dict(op=op, shape="x".join(map(str, shape)), dtype=DTYPES[dtype])
+    input_mb = x.numel() * x.element_size() / 2**20
+    copy = partial(torch.empty_like(x).copy_, x)  # into an existing buffer
+    floor = measure(copy, device, min_run_time)
+    del copy
+    # one measurement, listed under every mode
+    rows = [Result(**case, mode=mode, provider=FLOOR, median_ms=floor[0], iqr_ms=floor[1]) for mode in modes]
+    providers = ce_providers(device) if op == "ce" else bn_providers(shape[1], device)
+    for name, (fn, params) in providers.items():
+        if name in skip:
+            continue
+        fresh = contextlib.nullcontext()
+        if name == COMPILE:
+            from torch._inductor.utils import fresh_cache
+
+            # compile each case from scratch, forgetting earlier compiles in memory (reset) and on disk (an
+            # empty cache directory), so that its compile time is a first run's
+            torch.compiler.reset()
+            fn, fresh = torch.compile(fn, dynamic=False), fresh_cache()
+        with fresh:
+            first_s, peak, times = time_provider(fn, params, x, args, grad_out, device, modes, min_run_time)
+        for mode, (median, iqr) in times.items():
+            rows.append(Result(**case, mode=mode, provider=name, median_ms=median, iqr_ms=iqr,
+                               peak_mb=peak / 2**20 if mode == FWD_BWD else math.nan, input_mb=input_mb,
+                               compile_s=first_s if name == COMPILE else math.nan))
+    return rows
+
+
+def run_op(op, shapes, dtypes, device, *, modes=MODES, skip=(), min_run_time, log=sys.stderr):
+    """Rows of every (shape, dtype) case of `op` ("ce" or "bn"), ratios included; a progress line per case."""
+    rows = []
+    cases = [(shape, dtype) for shape in shapes for dtype in dtypes]
+    for i, (shape, dtype) in enumerate(cases, 1):
+        start = time.perf_counter()
+        case_rows = run_case(op, shape, dtype, device, modes=modes, skip=skip, min_run_time=min_run_time)
+        rows += case_rows
+        shown = [r for r in case_rows if r.mode == modes[0]]
+        print(f"[{op} {i}/{len(cases)}] {shown[0].shape} {shown[0].dtype} {modes[0]}: "
+              + ", ".join(f"{r.provider} {r.median_ms:.3g} ms" for r in shown)
+              + f" ({time.perf_counter() - start:.0f} s)", file=log, flush=True)
+    return add_ratios(rows, BASELINE[op])
+
+
+# --- the makemore training step ---------------------------------------------------------------------
+
+# name -> (MLP layers, step function: None is loss.backward())
+TRAIN_VARIANTS = {"torch layers": ("torch", None), "fusedops layers": ("fusedops", None),
+                  "fusedops manual backward": ("fusedops", makemore.manual_step)}
+
+
+def run_train(data_path, device, *, steps, repeats, log=sys.stderr):
+    """ms per training step (batch 32, SGD) of the makemore MLP: median and IQR over `repeats` runs of
+    `steps` steps, for torch layers, fusedops layers, and fusedops with every gradient by hand."""
+    words = data.load_words(data_path)
+    vocab = data.Vocab(words)
+    (X, Y), _, _ = data.splits(words, vocab)
+    X, Y = X.to(device), Y.to(device)
+    rows = []
+    for name, (layers, step_fn) in TRAIN_VARIANTS.items():
+        g = torch.Generator().manual_seed(reference.SEED)
+        model = makemore.MLP(len(vocab), layers=layers, generator=g).to(device)
+        train = partial(makemore.train, model, X, Y, batch_size=32, lr=0.1, generator=g, step_fn=step_fn,
+                        progress=False)  # -> (losses, seconds per step)
+        train(steps=min(steps, 50))  # warm-up
+        median, iqr = median_iqr([train(steps=steps)[1] * 1e3 for _ in range(repeats)])
+        rows.append(Result("train", "batch 32", "fp32", STEP, name, median, iqr))
+        print(f"[train] {name}: {median:.3g} ms per step", file=log, flush=True)
+    return add_ratios(rows, BASELINE["train"])
+
+
+def add_ratios(rows, baseline):
+    """vs_eager: the baseline's median / each row's; vs_floor: each row's / the copy floor's (same
+    shape, dtype and mode)."""
+    by_key = {(r.shape, r.dtype, r.mode, r.provider): r for r in rows}
+    for r in rows:
+        case = (r.shape, r.dtype, r.mode)
+        r.vs_eager = by_key[case + (baseline,)].median_ms / r.median_ms
+        if case + (FLOOR,) in by_key:
+            r.vs_floor = r.median_ms / by_key[case + (FLOOR,)].median_ms
+    return rows
+
+
+# --- results: markdown, CSV, plot ---------------------------------------------------------------------
+
+def machine(device):
+    """The device, threads, torch version and date, in one line."""
+    if device.type == "cuda":
+        import triton
+        name = f"{torch.cuda.get_device_name(device)}, triton {triton.__version__}"
+    else:
+        name = platform.processor() or "CPU"
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        threads = torch.get_num_threads()
+        name += f" ({torch.backends.cpu.get_cpu_capability()}), {threads} thread{'s' if threads > 1 else ''}"
+    return f"{name}, torch {torch.__version__}, {datetime.date.today()}"
+
+
+def load_average():
+    """The 1-minute load average, as text ("?" where the system has none)."""
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
+
+
+def unique(items):
+    return list(dict.fromkeys(items))
+
+
+def fmt_ms(ms):
+    return f"{ms:.3g}" if ms < 1000 else f"{ms:.0f}"
+
+
+def fmt_ratio(ratio):
+    return f"{ratio:.2f}×" if ratio < 100 else f"{ratio:.0f}×"
+
+
+def markdown(rows, op, about):
+    """A table per mode (median ms and speed-up against eager, per case and provider), then the peak
+    memory of forward+backward with torch.compile's compile time."""
+    baseline = BASELINE[op]
+    cases = unique((r.shape, r.dtype) for r in rows)
+    providers = unique(r.provider for r in rows)
+    by_key = {(r.shape, r.dtype, r.mode, r.provider): r for r in rows}
+    floored = [p for p in providers if p.startswith("fusedops")] if FLOOR in providers else []
+    spread = max(rows, key=lambda r: r.iqr_ms / r.median_ms)
+    lines = [f"# {TITLES[op]}", "", about, "",
+             f"Median ms; in brackets the speed-up against {baseline} ({baseline}'s median / this one, "
+             "> 1 is faster)."]
+    if floored:
+        lines += [f"{FLOOR}: a `copy_` of the input's bytes into an existing buffer (one measurement, shown "
+                  "under every mode); its speed-up is about the most one pass over the input could reach. "
+                  f"`/ {FLOOR}`: the median over the floor's.",
+                  "forward runs with grad enabled, as in training"
+                  + (" (fusedops' cross-entropy computes its gradient there, so its backward only hands it over)"
+                     if op == "ce" else "")
+                  + "; backward is timed alone, its forward outside the timed region."]
+    lines += [f"Spread (IQR / median): median {statistics.median(r.iqr_ms / r.median_ms for r in rows):.1%}, "
+              f"largest {spread.iqr_ms / spread.median_ms:.1%} ({spread.provider}, {spread.shape} {spread.dtype} "
+              f"{spread.mode}); each row's IQR is in the CSV.", ""]
+
+    def table(header, cells_of):
+        out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        out += ["| " + " | ".join(cells_of(case)) + " |" for case in cases]
+        return out + [""]
+
+    for mode in unique(r.mode for r in rows):
+        def cells(case, mode=mode):
+            got = [by_key.get(case + (mode, p)) for p in providers]
+            times = [("" if r is None else fmt_ms(r.median_ms) if r.provider == baseline
+                      else f"{fmt_ms(r.median_ms)} ({fmt_ratio(r.vs_eager)})") for r in got]
+            ratios = [fmt_ratio(by_key[case + (mode, p)].vs_floor) if case + (mode, p) in by_key else ""
+                      for p in floored]
+            return [*case, *times, *ratios]
+        lines += [f"## {mode}", ""] + table(["shape", "dtype", *providers, *(f"{p} / {FLOOR}" for p in floored)],
+                                            cells)
+
+    measured = [p for p in providers if any(not math.isnan(r.peak_mb) for r in rows if r.provider == p)]
+    if measured:
+        def memory_cells(case):
+            got = [by_key.get(case + (FWD_BWD, p)) for p in measured]
+            cells = ["" if r is None else f"{r.peak_mb:.3g} ({r.peak_mb / r.input_mb:.2f}×)" for r in got]
+            compiled = by_key.get(case + (FWD_BWD, COMPILE))
+            input_mb = next(r.input_mb for r in got if r is not None)
+            return [*case, f"{input_mb:.3g}", *cells, "" if compiled is None else f"{compiled.compile_s:.1f}"]
+        lines += ["## Peak extra memory of forward+backward, and compile time", "",
+                  "MB allocated beyond the inputs (the gradients included); in brackets, × the input's size. "
+                  "Last column: the wall time of torch.compile's first forward+backward (tracing and code "
+                  "generation from an empty cache; not counted in the times above; the first case's includes "
+                  "the compiler's start-up).", ""]
+        lines += table(["shape", "dtype", "input MB", *measured, f"{COMPILE} s"], memory_cells)
+    return "\n".join(lines)
+
+
+def plot(rows, op, path, about):
+    """Speed-up against eager per case, one bar per provider, one panel per mode (log scale)."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baseline = BASELINE[op]
+    modes = unique(r.mode for r in rows)
+    cases = unique((r.shape, r.dtype) for r in rows)
+    providers = [p for p in unique(r.provider for r in rows) if p != baseline]
+    speedup = {(r.shape, r.dtype, r.mode, r.provider): r.vs_eager for r in rows}
+    width = 0.8 / len(providers)
+    fig_width = max(7.0, 1.3 * len(cases) + 4)
+    fig, axes = plt.subplots(len(modes), 1, figsize=(fig_width, 3.2 * len(modes) + 0.6), squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes):
+        for j, p in enumerate(providers):
+            xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(cases))]
+            ax.bar(xs, [speedup.get(case + (mode, p), math.nan) for case in cases], width, label=p)
+        ax.axhline(1, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(range(len(cases)), [f"{shape}\n{dtype}" for shape, dtype in cases])
+        ax.set_ylabel(f"speed-up against {baseline}")
+        ax.set_title(f"{TITLES[op]}: {mode}", fontsize="medium")
+    axes[0, 0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(textwrap.fill(about, int(fig_width * 15)), fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(rows, op, out_dir, about):
+    """Writes <out_dir>/<name>.md, .csv and .png; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, FILES[op])
+    with open(base + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(Result)])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(rows, op, about) + "\n")
+    plot(rows, op, base + ".png", about)
+    return [base + ext for ext in (".md", ".csv", ".png")]
+
+
+def run(ops=OPS, *, out_dir, quick=False, device=None, min_run_time=None, data_path="names.txt", log=sys.stderr):
+    """Runs the suite for `ops` ("ce", "bn", "train") and writes its results; returns {op: rows}."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = QUICK if quick else FULL
+    min_run_time = cfg["min_run_time"] if min_run_time is None else min_run_time
+    bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
+    dtypes = [d for d in cfg["dtypes"] if d != torch.bfloat16 or bf16]
+    results = {}
+    for op in ops:
+        load_before = load_average()
+        if op == "train":
+            rows = run_train(data_path, device, steps=cfg["train_steps"], repeats=cfg["train_repeats"], log=log)
+            settings = f"median of {cfg['train_repeats']} runs of {cfg['train_steps']} steps"
+        else:
+            rows = run_op(op, cfg["shapes"][op], dtypes, device, modes=cfg["modes"], skip=cfg["skip"],
+                          min_run_time=min_run_time, log=log)
+            settings = f"{min_run_time:g} s per measurement"
+        # others' work on the machine skews the times (the run itself adds about its threads): say how busy it was
+        about = (f"{machine(device)}, load average {load_before} → {load_average()} (start → end); "
+                 f"`python -m fusedops bench --op {op}{' --quick' if quick else ''}`, {settings}.")
+        print("wrote " + ", ".join(write_results(rows, op, out_dir, about)), file=log, flush=True)
+        results[op] = rows
+    return results
