@@ -4,6 +4,7 @@
 // Math in fp32 (fp64 for fp64 logits); rows in parallel with OpenMP; lanes with at::vec.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -193,6 +194,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
 
 at::Tensor cross_entropy_forward_inplace(at::Tensor& logits, const at::Tensor& target, int64_t reduction,
                                          int64_t ignore_index, double label_smoothing) {
+  at::assert_no_internal_overlap(logits);  // rows written by several threads at once
   at::Tensor loss = cross_entropy_into(logits, target, logits, reduction, ignore_index, label_smoothing);
   logits.unsafeGetTensorImpl()->bump_version();  // as every in-place op: autograd sees the write
   return loss;

@@ -115,13 +115,20 @@ def cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, label_
         loss = reference.cross_entropy(logits, target, reduction, ignore_index, label_smoothing)
     else:
         inplace = inplace_backward and logits.requires_grad and torch.is_grad_enabled()
-        if logits.stride(1) != 1:
-            if inplace:
-                raise ValueError("inplace_backward=True needs logits with unit stride along the classes, "
-                                 f"got strides {logits.stride()}")
+        if inplace:
+            _check_inplace(logits)
+        elif logits.stride(1) != 1:
             logits = logits.contiguous()
         loss = CrossEntropyFunction.apply(logits, target, code, ignore_index, label_smoothing, inplace, backend)
     return loss.reshape(out_shape) if code == NONE else loss
+
+
+def _check_inplace(logits):
+    """The gradient can be written over the logits: unit stride along the classes, rows apart."""
+    N, V = logits.shape
+    if logits.stride(1) != 1 or (N > 1 and abs(logits.stride(0)) < V):
+        raise ValueError("inplace_backward=True needs logits with unit stride along the classes and rows "
+                         f"that do not overlap, got shape {tuple(logits.shape)} and strides {logits.stride()}")
 
 
 def _check_args(logits, target, reduction, label_smoothing):

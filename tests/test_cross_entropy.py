@@ -307,10 +307,20 @@ def test_bad_arguments(backend):
             fusedops.cross_entropy(kw.pop("logits"), kw.pop("target"), **kw)
 
 
-def test_inplace_needs_unit_class_stride():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_needs_unit_class_stride_and_rows_apart(backend):
     x = torch.randn(11, 6).t().requires_grad_()
-    with pytest.raises(ValueError, match="inplace_backward"):
-        fusedops.cross_entropy(x * 1, torch.zeros(6, dtype=torch.long), inplace_backward=True)
+    row = torch.randn(1, 6, requires_grad=True)
+    for logits in (x * 1, (row * 1).expand(4, 6)):  # transposed; every row the same memory
+        before = logits.detach().clone()
+        with pytest.raises(ValueError, match="inplace_backward=True needs logits with unit stride"):
+            fusedops.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long), inplace_backward=True,
+                                   backend=backend)
+        assert torch.equal(logits.detach(), before)
+    with pytest.raises(RuntimeError, match="single memory location"):  # the op itself refuses too
+        fusedops._backend.load_cpp()
+        torch.ops.fusedops.cross_entropy_forward_inplace(torch.zeros(1, 6).expand(4, 6), torch.zeros(4, dtype=torch.long),
+                                                         1, -100, 0.0)
 
 
 def test_module_mirrors_torch():
