@@ -203,7 +203,7 @@ class BatchNorm1d(_BatchNorm):
 
     def count_batch(self):
         """Counts a training batch; returns its weight in the running statistics' update."""
-        if not self.track_running_stats or self.num_batches_tracked is None:
+        if not self.track_running_stats:
             return 0.0 if self.momentum is None else self.momentum
         self.num_batches_tracked.add_(1)
         if self.momentum is None:  # the cumulative average: running = mean of the batches so far

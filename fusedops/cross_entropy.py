@@ -44,13 +44,13 @@ def _check_target_range(target, num_classes, ignore_index):
                          f"{num_classes} classes (argument 'target')")
 
 
-def _forward_fake(logits, target, reduction, ignore_index, label_smoothing):
-    loss = logits.new_empty(logits.shape[:1] if reduction == NONE else ())
-    return loss, torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
 def _forward_inplace_fake(logits, target, reduction, ignore_index, label_smoothing):
-    return logits.new_empty(logits.shape[:1] if reduction == NONE else ())
+    return logits.new_empty(logits.shape[:1] if reduction == NONE else ())  # the loss
+
+
+def _forward_fake(logits, target, reduction, ignore_index, label_smoothing):
+    loss = _forward_inplace_fake(logits, target, reduction, ignore_index, label_smoothing)
+    return loss, torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 _forward_triton.register_fake(_forward_fake)
