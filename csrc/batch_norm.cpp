@@ -5,6 +5,9 @@
 //   backward: dbeta = sum(dy),  dgamma = sum(dy * xhat),  xhat = (x - mean) * invstd
 //             dx = gamma*invstd/n * (n*dy - sum(dy) - f * xhat * sum(dy*xhat))   (f = n/(n-1) if unbiased)
 //             eval: dx = dy * gamma * invstd (the statistics are constants)
+// A batch split over processes (SyncBatchNorm) takes the same steps as separate ops, a collective
+// between each two: batch_norm_stats, then batch_norm_forward given the combined statistics as
+// running ones; batch_norm_backward_reduce, then batch_norm_backward_elemt given the summed sums.
 // The kernels see a (rows, C) matrix with C contiguous: (N, C) input as it is, (N, C, L) through a
 // channels-last (N*L, C) copy (a view when the input is stored that way already).
 // Reductions in fp64 (Welford for the statistics) over fixed row chunks, a function of the shape and
@@ -232,6 +235,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward(
   return {from_rows(y, input), mean, invstd, var};
 }
 
+// Per channel, sum(dy) at [0, C) and sum(dy * (x - mean)) at [C, 2C), in fp64.
+template <typename T>
+std::vector<double> grad_sums(const T* px, const T* pdy, const double* pmean, int64_t R, int64_t C) {
+  return column_sums<2>(Tiles(R, C), [&](int64_t r, int64_t c) {
+    const double g = pdy[r * C + c];
+    return std::array<double, 2>{g, g * (px[r * C + c] - pmean[c])};  // dy, dy * (x - mean)
+  });
+}
+
+// dx of rows x, dy from the sums of grad_sums over all n values of each channel (n = 0: eval mode,
+// where the statistics are constants). dx = k1*dy + k2*(x - mean) + k3.
+template <typename T>
+void grad_input(const T* px, const T* pdy, const double* pmean, const T* pinvstd, const T* pgamma,
+                const double* sums, double n, bool unbiased, int64_t R, int64_t C, T* pdx) {
+  using Vec = Vectorized<T>;
+  std::vector<T> k1(C), k2(C, T(0)), k3(C, T(0));
+  const double f = unbiased ? n / (n - 1) : 1.0;
+  for (int64_t c = 0; c < C; ++c) {
+    const double sum_dy = sums[c], sum_dy_xmu = sums[C + c], invstd = pinvstd[c];
+    const double gamma_invstd = (pgamma ? pgamma[c] : 1.0) * invstd;
+    k1[c] = static_cast<T>(gamma_invstd);
+    if (n > 0) {  // dx = gamma*invstd/n * (n*dy - sum(dy) - f * xhat * sum(dy*xhat))
+      k2[c] = static_cast<T>(-gamma_invstd * invstd * invstd * sum_dy_xmu * f / n);
+      k3[c] = static_cast<T>(-gamma_invstd * sum_dy / n);
+    }
+  }
+  const SplitMean<T> m(pmean, C);
+  for_each_row(pdx, R, C, [&](int64_t r, int64_t j, int64_t len) {
+    const Vec d = m.centered(px + r * C + j, j, len);
+    return at::vec::fmadd(Vec::loadu(k1.data() + j, len), Vec::loadu(pdy + r * C + j, len),
+                          at::vec::fmadd(Vec::loadu(k2.data() + j, len), d, Vec::loadu(k3.data() + j, len)));
+  });
+}
+
+// The backward ops' common arguments: grad_out and input as rows in the compute dtype, and the fp64 mean.
+struct BackwardRows {
+  Tensor x, dy, mean;
+  BackwardRows(const char* op, const Tensor& grad_out, const Tensor& input, const Tensor& mean_) {
+    check_input(op, input);
+    TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+                      " but input ", input.sizes());
+    check_channels(op, "mean", mean_, input.size(1));
+    const auto acc = at::toOpMathType(input.scalar_type());
+    x = to_rows(input, acc);
+    dy = to_rows(grad_out, acc);
+    mean = mean_.to(at::kDouble).contiguous();
+  }
+};
+
 // grad_input, grad_weight, grad_bias (the last two in fp32, fp64 for fp64 input) from the mean
 // (fp64) and invstd the forward normalised with.
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, const Tensor& input,
@@ -239,50 +291,80 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
                                                        const std::optional<Tensor>& weight, bool training,
                                                        bool unbiased) {
   constexpr const char* op = "batch_norm_backward";
-  check_input(op, input);
-  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
-                    " but input ", input.sizes());
-  const int64_t C = input.size(1);
-  check_channels(op, "mean", mean, C);
+  const BackwardRows b(op, grad_out, input, mean);
+  const int64_t R = b.x.size(0), C = input.size(1);
   check_channels(op, "invstd", invstd, C);
   check_channels(op, "weight", weight, C);
-  const auto acc = at::toOpMathType(input.scalar_type());
-  const Tensor x = to_rows(input, acc), dy = to_rows(grad_out, acc);
-  const int64_t R = x.size(0);
   TORCH_CHECK_VALUE(!training || R > 1, op, ": expected more than 1 value per channel when training");
-  const Tensor mean64 = mean.to(at::kDouble).contiguous(), inv = per_channel(invstd, acc);
-  const Tensor gamma = per_channel(weight, acc);
-  Tensor dx = at::empty({R, C}, x.options()), grad_weight = at::empty({C}, x.options()),
-         grad_bias = at::empty({C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "batch_norm_backward", [&] {
-    using Vec = Vectorized<scalar_t>;
-    const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = dy.const_data_ptr<scalar_t>();
-    const double* pmean = mean64.const_data_ptr<double>();
-    const std::vector<double> sums = column_sums<2>(Tiles(R, C), [&](int64_t r, int64_t c) {
-      const double g = pdy[r * C + c];
-      return std::array<double, 2>{g, g * (px[r * C + c] - pmean[c])};  // dy, dy * (x - mean)
-    });
-    std::vector<scalar_t> k1(C), k2(C, scalar_t(0)), k3(C, scalar_t(0));  // dx = k1*dy + k2*(x - mean) + k3
-    const double f = unbiased ? R / (R - 1.0) : 1.0;
+  const Tensor inv = per_channel(invstd, b.x.scalar_type()), gamma = per_channel(weight, b.x.scalar_type());
+  Tensor dx = at::empty({R, C}, b.x.options()), grad_weight = at::empty({C}, b.x.options()),
+         grad_bias = at::empty({C}, b.x.options());
+  AT_DISPATCH_FLOATING_TYPES(b.x.scalar_type(), op, [&] {
+    const scalar_t *px = b.x.const_data_ptr<scalar_t>(), *pdy = b.dy.const_data_ptr<scalar_t>();
+    const scalar_t* pinv = inv.const_data_ptr<scalar_t>();
+    const double* pmean = b.mean.const_data_ptr<double>();
+    const std::vector<double> sums = grad_sums(px, pdy, pmean, R, C);
     for (int64_t c = 0; c < C; ++c) {
-      const double sum_dy = sums[c], sum_dy_xmu = sums[C + c], invstd_c = inv.const_data_ptr<scalar_t>()[c];
-      const double gamma_invstd = (gamma.defined() ? gamma.const_data_ptr<scalar_t>()[c] : 1.0) * invstd_c;
-      grad_weight.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sum_dy_xmu * invstd_c);  // sum(dy * xhat)
-      grad_bias.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sum_dy);                    // sum(dy)
-      k1[c] = static_cast<scalar_t>(gamma_invstd);
-      if (training) {  // dx = gamma*invstd/n * (n*dy - sum(dy) - f * xhat * sum(dy*xhat))
-        k2[c] = static_cast<scalar_t>(-gamma_invstd * invstd_c * invstd_c * sum_dy_xmu * f / R);
-        k3[c] = static_cast<scalar_t>(-gamma_invstd * sum_dy / R);
-      }
+      grad_weight.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sums[C + c] * pinv[c]);  // sum(dy * xhat)
+      grad_bias.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sums[c]);                  // sum(dy)
     }
-    const SplitMean<scalar_t> m(pmean, C);
-    for_each_row(dx.mutable_data_ptr<scalar_t>(), R, C, [&](int64_t r, int64_t j, int64_t n) {
-      const Vec d = m.centered(px + r * C + j, j, n);
-      return at::vec::fmadd(Vec::loadu(k1.data() + j, n), Vec::loadu(pdy + r * C + j, n),
-                            at::vec::fmadd(Vec::loadu(k2.data() + j, n), d, Vec::loadu(k3.data() + j, n)));
-    });
+    grad_input(px, pdy, pmean, pinv, gamma.defined() ? gamma.const_data_ptr<scalar_t>() : nullptr, sums.data(),
+               training ? R : 0, unbiased, R, C, dx.mutable_data_ptr<scalar_t>());
   });
   return {from_rows(dx, input), grad_weight, grad_bias};
+}
+
+// The statistics of this process's share of a batch split over processes: per channel the mean and
+// m2 = sum((x - mean)^2), both fp64 (zeros for no rows).
+std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
+  check_input("batch_norm_stats", input);
+  const Tensor x = to_rows(input, at::toOpMathType(input.scalar_type()));
+  const int64_t R = x.size(0), C = input.size(1);
+  Tensor mean = at::empty({C}, x.options().dtype(at::kDouble)), m2 = at::empty({C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_stats", [&] {
+    mean_and_m2(x.const_data_ptr<scalar_t>(), Tiles(R, C), mean.mutable_data_ptr<double>(),
+                m2.mutable_data_ptr<double>());
+  });
+  return {mean, m2};
+}
+
+// This process's sum(dy) and sum(dy * (x - mean)) per channel, fp64, to be summed over processes.
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, const Tensor& input,
+                                                      const Tensor& mean) {
+  const BackwardRows b("batch_norm_backward_reduce", grad_out, input, mean);
+  const int64_t R = b.x.size(0), C = input.size(1);
+  Tensor sum_dy = at::empty({C}, b.mean.options()), sum_dy_xmu = at::empty({C}, b.mean.options());
+  AT_DISPATCH_FLOATING_TYPES(b.x.scalar_type(), "batch_norm_backward_reduce", [&] {
+    const std::vector<double> s = grad_sums(b.x.const_data_ptr<scalar_t>(), b.dy.const_data_ptr<scalar_t>(),
+                                            b.mean.const_data_ptr<double>(), R, C);
+    std::copy(s.begin(), s.begin() + C, sum_dy.mutable_data_ptr<double>());
+    std::copy(s.begin() + C, s.end(), sum_dy_xmu.mutable_data_ptr<double>());
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+// grad_input of this process's rows from the sums over all processes and their total count.
+Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                                 const Tensor& invstd, const std::optional<Tensor>& weight, const Tensor& sum_dy,
+                                 const Tensor& sum_dy_xmu, int64_t count, bool unbiased) {
+  constexpr const char* op = "batch_norm_backward_elemt";
+  const BackwardRows b(op, grad_out, input, mean);
+  const int64_t R = b.x.size(0), C = input.size(1);
+  check_channels(op, "invstd", invstd, C);
+  check_channels(op, "weight", weight, C);
+  check_channels(op, "sum_dy", sum_dy, C);
+  check_channels(op, "sum_dy_xmu", sum_dy_xmu, C);
+  TORCH_CHECK_VALUE(count > 1 && count >= R, op, ": count must be more than 1 and at least the ", R,
+                    " values per channel here, got ", count);
+  const Tensor inv = per_channel(invstd, b.x.scalar_type()), gamma = per_channel(weight, b.x.scalar_type());
+  const Tensor sums = at::cat({sum_dy.to(at::kDouble), sum_dy_xmu.to(at::kDouble)});
+  Tensor dx = at::empty({R, C}, b.x.options());
+  AT_DISPATCH_FLOATING_TYPES(b.x.scalar_type(), op, [&] {
+    grad_input(b.x.const_data_ptr<scalar_t>(), b.dy.const_data_ptr<scalar_t>(), b.mean.const_data_ptr<double>(),
+               inv.const_data_ptr<scalar_t>(), gamma.defined() ? gamma.const_data_ptr<scalar_t>() : nullptr,
+               sums.const_data_ptr<double>(), count, unbiased, R, C, dx.mutable_data_ptr<scalar_t>());
+  });
+  return from_rows(dx, input);
 }
 
 }  // namespace
@@ -292,11 +374,18 @@ TORCH_LIBRARY_FRAGMENT(fusedops, m) {
         "Tensor? running_var, bool training, bool unbiased, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("batch_norm_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
         "bool training, bool unbiased) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  m.def("batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean) -> (Tensor, Tensor)");
+  m.def("batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+        "Tensor sum_dy, Tensor sum_dy_xmu, int count, bool unbiased) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedops, CPU, m) {
   m.impl("batch_norm_forward", &batch_norm_forward);
   m.impl("batch_norm_backward", &batch_norm_backward);
+  m.impl("batch_norm_stats", &batch_norm_stats);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt);
 }
 
 }  // namespace fusedops

@@ -8,6 +8,7 @@ sum(dy*xhat), which are dbeta and dgamma, then one elementwise pass for
 `unbiased=False` with the biased one (as PyTorch); running_var always takes the unbiased one. In eval
 mode the statistics are constants and dx = dy * gamma * invstd.
 """
+import collections
 from typing import Optional
 
 import torch
@@ -38,6 +39,29 @@ def _backward_triton(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tens
     return batch_norm_triton.backward(grad_out, input, mean, invstd, weight, training, unbiased)
 
 
+@torch.library.custom_op("fusedops::batch_norm_stats_triton", mutates_args=())
+def _stats_triton(input: Tensor) -> tuple[Tensor, Tensor]:
+    from . import batch_norm_triton
+
+    return batch_norm_triton.stats(input)
+
+
+@torch.library.custom_op("fusedops::batch_norm_backward_reduce_triton", mutates_args=())
+def _backward_reduce_triton(grad_out: Tensor, input: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    from . import batch_norm_triton
+
+    return batch_norm_triton.backward_reduce(grad_out, input, mean)
+
+
+@torch.library.custom_op("fusedops::batch_norm_backward_elemt_triton", mutates_args=())
+def _backward_elemt_triton(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                           sum_dy: Tensor, sum_dy_xmu: Tensor, count: int, unbiased: bool) -> Tensor:
+    from . import batch_norm_triton
+
+    return batch_norm_triton.backward_elemt(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
+                                            unbiased)
+
+
 def _forward_fake(input, weight, bias, running_mean, running_var, training, unbiased, eps):
     """out, mean (fp64), invstd, var: the last two per channel in the compute dtype."""
     channels = input.shape[1]
@@ -55,18 +79,31 @@ def _backward_fake(grad_out, input, mean, invstd, weight, training, unbiased):
             input.new_empty(channels, dtype=acc), input.new_empty(channels, dtype=acc))
 
 
-_forward_triton.register_fake(_forward_fake)
-_backward_triton.register_fake(_backward_fake)
-register_cpp_fake("fusedops::batch_norm_forward", _forward_fake)
-register_cpp_fake("fusedops::batch_norm_backward", _backward_fake)
+def _per_channel_sums_fake(input, *_):
+    """Two fp64 per-channel tensors: mean and m2, or sum(dy) and sum(dy * (x - mean))."""
+    return tuple(input.new_empty(input.shape[1], dtype=torch.float64) for _ in range(2))
+
+
+def _backward_elemt_fake(grad_out, input, *_):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+FAKES = {"forward": _forward_fake, "backward": _backward_fake, "stats": _per_channel_sums_fake,
+         "backward_reduce": lambda grad_out, input, mean: _per_channel_sums_fake(input),
+         "backward_elemt": _backward_elemt_fake}
+for _name, _fake in FAKES.items():
+    torch.library.register_fake(f"fusedops::batch_norm_{_name}_triton")(_fake)
+    register_cpp_fake(f"fusedops::batch_norm_{_name}", _fake)
+
+# The ops of a backend. forward and backward run one process's batch norm; stats, backward_reduce and
+# backward_elemt are the steps of one split over processes (SyncBatchNorm), a collective between each two.
+Ops = collections.namedtuple("Ops", FAKES)
 
 
 def ops(backend):
-    """(forward, backward) of a backend."""
-    ops = torch.ops.fusedops
-    if backend == "cpp":
-        return ops.batch_norm_forward, ops.batch_norm_backward
-    return ops.batch_norm_forward_triton, ops.batch_norm_backward_triton
+    """The batch-norm ops of the "cpp" or "triton" backend."""
+    suffix = "" if backend == "cpp" else "_triton"
+    return Ops(*(getattr(torch.ops.fusedops, f"batch_norm_{name}{suffix}") for name in FAKES))
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -76,7 +113,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, unbiased, eps, backend):
-        out, mean, invstd, var = ops(backend)[0](input, weight, bias, running_mean, running_var, training,
+        out, mean, invstd, var = ops(backend).forward(input, weight, bias, running_mean, running_var, training,
                                                   unbiased, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training, ctx.unbiased, ctx.backend = training, unbiased, backend
@@ -87,7 +124,7 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_mean, grad_var):
         input, weight, mean, invstd = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias = ops(ctx.backend)[1](grad_out, input, mean, invstd, weight,
+        grad_input, grad_weight, grad_bias = ops(ctx.backend).backward(grad_out, input, mean, invstd, weight,
                                                                   ctx.training, ctx.unbiased)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         return (grad_input if need_input else None,
@@ -134,7 +171,8 @@ def update_running_stats(running_mean, running_var, mean, var, momentum):
                          momentum)
 
 
-def _check_args(input, running_mean, running_var, weight, bias, training, eps):
+def _check_args(input, running_mean, running_var, weight, bias, training, eps, min_values=2):
+    """min_values: the values per channel that training needs here (SyncBatchNorm counts all processes')."""
     if not isinstance(input, Tensor) or input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"batch_norm: input must be a float16, bfloat16, float32 or float64 tensor, got "
                         f"{getattr(input, 'dtype', type(input))}")
@@ -165,7 +203,7 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps):
     if not training and running_mean is None:
         raise ValueError("batch_norm: training=False normalises with running_mean and running_var, got None")
     values_per_channel = input.shape[0] * (input.shape[2] if input.dim() == 3 else 1)
-    if training and values_per_channel < 2:
+    if training and values_per_channel < min_values:
         raise ValueError("batch_norm: expected more than 1 value per channel when training, got input of shape "
                          f"{tuple(input.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:

@@ -75,7 +75,7 @@ def _stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, R, C, L, sx_n, sx_c, sx_l, 
 
 
 @triton.jit
-def _stats_merge_kernel(x_ptr, sx_c, mean_part_ptr, m2_part_ptr, mean_ptr, invstd_ptr, var_ptr, R, C,
+def _stats_merge_kernel(x_ptr, sx_c, mean_part_ptr, m2_part_ptr, mean_ptr, m2_ptr, invstd_ptr, var_ptr, R, C,
                         splits, rows_per_split, eps, UNBIASED: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -95,7 +95,8 @@ def _stats_merge_kernel(x_ptr, sx_c, mean_part_ptr, m2_part_ptr, mean_ptr, invst
         m2_parts += C
     shift = tl.load(x_ptr + cols * sx_c, mask=cmask, other=0.0).to(ACC)
     tl.store(mean_ptr + cols, shift.to(tl.float64) + mean.to(tl.float64), mask=cmask)  # x_0 + mean(x - x_0)
-    var = m2 / (R - 1)  # running_var always takes the unbiased variance
+    tl.store(m2_ptr + cols, m2.to(tl.float64), mask=cmask)
+    var = m2 / tl.maximum(R - 1, 1)  # running_var always takes the unbiased variance (R > 1 when training)
     tl.store(var_ptr + cols, var, mask=cmask)
     if not UNBIASED:
         var = m2 / R
@@ -219,58 +220,104 @@ def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _batch_stats(x, eps, unbiased):
+    """mean (fp64), m2 (fp64), invstd and unbiased var (compute dtype) of x (N, C, L) over N and L."""
+    N, C, L = x.shape
+    R, acc = N * L, acc_dtype(x.dtype)
+    mean, m2 = (torch.zeros(C, dtype=torch.float64, device=x.device) for _ in range(2))
+    invstd, var = (torch.empty(C, dtype=acc, device=x.device) for _ in range(2))
+    if R > 0 and C > 0:
+        g = _grid(R, C)
+        mean_part, m2_part = torch.empty((2, g.splits, C), dtype=acc, device=x.device)
+        _stats_kernel[(g.splits, g.channel_blocks)](x, mean_part, m2_part, R, C, L, *x.stride(), g.rows_per_split,
+                                                    ACC=_tl_acc(x.dtype), BLOCK_N=g.block_n, BLOCK_C=g.block_c)
+        _stats_merge_kernel[(g.channel_blocks,)](x, x.stride(1), mean_part, m2_part, mean, m2, invstd, var, R, C,
+                                                 g.splits, g.rows_per_split, eps, UNBIASED=unbiased,
+                                                 ACC=_tl_acc(x.dtype), BLOCK_C=g.block_c)
+    return mean, m2, invstd, var
+
+
+def stats(input):
+    """mean and m2 (fp64), as the C++ op batch_norm_stats."""
+    mean, m2, _, _ = _batch_stats(_as_3d(input), 1.0, False)  # eps 1: the unused invstd stays finite
+    return mean, m2
+
+
 def forward(input, weight, bias, running_mean, running_var, training, unbiased, eps):
     """out, mean (fp64), invstd, var, as the C++ op batch_norm_forward."""
     x = _as_3d(input)
     N, C, L = x.shape
-    R = N * L
-    acc = acc_dtype(input.dtype)
     out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-    g = _grid(R, C)
-    meta = dict(ACC=_tl_acc(input.dtype), BLOCK_N=g.block_n, BLOCK_C=g.block_c)
     if training:
-        mean = torch.empty(C, dtype=torch.float64, device=input.device)
-        invstd = torch.empty(C, dtype=acc, device=input.device)
-        var = torch.empty(C, dtype=acc, device=input.device)
-        mean_part, m2_part = torch.empty((2, g.splits, C), dtype=acc, device=input.device)
-        if C > 0:
-            _stats_kernel[(g.splits, g.channel_blocks)](x, mean_part, m2_part, R, C, L, *x.stride(),
-                                                        g.rows_per_split, **meta)
-            _stats_merge_kernel[(g.channel_blocks,)](x, x.stride(1), mean_part, m2_part, mean, invstd, var, R, C,
-                                                     g.splits, g.rows_per_split, eps, UNBIASED=unbiased,
-                                                     ACC=meta["ACC"], BLOCK_C=g.block_c)
+        mean, _, invstd, var = _batch_stats(x, eps, unbiased)
     else:
         mean = running_mean.to(torch.float64, copy=True)
-        var = running_var.to(acc, copy=True)
+        var = running_var.to(acc_dtype(input.dtype), copy=True)
         invstd = torch.rsqrt(var + eps)  # 1 / sqrt(var + eps)
     if out.numel() > 0:
+        g = _grid(N * L, C)
         _normalize_kernel[(g.splits, g.channel_blocks)](
-            x, out, mean, invstd, weight, bias, R, C, L, *x.stride(), *_as_3d(out).stride(), g.rows_per_split,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **meta)
+            x, out, mean, invstd, weight, bias, N * L, C, L, *x.stride(), *_as_3d(out).stride(), g.rows_per_split,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=_tl_acc(input.dtype),
+            BLOCK_N=g.block_n, BLOCK_C=g.block_c)
     return out, mean, invstd, var
+
+
+def _grad_sums(dy, x, mean, g):
+    """Per split of the rows, sum(dy) and sum(dy * (x - mean)): (splits, C) fp64 each."""
+    N, C, L = x.shape
+    dy_part, dyx_part = torch.empty((2, g.splits, C), dtype=torch.float64, device=x.device)
+    _grad_sums_kernel[(g.splits, g.channel_blocks)](dy, x, mean, dy_part, dyx_part, N * L, C, L, *dy.stride(),
+                                                    *x.stride(), g.rows_per_split, ACC=_tl_acc(x.dtype),
+                                                    BLOCK_N=g.block_n, BLOCK_C=g.block_c)
+    return dy_part, dyx_part
+
+
+def _grad_input(dy, x, mean, invstd, weight, dy_parts, dyx_parts, count, training, unbiased, g, grad_input):
+    """grad_input from the sums' partials over `count` values per channel; returns grad_weight, grad_bias."""
+    N, C, L = x.shape
+    acc = acc_dtype(x.dtype)
+    grad_weight, grad_bias = (torch.empty(C, dtype=acc, device=x.device) for _ in range(2))
+    coef = torch.empty((3, C), dtype=acc, device=x.device)
+    _grad_merge_kernel[(g.channel_blocks,)](dy_parts, dyx_parts, invstd, weight, grad_weight, grad_bias, coef, count,
+                                            C, dy_parts.shape[0], TRAINING=training, UNBIASED=unbiased,
+                                            HAS_WEIGHT=weight is not None, ACC=_tl_acc(x.dtype), BLOCK_C=g.block_c)
+    _grad_input_kernel[(g.splits, g.channel_blocks)](dy, x, mean, coef, grad_input, N * L, C, L, *dy.stride(),
+                                                     *x.stride(), *_as_3d(grad_input).stride(), g.rows_per_split,
+                                                     ACC=_tl_acc(x.dtype), BLOCK_N=g.block_n, BLOCK_C=g.block_c)
+    return grad_weight, grad_bias
 
 
 def backward(grad_out, input, mean, invstd, weight, training, unbiased):
     """grad_input, grad_weight, grad_bias, as the C++ op batch_norm_backward."""
     x, dy = _as_3d(input), _as_3d(grad_out)
     N, C, L = x.shape
-    R = N * L
-    acc = acc_dtype(input.dtype)
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-    grad_weight = torch.zeros(C, dtype=acc, device=input.device)
-    grad_bias = torch.zeros(C, dtype=acc, device=input.device)
-    g = _grid(R, C)
-    meta = dict(ACC=_tl_acc(input.dtype), BLOCK_N=g.block_n, BLOCK_C=g.block_c)
     if grad_input.numel() == 0:
-        return grad_input, grad_weight, grad_bias
-    dy_part, dyx_part = torch.empty((2, g.splits, C), dtype=torch.float64, device=input.device)
-    coef = torch.empty((3, C), dtype=acc, device=input.device)
-    _grad_sums_kernel[(g.splits, g.channel_blocks)](dy, x, mean, dy_part, dyx_part, R, C, L, *dy.stride(),
-                                                    *x.stride(), g.rows_per_split, **meta)
-    _grad_merge_kernel[(g.channel_blocks,)](dy_part, dyx_part, invstd, weight, grad_weight, grad_bias, coef, R, C,
-                                            g.splits, TRAINING=training, UNBIASED=unbiased,
-                                            HAS_WEIGHT=weight is not None, ACC=meta["ACC"], BLOCK_C=g.block_c)
-    _grad_input_kernel[(g.splits, g.channel_blocks)](dy, x, mean, coef, grad_input, R, C, L, *dy.stride(),
-                                                     *x.stride(), *_as_3d(grad_input).stride(), g.rows_per_split,
-                                                     **meta)
+        return (grad_input, *(torch.zeros(C, dtype=acc_dtype(input.dtype), device=input.device) for _ in range(2)))
+    g = _grid(N * L, C)
+    dy_part, dyx_part = _grad_sums(dy, x, mean, g)
+    grad_weight, grad_bias = _grad_input(dy, x, mean, invstd, weight, dy_part, dyx_part, N * L, training, unbiased,
+                                         g, grad_input)
     return grad_input, grad_weight, grad_bias
+
+
+def backward_reduce(grad_out, input, mean):
+    """sum(dy) and sum(dy * (x - mean)) (fp64), as the C++ op batch_norm_backward_reduce."""
+    x, dy = _as_3d(input), _as_3d(grad_out)
+    N, C, L = x.shape
+    if N * L == 0 or C == 0:
+        return tuple(torch.zeros(C, dtype=torch.float64, device=input.device) for _ in range(2))
+    dy_part, dyx_part = _grad_sums(dy, x, mean, _grid(N * L, C))
+    return dy_part.sum(0), dyx_part.sum(0)  # partials in split order: deterministic
+
+
+def backward_elemt(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, unbiased):
+    """grad_input from the sums over all processes, as the C++ op batch_norm_backward_elemt."""
+    x, dy = _as_3d(input), _as_3d(grad_out)
+    N, C, L = x.shape
+    grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    if grad_input.numel() > 0:
+        sums = torch.stack((sum_dy, sum_dy_xmu)).to(torch.float64).view(2, 1, C)  # one split
+        _grad_input(dy, x, mean, invstd, weight, sums[0], sums[1], count, True, unbiased, _grid(N * L, C), grad_input)
+    return grad_input
