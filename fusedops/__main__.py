@@ -49,38 +49,100 @@ def train(args):
 
     if args.manual_backward and args.layers == "torch" and not args.compare:
         raise SystemExit("--manual-backward runs the fused kernels by hand: it needs --layers fusedops")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun in each of its processes
+    if args.nproc > 1 or world > 1:
+        check_data_parallel(args, max(args.nproc, world))
+        if world == 1:
+            return launch(args)
     words = data.load_words(args.data)
     vocab = data.Vocab(words)
+    device = data_parallel_init(args.device) if world > 1 else args.device
     (Xtr, Ytr), (Xval, Yval), (Xte, Yte) = (
-        (X.to(args.device), Y.to(args.device)) for X, Y in data.splits(words, vocab))
-    out_dir = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(out_dir, exist_ok=True)
+        (X.to(device), Y.to(device)) for X, Y in data.splits(words, vocab))
     runs = {}
     for layers in makemore.LAYERS if args.compare else (args.layers,):
         g = torch.Generator().manual_seed(args.seed)
         model = makemore.MLP(len(vocab), n_embd=args.embed, n_hidden=args.hidden, layers=layers,
-                             bn_momentum=args.bn_momentum, backend=args.backend, generator=g).to(args.device)
-        manual = args.manual_backward and layers == "fusedops"
+                             bn_momentum=args.bn_momentum, backend=args.backend, generator=g).to(device)
+        step_fn = makemore.manual_step if args.manual_backward and layers == "fusedops" else None
+        if world > 1:
+            step_fn = makemore.data_parallel_step(data_parallel_model(model))
         losses, seconds = makemore.train(model, Xtr, Ytr, steps=args.steps, batch_size=args.batch_size,
-                                         lr=args.lr, decay_step=args.decay_step, generator=g,
-                                         step_fn=makemore.manual_step if manual else None,
-                                         progress=not args.quiet)
+                                         lr=args.lr, decay_step=args.decay_step, generator=g, step_fn=step_fn,
+                                         progress=not args.quiet and is_rank0())
+        if not is_rank0():
+            return 0
         runs[layers] = dict(
-            layers=layers, manual_backward=manual, ms_per_step=seconds * 1e3,
+            layers=layers, manual_backward=step_fn is makemore.manual_step, ms_per_step=seconds * 1e3,
             train=makemore.split_loss(model, Xtr, Ytr), val=makemore.split_loss(model, Xval, Yval),
             test=makemore.split_loss(model, Xte, Yte), samples=makemore.sample(model, vocab.itos),
             losses=losses)
-    report = {k: v for k, v in vars(args).items() if k != "run"}
+    report = {k: v for k, v in vars(args).items() if k not in ("run", "argv")}
+    report["nproc"] = world
     if args.compare:
         a, b = runs["fusedops"], runs["torch"]
         report["compare"] = dict(speed_ratio=a["ms_per_step"] / b["ms_per_step"],
                                  max_step_loss_diff=max(abs(x - y) for x, y in zip(a["losses"], b["losses"])))
     print_runs(runs, report.get("compare"))
+    out_dir = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(out_dir, exist_ok=True)
     makemore.plot_losses({k: r["losses"] for k, r in runs.items()}, os.path.join(out_dir, "loss.png"))
     with open(os.path.join(out_dir, "run.json"), "w") as f:
         json.dump(dict(report, runs=runs), f)
     print(f"wrote {out_dir}/loss.png and {out_dir}/run.json")
     return 0
+
+
+def check_data_parallel(args, nproc):
+    if args.layers != "fusedops" or args.compare or args.manual_backward:
+        raise SystemExit("--nproc trains data-parallel with fusedops.SyncBatchNorm and loss.backward(): it "
+                         "needs --layers fusedops, without --compare and --manual-backward")
+    if args.batch_size < 2 * nproc:
+        raise SystemExit(f"--nproc {nproc} splits each minibatch over the processes: --batch-size must be at "
+                         f"least {2 * nproc}, got {args.batch_size}")
+
+
+def launch(args):
+    """Runs this command in --nproc processes through torchrun; its exit code. The processes get the
+    command line without --nproc (torchrun's own options would claim it): WORLD_SIZE tells them."""
+    import subprocess
+
+    argv, rest = [], iter(args.argv)
+    for arg in rest:
+        if arg == "--nproc":
+            next(rest)
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "fusedops", *argv]
+    return subprocess.run(cmd).returncode
+
+
+def data_parallel_init(device):
+    """Joins torchrun's process group (gloo on CPU, NCCL on CUDA); this process's device."""
+    import torch.distributed as dist
+
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    return device
+
+
+def data_parallel_model(model):
+    """model with every batch norm synchronised, wrapped in DistributedDataParallel. Buffers are synced
+    once, not before every forward: the synchronised running statistics stay the same everywhere."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    import fusedops
+
+    return DistributedDataParallel(fusedops.convert_sync_batchnorm(model), forward_sync_buffers=False)
+
+
+def is_rank0():
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def bench(args):
@@ -113,6 +175,13 @@ def batch_size(text):
     n = int(text)
     if n < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2 (the batch variance divides by n-1), got {n}")
+    return n
+
+
+def positive_int(text):
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
 
 
@@ -150,6 +219,9 @@ def build_parser():
     train_parser.add_argument("--compare", action="store_true", help="train with both layers, side by side")
     train_parser.add_argument("--manual-backward", action="store_true",
                               help="no loss.backward(): every gradient by hand, with the fused kernels")
+    train_parser.add_argument("--nproc", type=positive_int, default=1,
+                              help="data-parallel over this many processes (torchrun, gloo on CPU), each "
+                                   "taking its share of every minibatch, batch norm synchronised")
     train_parser.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
     train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     train_parser.set_defaults(run=train)
@@ -170,7 +242,9 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except data.DataError as e:

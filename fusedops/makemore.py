@@ -60,10 +60,12 @@ class MLP(nn.Module):
         return self.output(h)
 
     def loss(self, X, Y):
-        logits = self(X)
+        return self.criterion(self(X), Y)
+
+    def criterion(self, logits, Y, reduction="mean"):
         if self.layers == "fusedops":
-            return cross_entropy(logits, Y, backend=self.backend)
-        return F.cross_entropy(logits, Y)
+            return cross_entropy(logits, Y, reduction=reduction, backend=self.backend)
+        return F.cross_entropy(logits, Y, reduction=reduction)
 
 
 @torch.no_grad()
@@ -109,6 +111,27 @@ def autograd_step(model, Xb, Yb):
     return loss.detach(), [p.grad for p in model.parameters()]
 
 
+def data_parallel_step(ddp):
+    """A step function for `train` in each process of a DistributedDataParallel model: the process
+    takes its share of the minibatch (every process draws the same one), and the gradients and the
+    loss are those of the whole minibatch."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def step(model, Xb, Yb):
+        for p in model.parameters():
+            p.grad = None
+        loss_sum = model.criterion(ddp(Xb.tensor_split(world)[rank]), Yb.tensor_split(world)[rank], reduction="sum")
+        # DDP averages the processes' gradients: scaled by world / n, that average is the minibatch mean's
+        (loss_sum * (world / len(Xb))).backward()
+        loss = loss_sum.detach() / len(Xb)
+        dist.all_reduce(loss)  # the minibatch's mean loss
+        return loss, [p.grad for p in model.parameters()]
+
+    return step
+
+
 @torch.no_grad()
 def manual_step(model, Xb, Yb):
     """The notebooks' last exercise: no loss.backward(). Every gradient by hand (matmuls, tanh, the
@@ -119,19 +142,19 @@ def manual_step(model, Xb, Yb):
     if backend == "reference":
         raise ValueError("manual_step runs the fused kernels: backend='reference' has none")
     ce_forward, _ = cross_entropy_ops(backend)
-    bn_forward, bn_backward = batch_norm_ops(backend)
+    bn_ops = batch_norm_ops(backend)
     C, bn = model.embedding.weight, model.bn
     W1, b1, W2, b2 = model.hidden.weight, model.hidden.bias, model.output.weight, model.output.bias
     embcat = C[Xb].flatten(1)
     hprebn = F.linear(embcat, W1, b1)  # embcat @ W1^T + b1
-    hpreact, mean, invstd, var = bn_forward(hprebn, bn.weight, bn.bias, None, None, True, bn.unbiased, bn.eps)
+    hpreact, mean, invstd, var = bn_ops.forward(hprebn, bn.weight, bn.bias, None, None, True, bn.unbiased, bn.eps)
     update_running_stats(bn.running_mean, bn.running_var, mean, var, bn.count_batch())
     h = torch.tanh(hpreact)
     logits = F.linear(h, W2, b2)
     loss, dlogits = ce_forward(logits, Yb, MEAN, -100, 0.0)  # (softmax - one_hot) / n
     dh, dW2, db2 = dlogits @ W2, dlogits.T @ h, dlogits.sum(0)  # logits = h @ W2^T + b2
     dhpreact = (1.0 - h**2) * dh  # tanh' = 1 - tanh^2
-    dhprebn, dgamma, dbeta = bn_backward(dhpreact, hprebn, mean, invstd, bn.weight, True, bn.unbiased)
+    dhprebn, dgamma, dbeta = bn_ops.backward(dhpreact, hprebn, mean, invstd, bn.weight, True, bn.unbiased)
     dembcat, dW1, db1 = dhprebn @ W1, dhprebn.T @ embcat, dhprebn.sum(0)  # hprebn = embcat @ W1^T + b1
     dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), dembcat.view(-1, C.shape[1]))  # emb = C[Xb]
     return loss, [dC, dW1, db1, dgamma.to(bn.weight.dtype), dbeta.to(bn.bias.dtype), dW2, db2]
