@@ -1,5 +1,6 @@
 // The fusedops operator library. Each operator's file defines its schemas (TORCH_LIBRARY_FRAGMENT)
-// and its CPU kernels; fake kernels and autograd are registered from Python.
+// and its CPU kernels, its *_autograd.cpp the differentiable op over them (and over the Triton ops,
+// which are registered from Python, as are the fake kernels).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -74,10 +74,10 @@ def pick_backend(backend, tensor):
         backend = "triton" if tensor.is_cuda else "cpp"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "cpp":
-        if tensor.device.type != "cpu":
-            raise ValueError(f"backend='cpp' runs on CPU tensors, got a tensor on {tensor.device}")
-        load_cpp()
+    if backend == "cpp" and tensor.device.type != "cpu":
+        raise ValueError(f"backend='cpp' runs on CPU tensors, got a tensor on {tensor.device}")
+    if backend != "reference":
+        load_cpp()  # the C++ ops, and the autograd of both backends
     if backend == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 "
                          "(set before triton is first imported)")

@@ -106,33 +106,6 @@ def ops(backend):
     return Ops(*(getattr(torch.ops.fusedops, f"batch_norm_{name}{suffix}") for name in FAKES))
 
 
-class BatchNormFunction(torch.autograd.Function):
-    """input (N, C) or (N, C, L). Returns the output and, not differentiable, the mean (fp64) and
-    variance it was normalised with: in training the batch mean and unbiased batch variance, which
-    update the running statistics."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, unbiased, eps, backend):
-        out, mean, invstd, var = ops(backend).forward(input, weight, bias, running_mean, running_var, training,
-                                                  unbiased, eps)
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.training, ctx.unbiased, ctx.backend = training, unbiased, backend
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_mean, grad_var):
-        input, weight, mean, invstd = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias = ops(ctx.backend).backward(grad_out, input, mean, invstd, weight,
-                                                                  ctx.training, ctx.unbiased)
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        return (grad_input if need_input else None,
-                grad_weight.to(weight.dtype) if need_weight else None,
-                grad_bias.to(ctx.bias_dtype) if need_bias else None,
-                None, None, None, None, None, None)
-
-
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                eps=1e-5, *, unbiased=False, backend=None):
     """Like `torch.nn.functional.batch_norm` for (N, C) and (N, C, L) input, fused.
@@ -152,16 +125,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend)
 
 
-def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend):
-    """batch_norm on checked arguments; momentum may be a 0-dim tensor (BatchNorm1d's momentum=None)."""
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend,
+                num_batches_tracked=None):
+    """batch_norm on checked arguments. The fused op counts a training batch in num_batches_tracked
+    when given, and momentum=None then takes the cumulative average over the counted batches."""
     if backend == "reference":
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                     unbiased)
-    stats = (None, None) if training else (running_mean, running_var)
-    out, mean, var = BatchNormFunction.apply(input, weight, bias, *stats, training, unbiased, eps, backend)
-    if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, var, momentum)
-    return out
+    # the forward op, the running statistics' update and autograd, in C++ (csrc/batch_norm_autograd.cpp)
+    return torch.ops.fusedops.batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                         training, momentum, unbiased, eps, backend == "triton")
 
 
 @torch.no_grad()
@@ -235,12 +208,16 @@ class BatchNorm1d(_BatchNorm):
         running_var = self.running_var if keep_stats else None
         _check_args(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, self.eps)
         backend = pick_backend(self.backend, input)
-        momentum = self.count_batch() if self.training else 0.0
-        return _batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
-                           self.eps, self.unbiased, backend)
+        if backend == "reference":
+            return _batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
+                               self.count_batch() if self.training else 0.0, self.eps, self.unbiased, backend)
+        counter = self.num_batches_tracked if self.training and self.track_running_stats else None
+        return _batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, self.momentum,
+                           self.eps, self.unbiased, backend, counter)  # the op counts the batch
 
     def count_batch(self):
-        """Counts a training batch; returns its weight in the running statistics' update."""
+        """Counts a training batch; returns its weight in the running statistics' update (what the
+        fused op does itself, for the callers that update the statistics apart)."""
         if not self.track_running_stats:
             return 0.0 if self.momentum is None else self.momentum
         self.num_batches_tracked.add_(1)

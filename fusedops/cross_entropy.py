@@ -67,31 +67,6 @@ def ops(backend):
     return ops.cross_entropy_forward_triton, ops.cross_entropy_forward_inplace_triton
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    """2-D logits (N, V) with unit stride along V; target (N,). Returns the (reduced) loss."""
-
-    @staticmethod
-    def forward(ctx, logits, target, reduction, ignore_index, label_smoothing, inplace, backend):
-        forward, forward_inplace = ops(backend)
-        if inplace:
-            loss, grad = forward_inplace(logits, target, reduction, ignore_index, label_smoothing), logits
-        else:
-            loss, grad = forward(logits, target, reduction, ignore_index, label_smoothing)
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        # The loss is usually the graph's last op (grad_output = 1): hand back the saved gradient as
-        # it is, no new N x V buffer. Otherwise dlogits = grad * grad_output (per row for "none").
-        if (not torch.compiler.is_compiling() and grad_output.numel() == 1
-                and grad_output.item() == 1.0):
-            return grad, None, None, None, None, None, None
-        scale = grad_output.unsqueeze(1) if grad_output.dim() == 1 else grad_output
-        return grad * scale, None, None, None, None, None, None
-
-
 def cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,
                   inplace_backward=False, backend=None):
     """Like `torch.nn.functional.cross_entropy` with class-index targets, fused.
@@ -119,7 +94,9 @@ def cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, label_
             _check_inplace(logits)
         elif logits.stride(1) != 1:
             logits = logits.contiguous()
-        loss = CrossEntropyFunction.apply(logits, target, code, ignore_index, label_smoothing, inplace, backend)
+        # the loss and its gradient from one pass, autograd in C++ (csrc/cross_entropy_autograd.cpp)
+        op = torch.ops.fusedops.cross_entropy_inplace if inplace else torch.ops.fusedops.cross_entropy
+        loss = op(logits, target, code, ignore_index, label_smoothing, backend == "triton")
     return loss.reshape(out_shape) if code == NONE else loss
 
 

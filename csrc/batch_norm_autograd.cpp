@@ -1,0 +1,140 @@
+// Autograd of the fused batch norm, in C++ so that a training step pays no Python for it.
+//   fusedops::batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+//   momentum, ...) -> out: the forward op; in training with running statistics, the update
+//   running = (1 - momentum) * running + momentum * batch (the unbiased batch variance) in place, as
+//   BatchNorm1d does it; backward is the backward op.
+// `triton` picks the kernels: the C++ ops (CPU tensors) or the Triton ones (registered from Python).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace fusedops {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using MaybeTensor = std::optional<Tensor>;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const std::string& name, bool triton) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(("fusedops::" + name + (triton ? "_triton" : "")).c_str(), "")
+      .typed<Signature>();
+}
+
+using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const MaybeTensor&, const MaybeTensor&,
+                                                           const MaybeTensor&, const MaybeTensor&, bool, bool, double);
+using Backward = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                    const MaybeTensor&, bool, bool);
+
+// out, mean (fp64), invstd of the forward op. In training with running statistics, num_batches_tracked
+// (if given) counts the batch, and running = running + w * (batch - running) with w = momentum, or
+// 1 / num_batches_tracked when momentum is None (the cumulative average).
+std::tuple<Tensor, Tensor, Tensor> forward_and_update(const Tensor& input, const MaybeTensor& weight,
+                                                      const MaybeTensor& bias, const MaybeTensor& running_mean,
+                                                      const MaybeTensor& running_var,
+                                                      const MaybeTensor& num_batches_tracked, bool training,
+                                                      std::optional<double> momentum, bool unbiased, double eps,
+                                                      bool triton) {
+  static const auto forward_cpp = find_op<Forward>("batch_norm_forward", false);
+  const auto op = triton ? find_op<Forward>("batch_norm_forward", true) : forward_cpp;
+  const bool update = training && running_mean.has_value();
+  TORCH_CHECK_VALUE(!update || momentum.has_value() || num_batches_tracked.has_value(),
+                    "batch_norm: momentum=None (the cumulative average) needs num_batches_tracked");
+  const MaybeTensor none;
+  auto [out, mean, invstd, var] = op.call(input, weight, bias, training ? none : running_mean,
+                                          training ? none : running_var, training, unbiased, eps);
+  if (update) {
+    if (num_batches_tracked.has_value()) num_batches_tracked->add_(1);
+    const Tensor batch_mean = mean.to(running_mean->scalar_type()), batch_var = var.to(running_var->scalar_type());
+    if (momentum.has_value()) {
+      at::_foreach_lerp_({*running_mean, *running_var}, {batch_mean, batch_var}, *momentum);
+    } else {
+      const Tensor w = 1.0 / num_batches_tracked->to(at::kDouble);
+      running_mean->lerp_(batch_mean, w.to(running_mean->scalar_type()));
+      running_var->lerp_(batch_var, w.to(running_var->scalar_type()));
+    }
+  }
+  return {out, mean, invstd};
+}
+
+struct BatchNorm : public torch::autograd::Function<BatchNorm> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const MaybeTensor& weight, const MaybeTensor& bias,
+                        const MaybeTensor& running_mean, const MaybeTensor& running_var,
+                        const MaybeTensor& num_batches_tracked, bool training, std::optional<double> momentum,
+                        bool unbiased, double eps, bool triton) {
+    Tensor out, mean, invstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, mean, invstd) = forward_and_update(input, weight, bias, running_mean, running_var,
+                                                       num_batches_tracked, training, momentum, unbiased, eps, triton);
+    }
+    if (training && running_mean.has_value()) {  // written in place: autograd sees the writes
+      for (const MaybeTensor& t : {running_mean, running_var, num_batches_tracked}) {
+        if (t.has_value()) torch::autograd::increment_version(*t);
+      }
+    }
+    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["unbiased"] = unbiased;
+    ctx->saved_data["triton"] = triton;
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? c10::IValue(bias->scalar_type()) : c10::IValue();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &weight = saved[1];
+    const bool triton = ctx->saved_data["triton"].toBool();
+    static const auto backward_cpp = find_op<Backward>("batch_norm_backward", false);
+    const auto op = triton ? find_op<Backward>("batch_norm_backward", true) : backward_cpp;
+    auto [grad_input, grad_weight, grad_bias] =
+        op.call(grad_outputs[0], input, saved[2], saved[3], weight.defined() ? MaybeTensor(weight) : MaybeTensor(),
+                ctx->saved_data["training"].toBool(), ctx->saved_data["unbiased"].toBool());
+    // the inputs' autograd edges: input, then weight and bias when given (running stats need none)
+    const c10::IValue& bias_dtype = ctx->saved_data["bias_dtype"];
+    const size_t bias_edge = weight.defined() ? 2 : 1;
+    return {ctx->needs_input_grad(0) ? grad_input : Tensor(),
+            weight.defined() && ctx->needs_input_grad(1) ? grad_weight.to(weight.scalar_type()) : Tensor(),
+            !bias_dtype.isNone() && ctx->needs_input_grad(bias_edge) ? grad_bias.to(bias_dtype.toScalarType())
+                                                                     : Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor batch_norm(const Tensor& input, const MaybeTensor& weight, const MaybeTensor& bias,
+                  const MaybeTensor& running_mean, const MaybeTensor& running_var,
+                  const MaybeTensor& num_batches_tracked, bool training, std::optional<double> momentum,
+                  bool unbiased, double eps, bool triton) {
+  return BatchNorm::apply(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
+                          unbiased, eps, triton);
+}
+
+// Below autograd (inference tensors): the output alone.
+Tensor batch_norm_output(const Tensor& input, const MaybeTensor& weight, const MaybeTensor& bias,
+                         const MaybeTensor& running_mean, const MaybeTensor& running_var,
+                         const MaybeTensor& num_batches_tracked, bool training, std::optional<double> momentum,
+                         bool unbiased, double eps, bool triton) {
+  return std::get<0>(forward_and_update(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                                        momentum, unbiased, eps, triton));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fusedops, m) {
+  m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor(c!)? num_batches_tracked, bool training, float? momentum, bool unbiased, float eps, bool triton) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fusedops, Autograd, m) { m.impl("batch_norm", &batch_norm); }
+
+TORCH_LIBRARY_IMPL(fusedops, CompositeExplicitAutograd, m) { m.impl("batch_norm", &batch_norm_output); }
+
+}  // namespace fusedops
