@@ -86,9 +86,11 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
       continue;
     }
     const acc_t xt = static_cast<acc_t>(x[t]);  // read before an in-place write overwrites it
-    // pass 1, block by block: online max M and sum of exp, s = s * exp(M - M') + sum(exp(x - M'))
-    Vec s(0), sx(0);
-    acc_t M = lowest, s_tail = 0, sx_tail = 0;
+    // pass 1, block by block: online max M and sum of exp, s = s * exp(M - M') + sum(exp(x - M')),
+    // compensated (Kahan: c keeps what each addition to s rounded off), its lanes added up in double
+    Vec s(0), c(0), sx(0);
+    acc_t M = lowest, sx_tail = 0;
+    double s_tail = 0;
     for (int64_t b0 = 0; b0 < V; b0 += B) {
       const int64_t b1 = std::min(b0 + B, V);
       int64_t j = b0;
@@ -97,7 +99,9 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
       acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return at::vec::maximum(u, v); }, vm);
       for (; j < b1; ++j) m = nan_max(m, static_cast<acc_t>(x[j]));
       if (m > M || std::isnan(m)) {
-        s = s * Vec(std::exp(M - m));
+        const Vec rescale(std::exp(M - m));
+        s = s * rescale;
+        c = c * rescale;
         M = m;
       }
       block_max[b0 / B] = M;
@@ -106,7 +110,9 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
         const Vec v = load_acc<acc_t>(x + j);
         const Vec ev = (v - vM).exp();
         ev.store(e.data() + j);
-        s = s + ev;
+        const Vec y = ev - c, sum = s + y;
+        c = (sum - s) - y;
+        s = sum;
         sx = sx + v;
       }
       for (; j < b1; ++j) {  // only in the last block: no rescale follows
@@ -116,11 +122,17 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
         sx_tail += v;
       }
     }
-    const acc_t S = at::vec::vec_reduce_all<acc_t>(add, s) + s_tail;
+    alignas(64) acc_t s_lanes[W], c_lanes[W];
+    s.store(s_lanes);
+    c.store(c_lanes);
+    for (int64_t k = 0; k < W; ++k) s_tail += static_cast<double>(s_lanes[k]) - c_lanes[k];
+    const acc_t S = s_tail;
     const acc_t SX = at::vec::vec_reduce_all<acc_t>(add, sx) + sx_tail;
-    const acc_t lse = M + std::log(S);
-    row_loss[i] = lse - keep * xt - (eps > 0 ? smooth * SX : acc_t(0));  // skip 0 * (-inf)
+    // loss = (1-eps) * (M - x[t]) + log(S) + eps/V * (V*M - sum(x)): no M + log(S) rounded before
+    // M cancels, and M - x[t] is exact when x[t] is near the max
+    row_loss[i] = keep * (M - xt) + std::log(S) + (eps > 0 ? smooth * (V * M - SX) : acc_t(0));  // skip 0 * (-inf)
     // pass 2: p = e * exp(m_b - M) / S; grad = (p - eps/V) * scale, and the sum of p off the target
+    const acc_t p_t = e[t] * (std::exp(block_max[t / B] - M) / S);
     e[t] = 0;
     Vec others(0);
     acc_t others_tail = 0;
@@ -141,9 +153,10 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
         others_tail += p;
       }
     }
-    // target column: softmax_t - 1 = -(sum of the others), exact even when softmax_t rounds to 1
+    // target column: softmax_t - 1, as -(sum of the others) when softmax_t > 1/2 (exact even when
+    // softmax_t rounds to 1), else directly (where the sum of the others would cancel)
     const acc_t p_others = at::vec::vec_reduce_all<acc_t>(add, others) + others_tail;
-    g[t] = static_cast<scalar_t>((eps - smooth - p_others) * scale);
+    g[t] = static_cast<scalar_t>((p_t > acc_t(0.5) ? eps - smooth - p_others : p_t - smooth - keep) * scale);
   }
 }
 

@@ -36,7 +36,7 @@ def _forward_inplace_triton(logits: Tensor, target: Tensor, reduction: int, igno
 
 
 def _check_target_range(target, num_classes, ignore_index):
-    """The C++ kernel checks this itself; here for the Triton kernel, before it writes anything."""
+    """The C++ kernel checks this itself; here for the Triton kernel and the reference, before they write."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bad.any():
         i = int(bad.nonzero()[0, 0])
@@ -76,7 +76,7 @@ def cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, label_
     logits' values are gone after the call. backend: None (C++ on CPU, Triton on CUDA), "cpp",
     "triton" or "reference" (the chunked reference, differentiated by autograd).
     """
-    _check_args(logits, target, reduction, label_smoothing)
+    _check_args(logits, target, reduction, ignore_index, label_smoothing)
     code = REDUCTIONS[reduction]
     backend = pick_backend(backend, logits)
     out_shape = target.shape
@@ -86,13 +86,14 @@ def cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, label_
         if inplace_backward:
             raise ValueError(f"inplace_backward=True needs 1-D or 2-D logits, got shape {tuple(logits.shape)}")
         logits, target = logits.movedim(1, -1).reshape(-1, logits.shape[1]), target.reshape(-1)
-    if backend == "reference":
+    inplace = inplace_backward and logits.requires_grad and torch.is_grad_enabled()
+    if inplace:
+        _check_inplace(logits)
+    if backend == "reference":  # differentiated by autograd, never in place
+        _check_target_range(target, logits.shape[1], ignore_index)  # the kernels' own check and error
         loss = reference.cross_entropy(logits, target, reduction, ignore_index, label_smoothing)
     else:
-        inplace = inplace_backward and logits.requires_grad and torch.is_grad_enabled()
-        if inplace:
-            _check_inplace(logits)
-        elif logits.stride(1) != 1:
+        if not inplace and logits.stride(1) != 1:
             logits = logits.contiguous()
         # the loss and its gradient from one pass, autograd in C++ (csrc/cross_entropy_autograd.cpp)
         op = torch.ops.fusedops.cross_entropy_inplace if inplace else torch.ops.fusedops.cross_entropy
@@ -108,7 +109,7 @@ def _check_inplace(logits):
                          f"that do not overlap, got shape {tuple(logits.shape)} and strides {logits.stride()}")
 
 
-def _check_args(logits, target, reduction, label_smoothing):
+def _check_args(logits, target, reduction, ignore_index, label_smoothing):
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(f"cross_entropy: logits must be a floating-point tensor, got "
                         f"{getattr(logits, 'dtype', type(logits))}")
@@ -125,6 +126,10 @@ def _check_args(logits, target, reduction, label_smoothing):
                          f"{tuple(logits.shape)} need {tuple(expected)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
+        raise TypeError(f"cross_entropy: ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"cross_entropy: label_smoothing must be a float, got {label_smoothing!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
 

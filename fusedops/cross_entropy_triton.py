@@ -38,11 +38,11 @@ def _forward_kernel(x_ptr, x_stride, t_ptr, g_ptr, g_stride, loss_ptr, count_ptr
         s = s * tl.where(m == m_new, 1.0, tl.exp(m - m_new)) + tl.sum(e, 0)
         sx += tl.sum(tl.where(mask, x, 0.0), 0)
         m = m_new
-    lse = m + tl.log(s)
     smooth = eps / V
     keep = 1.0 - eps
     # loss = logsumexp(x) - (1-eps) * x[t] - eps/V * sum(x)   (the last term skipped when eps = 0)
-    loss = lse - keep * xt - tl.where(eps > 0, smooth * sx, 0.0)
+    #      = (1-eps) * (m - x[t]) + log(s) + eps/V * (V*m - sum(x)): m - x[t] exact near the max
+    loss = keep * (m - xt) + tl.log(s) + tl.where(eps > 0, smooth * (V * m - sx), 0.0)
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
     scale = 1.0
     if IS_MEAN:
@@ -60,8 +60,10 @@ def _forward_kernel(x_ptr, x_stride, t_ptr, g_ptr, g_stride, loss_ptr, count_ptr
         others += tl.sum(tl.where(off_target, p, 0.0), 0)
         g = tl.where(ignored, 0.0, (p - smooth) * scale)
         tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=off_target)
-    # target column: softmax_t - 1 = -(sum of the others), exact even when softmax_t rounds to 1
-    g_t = (eps - smooth - others) * scale
+    # target column: softmax_t - 1, as -(sum of the others) when softmax_t > 1/2 (exact even when
+    # softmax_t rounds to 1), else directly (where the sum of the others would cancel)
+    p_t = tl.exp(xt - m) * inv
+    g_t = tl.where(p_t > 0.5, eps - smooth - others, p_t - smooth - keep) * scale
     tl.store(g_row + t_col, g_t.to(g_ptr.dtype.element_ty), mask=~ignored)
 
 
