@@ -88,6 +88,13 @@ void mean_and_m2(const T* x, const Tiles& t, double* mean, double* m2) {
     }
     count = total;
   }
+  // an infinite value makes Welford's mean NaN (inf - inf); the plain mean keeps +-inf, as PyTorch
+  for (int64_t c = 0; c < t.cols; ++c) {
+    if (std::isfinite(mean[c])) continue;
+    double sum = 0;
+    for (int64_t r = 0; r < t.rows; ++r) sum += x[r * t.cols + c];
+    mean[c] = sum / t.rows;
+  }
 }
 
 // S column sums of term(r, c) (S doubles for row r, column c) over all rows: S * cols fp64, sum s
@@ -260,6 +267,12 @@ void grad_input(const T* px, const T* pdy, const double* pmean, const T* pinvstd
       k2[c] = static_cast<T>(-gamma_invstd * invstd * invstd * sum_dy_xmu * f / n);
       k3[c] = static_cast<T>(-gamma_invstd * sum_dy / n);
     }
+  }
+  if (n == 0) {  // eval: dx = k1 * dy alone, as 0 * (x - mean) would be NaN for x = inf
+    for_each_row(pdx, R, C, [&](int64_t r, int64_t j, int64_t len) {
+      return Vec::loadu(k1.data() + j, len) * Vec::loadu(pdy + r * C + j, len);
+    });
+    return;
   }
   const SplitMean<T> m(pmean, C);
   for_each_row(pdx, R, C, [&](int64_t r, int64_t j, int64_t len) {

@@ -117,10 +117,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     of the biased one (PyTorch). backend: None (C++ on CPU, Triton on CUDA), "cpp", "triton" or
     "reference" (the chunked reference, differentiated by autograd).
     """
-    _check_args(input, running_mean, running_var, weight, bias, training, eps)
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise TypeError(f"batch_norm: momentum must be a float, got {momentum!r} (momentum=None, the "
-                        "cumulative average, needs the batch count that BatchNorm1d keeps)")
+    if momentum is None:
+        raise TypeError("batch_norm: momentum must be a float, got None (momentum=None, the cumulative average, "
+                        "needs the batch count that BatchNorm1d keeps)")
+    _check_args(input, running_mean, running_var, weight, bias, training, eps, momentum=momentum)
     backend = pick_backend(backend, input)
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend)
 
@@ -144,8 +144,9 @@ def update_running_stats(running_mean, running_var, mean, var, momentum):
                          momentum)
 
 
-def _check_args(input, running_mean, running_var, weight, bias, training, eps, min_values=2):
-    """min_values: the values per channel that training needs here (SyncBatchNorm counts all processes')."""
+def _check_args(input, running_mean, running_var, weight, bias, training, eps, min_values=2, momentum=None):
+    """min_values: the values per channel that training needs here (SyncBatchNorm counts all processes').
+    momentum: a float in [0, 1], or None (the cumulative average)."""
     if not isinstance(input, Tensor) or input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"batch_norm: input must be a float16, bfloat16, float32 or float64 tensor, got "
                         f"{getattr(input, 'dtype', type(input))}")
@@ -153,6 +154,8 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps, m
         raise ValueError(f"batch_norm: input must be (N, C) or (N, C, L), got {input.dim()}-D input of shape "
                          f"{tuple(input.shape)}")
     channels = input.shape[1]
+    if channels == 0:
+        raise ValueError(f"batch_norm: input must have at least one channel, got shape {tuple(input.shape)}")
     # per-channel tensors: the input's dtype, or float32 for float16/bfloat16 input (mixed precision)
     dtypes = (input.dtype,) if input.dtype in (torch.float32, torch.float64) else (input.dtype, torch.float32)
     named = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
@@ -179,8 +182,17 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps, m
     if training and values_per_channel < min_values:
         raise ValueError("batch_norm: expected more than 1 value per channel when training, got input of shape "
                          f"{tuple(input.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+    if not isinstance(training, bool):
+        raise TypeError(f"batch_norm: training must be a bool, got {training!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"batch_norm: eps must be a float, got {eps!r}")
+    if not eps >= 0:
         raise ValueError(f"batch_norm: eps must be a non-negative number, got {eps!r}")
+    if momentum is not None:
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+            raise TypeError(f"batch_norm: momentum must be a float, got {momentum!r}")
+        if not 0 <= momentum <= 1:  # running = (1 - momentum) * running + momentum * batch
+            raise ValueError(f"batch_norm: momentum must be in [0, 1], got {momentum!r}")
 
 
 class BatchNorm1d(_BatchNorm):
@@ -201,18 +213,18 @@ class BatchNorm1d(_BatchNorm):
 
     def forward(self, input):
         self._check_input_dim(input)
-        use_batch_stats = self.training or self.running_mean is None
-        # in training without tracked statistics (track_running_stats=False), nothing to update
-        keep_stats = not self.training or self.track_running_stats
-        running_mean = self.running_mean if keep_stats else None
-        running_var = self.running_var if keep_stats else None
-        _check_args(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, self.eps)
+        training, weight, bias = self.training, self.weight, self.bias  # each module attribute read once
+        running_mean, running_var = self.running_mean, self.running_var
+        use_batch_stats = training or running_mean is None
+        if training and not self.track_running_stats:  # batch statistics, nothing to update
+            running_mean = running_var = None
+        _check_args(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps, momentum=self.momentum)
         backend = pick_backend(self.backend, input)
         if backend == "reference":
-            return _batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
-                               self.count_batch() if self.training else 0.0, self.eps, self.unbiased, backend)
-        counter = self.num_batches_tracked if self.training and self.track_running_stats else None
-        return _batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, self.momentum,
+            return _batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats,
+                               self.count_batch() if training else 0.0, self.eps, self.unbiased, backend)
+        counter = self.num_batches_tracked if training and running_mean is not None else None
+        return _batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, self.momentum,
                            self.eps, self.unbiased, backend, counter)  # the op counts the batch
 
     def count_batch(self):

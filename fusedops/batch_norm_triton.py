@@ -50,7 +50,7 @@ def _mean_hi_lo(mean_ptr, cols, cmask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, R, C, L, sx_n, sx_c, sx_l, rows_per_split,
+def _stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, sum_part_ptr, R, C, L, sx_n, sx_c, sx_l, rows_per_split,
                   ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     cols, cmask, row0, row1 = _program_tiles(R, C, rows_per_split, BLOCK_C)
     # shifted by row 0, x - shift is exact when |mean| >> std and the sums stay small
@@ -58,12 +58,14 @@ def _stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, R, C, L, sx_n, sx_c, sx_l, 
     count = tl.zeros((), ACC)
     mean = tl.zeros((BLOCK_C,), ACC)
     m2 = tl.zeros((BLOCK_C,), ACC)
+    total = tl.zeros((BLOCK_C,), ACC)  # the plain sum, for a channel that holds an infinity
     for start in range(row0, row1, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         rmask = rows < row1
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(x_ptr + _offsets(rows, cols, L, sx_n, sx_c, sx_l), mask=mask, other=0.0).to(ACC)
         d = tl.where(mask, x - shift[None, :], 0.0)
+        total += tl.sum(x, 0)
         n_tile = tl.sum(rmask.to(ACC), 0)
         mean_tile = tl.sum(d, 0) / n_tile
         dev = tl.where(mask, d - mean_tile[None, :], 0.0)
@@ -72,10 +74,11 @@ def _stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, R, C, L, sx_n, sx_c, sx_l, 
     part = tl.program_id(0).to(tl.int64) * C + cols
     tl.store(mean_part_ptr + part, mean, mask=cmask)
     tl.store(m2_part_ptr + part, m2, mask=cmask)
+    tl.store(sum_part_ptr + part, total, mask=cmask)
 
 
 @triton.jit
-def _stats_merge_kernel(x_ptr, sx_c, mean_part_ptr, m2_part_ptr, mean_ptr, m2_ptr, invstd_ptr, var_ptr, R, C,
+def _stats_merge_kernel(x_ptr, sx_c, mean_part_ptr, m2_part_ptr, sum_part_ptr, mean_ptr, m2_ptr, invstd_ptr, var_ptr, R, C,
                         splits, rows_per_split, eps, UNBIASED: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -83,18 +86,24 @@ def _stats_merge_kernel(x_ptr, sx_c, mean_part_ptr, m2_part_ptr, mean_ptr, m2_pt
     count = tl.zeros((), ACC)
     mean = tl.zeros((BLOCK_C,), ACC)
     m2 = tl.zeros((BLOCK_C,), ACC)
+    total = tl.zeros((BLOCK_C,), ACC)
     row0 = tl.zeros((), tl.int64)
-    mean_parts, m2_parts = mean_part_ptr + cols, m2_part_ptr + cols
+    mean_parts, m2_parts, sum_parts = mean_part_ptr + cols, m2_part_ptr + cols, sum_part_ptr + cols
     for _ in range(0, splits):
         n_split = (tl.minimum(row0 + rows_per_split, R) - row0).to(ACC)
         mean_split = tl.load(mean_parts, mask=cmask, other=0.0)
         m2_split = tl.load(m2_parts, mask=cmask, other=0.0)
         count, mean, m2 = _chan_merge(count, mean, m2, n_split, mean_split, m2_split)
+        total += tl.load(sum_parts, mask=cmask, other=0.0)
         row0 += rows_per_split
         mean_parts += C
         m2_parts += C
+        sum_parts += C
     shift = tl.load(x_ptr + cols * sx_c, mask=cmask, other=0.0).to(ACC)
-    tl.store(mean_ptr + cols, shift.to(tl.float64) + mean.to(tl.float64), mask=cmask)  # x_0 + mean(x - x_0)
+    mean64 = shift.to(tl.float64) + mean.to(tl.float64)  # x_0 + mean(x - x_0)
+    # an infinite value makes the shifted mean NaN (inf - inf); the plain mean keeps +-inf, as PyTorch
+    finite = tl.abs(mean64) < float("inf")
+    tl.store(mean_ptr + cols, tl.where(finite, mean64, total.to(tl.float64) / R), mask=cmask)
     tl.store(m2_ptr + cols, m2.to(tl.float64), mask=cmask)
     var = m2 / tl.maximum(R - 1, 1)  # running_var always takes the unbiased variance (R > 1 when training)
     tl.store(var_ptr + cols, var, mask=cmask)
@@ -183,8 +192,8 @@ def _grad_merge_kernel(dy_part_ptr, dyx_part_ptr, invstd_ptr, w_ptr, dw_ptr, db_
 
 @triton.jit
 def _grad_input_kernel(dy_ptr, x_ptr, mean_ptr, coef_ptr, dx_ptr, R, C, L, sd_n, sd_c, sd_l, sx_n, sx_c, sx_l,
-                       so_n, so_c, so_l, rows_per_split, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+                       so_n, so_c, so_l, rows_per_split, TRAINING: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     cols, cmask, row0, row1 = _program_tiles(R, C, rows_per_split, BLOCK_C)
     hi, lo = _mean_hi_lo(mean_ptr, cols, cmask, ACC)
     k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0)
@@ -195,7 +204,9 @@ def _grad_input_kernel(dy_ptr, x_ptr, mean_ptr, coef_ptr, dx_ptr, R, C, L, sd_n,
         mask = (rows < row1)[:, None] & cmask[None, :]
         dy = tl.load(dy_ptr + _offsets(rows, cols, L, sd_n, sd_c, sd_l), mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + _offsets(rows, cols, L, sx_n, sx_c, sx_l), mask=mask, other=0.0).to(ACC)
-        dx = k1[None, :] * dy + k2[None, :] * ((x - hi[None, :]) - lo[None, :]) + k3[None, :]
+        dx = k1[None, :] * dy
+        if TRAINING:  # eval: the statistics are constants, and 0 * (x - mean) would be NaN for x = inf
+            dx += k2[None, :] * ((x - hi[None, :]) - lo[None, :]) + k3[None, :]
         tl.store(dx_ptr + _offsets(rows, cols, L, so_n, so_c, so_l), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -216,6 +227,11 @@ def _as_3d(t):
     return t if t.dim() == 3 else t.unsqueeze(2)
 
 
+def _per_channel(*tensors):
+    """Per-channel tensors as the kernels read them: contiguous (None stays None)."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -228,10 +244,10 @@ def _batch_stats(x, eps, unbiased):
     invstd, var = (torch.empty(C, dtype=acc, device=x.device) for _ in range(2))
     if R > 0 and C > 0:
         g = _grid(R, C)
-        mean_part, m2_part = torch.empty((2, g.splits, C), dtype=acc, device=x.device)
-        _stats_kernel[(g.splits, g.channel_blocks)](x, mean_part, m2_part, R, C, L, *x.stride(), g.rows_per_split,
+        mean_part, m2_part, sum_part = torch.empty((3, g.splits, C), dtype=acc, device=x.device)
+        _stats_kernel[(g.splits, g.channel_blocks)](x, mean_part, m2_part, sum_part, R, C, L, *x.stride(), g.rows_per_split,
                                                     ACC=_tl_acc(x.dtype), BLOCK_N=g.block_n, BLOCK_C=g.block_c)
-        _stats_merge_kernel[(g.channel_blocks,)](x, x.stride(1), mean_part, m2_part, mean, m2, invstd, var, R, C,
+        _stats_merge_kernel[(g.channel_blocks,)](x, x.stride(1), mean_part, m2_part, sum_part, mean, m2, invstd, var, R, C,
                                                  g.splits, g.rows_per_split, eps, UNBIASED=unbiased,
                                                  ACC=_tl_acc(x.dtype), BLOCK_C=g.block_c)
     return mean, m2, invstd, var
@@ -246,6 +262,7 @@ def stats(input):
 def forward(input, weight, bias, running_mean, running_var, training, unbiased, eps):
     """out, mean (fp64), invstd, var, as the C++ op batch_norm_forward."""
     x = _as_3d(input)
+    weight, bias = _per_channel(weight, bias)
     N, C, L = x.shape
     out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     if training:
@@ -284,13 +301,15 @@ def _grad_input(dy, x, mean, invstd, weight, dy_parts, dyx_parts, count, trainin
                                             HAS_WEIGHT=weight is not None, ACC=_tl_acc(x.dtype), BLOCK_C=g.block_c)
     _grad_input_kernel[(g.splits, g.channel_blocks)](dy, x, mean, coef, grad_input, N * L, C, L, *dy.stride(),
                                                      *x.stride(), *_as_3d(grad_input).stride(), g.rows_per_split,
-                                                     ACC=_tl_acc(x.dtype), BLOCK_N=g.block_n, BLOCK_C=g.block_c)
+                                                     TRAINING=training, ACC=_tl_acc(x.dtype), BLOCK_N=g.block_n,
+                                                     BLOCK_C=g.block_c)
     return grad_weight, grad_bias
 
 
 def backward(grad_out, input, mean, invstd, weight, training, unbiased):
     """grad_input, grad_weight, grad_bias, as the C++ op batch_norm_backward."""
     x, dy = _as_3d(input), _as_3d(grad_out)
+    mean, invstd, weight = _per_channel(mean, invstd, weight)
     N, C, L = x.shape
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     if grad_input.numel() == 0:
@@ -305,6 +324,7 @@ def backward(grad_out, input, mean, invstd, weight, training, unbiased):
 def backward_reduce(grad_out, input, mean):
     """sum(dy) and sum(dy * (x - mean)) (fp64), as the C++ op batch_norm_backward_reduce."""
     x, dy = _as_3d(input), _as_3d(grad_out)
+    (mean,) = _per_channel(mean)
     N, C, L = x.shape
     if N * L == 0 or C == 0:
         return tuple(torch.zeros(C, dtype=torch.float64, device=input.device) for _ in range(2))
@@ -315,6 +335,7 @@ def backward_reduce(grad_out, input, mean):
 def backward_elemt(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count, unbiased):
     """grad_input from the sums over all processes, as the C++ op batch_norm_backward_elemt."""
     x, dy = _as_3d(input), _as_3d(grad_out)
+    mean, invstd, weight = _per_channel(mean, invstd, weight)
     N, C, L = x.shape
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     if grad_input.numel() > 0:

@@ -101,7 +101,7 @@ class SyncBatchNorm(BatchNorm1d):
             return super().forward(input)
         self._check_input_dim(input)
         _check_args(input, self.running_mean, self.running_var, self.weight, self.bias, True, self.eps,
-                    min_values=0)  # the count that matters is the global one
+                    min_values=0, momentum=self.momentum)  # the count that matters is the global one
         backend = pick_backend(self.backend, input)
         if backend == "reference":
             raise ValueError("SyncBatchNorm runs the fused kernels: backend='reference' has none")
