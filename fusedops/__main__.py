@@ -158,6 +158,15 @@ def bench(args):
     return 0
 
 
+def fidelity(args):
+    """The largest relative error of fusedops and of PyTorch eager against float64, per op, inputs,
+    quantity and dtype (see fusedops/fidelity.py)."""
+    from fusedops import fidelity as measure
+
+    measure.print_table(args.backend)
+    return 0
+
+
 def print_runs(runs, compare):
     names = list(runs)
     print("\n" + " " * 16 + "".join(f"{n:>14s}" for n in names))
@@ -238,6 +247,11 @@ def build_parser():
                               help="seconds per measurement (default: 0.5, 0.05 with --quick)")
     bench_parser.add_argument("--data", default=default_data_path(), help="names for --op train")
     bench_parser.set_defaults(run=bench)
+
+    fidelity_parser = commands.add_parser("fidelity", help="errors of fusedops and PyTorch against float64",
+                                          description=fidelity.__doc__)
+    fidelity_parser.add_argument("--backend", choices=("cpp", "triton", "reference"), default=None)
+    fidelity_parser.set_defaults(run=fidelity)
     return parser
 
 

@@ -13,6 +13,33 @@ if not torch.cuda.is_available():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def loss_and_grad(fn, logits, target, grad_output=None, **kwargs):
+    """fn(logits, target, **kwargs) and d(loss . grad_output)/dlogits on a fresh leaf."""
+    x = logits.detach().clone().requires_grad_()
+    loss = fn(x, target, **kwargs)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), x.grad
+
+
+def forward_and_grads(fn, x, params, grad_out):
+    """fn(x, *params) and the gradients of <fn(x, *params), grad_out> w.r.t. x and every param,
+    all on fresh leaves (None for a None param)."""
+    x = x.detach().clone().requires_grad_()
+    params = [None if p is None else p.detach().clone().requires_grad_() for p in params]
+    y = fn(x, *params)
+    leaves = [x] + [p for p in params if p is not None]
+    grads = iter(torch.autograd.grad(y, leaves, grad_out))
+    return y.detach(), [next(grads)] + [None if p is None else next(grads) for p in params]
+
+
+def assert_all_close(actual, expected, **tol):
+    for a, e in zip(actual, expected, strict=True):
+        if e is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, e, **tol)
+
+
 @pytest.fixture(scope="session")
 def names():
     """The words of names.txt."""

@@ -1,0 +1,85 @@
+"""Numerical fidelity: the largest relative error of fusedops and of PyTorch eager against a float64
+computation of the same inputs. `python -m fusedops fidelity` prints the table.
+
+The relative error of one sample's values (cross-entropy) or one channel's (batch norm) is
+max|actual - exact| / max|exact|; a row of the table gives the largest over samples or channels.
+"""
+import torch
+import torch.nn.functional as F
+
+import fusedops
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CE_QUANTITIES = ("loss", "dlogits")
+BN_QUANTITIES = ("out", "dx", "dgamma", "dbeta")
+
+
+def relative_error(actual, exact, dim=None):
+    """max|actual - exact| / max|exact| within each slice that reduces `dim` (each element if None), the
+    largest over slices; 0 where both are 0."""
+    diff, scale = (actual.double() - exact).abs(), exact.abs()
+    if dim is not None:
+        diff, scale = diff.amax(dim), scale.amax(dim)
+    return torch.where(diff == 0, 0.0, diff / scale).max().item()
+
+
+def cross_entropy_inputs(case, N=64, V=300, seed=0):
+    """float64 logits and targets; "confident": the target logit 20 above the row's max (softmax_t rounds to 1)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 4
+    target = torch.randint(0, V, (N,), generator=g)
+    if case == "confident":
+        logits[torch.arange(N), target] = logits.max(1).values + 20
+    return logits, target
+
+
+def batch_norm_inputs(case, N=200, C=12, seed=0):
+    """float64 input, weight, bias and upstream gradient; "shifted": input of mean 100 and std 1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, generator=g, dtype=torch.float64) + (100 if case == "shifted" else 0)
+    weight = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    bias, dy = torch.randn(C, generator=g, dtype=torch.float64), torch.randn(N, C, generator=g, dtype=torch.float64)
+    return x, weight, bias, dy
+
+
+def cross_entropy_results(fn, logits, target):
+    """{quantity: (values, dim of a sample's values)}: per-sample losses and the gradient of their mean."""
+    x = logits.detach().clone().requires_grad_()
+    fn(x, target).backward()
+    return {"loss": (fn(logits, target, reduction="none"), None), "dlogits": (x.grad, 1)}
+
+
+def batch_norm_results(fn, x, weight, bias, dy):
+    """{quantity: (values, dim of a channel's values)}: training-mode output and every gradient."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    out = fn(leaves[0], None, None, leaves[1], leaves[2], training=True)
+    dx, dgamma, dbeta = torch.autograd.grad(out, leaves, dy)
+    return {"out": (out, 0), "dx": (dx, 0), "dgamma": (dgamma, None), "dbeta": (dbeta, None)}
+
+
+def table(backend=None):
+    """Rows (op, inputs, quantity, dtype, fusedops error, PyTorch error) against float64."""
+    ce = lambda x, t, **kw: fusedops.cross_entropy(x, t, backend=backend, **kw)
+    bn = lambda *args, **kw: fusedops.batch_norm(*args, backend=backend, **kw)
+    ops = [("cross_entropy", ("random", "confident"), cross_entropy_inputs, cross_entropy_results, ce,
+            F.cross_entropy),
+           ("batch_norm", ("random", "shifted"), batch_norm_inputs, batch_norm_results, bn, F.batch_norm)]
+    rows = []
+    for op, cases, make_inputs, results, fused, eager in ops:
+        for case in cases:
+            inputs = make_inputs(case)
+            for dtype in DTYPES:
+                # the same inputs for all three: rounded to dtype, then exactly widened to float64
+                rounded = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+                exact = results(eager, *[t.double() if t.is_floating_point() else t for t in rounded])
+                ours, theirs = results(fused, *rounded), results(eager, *rounded)
+                for quantity, (e, dim) in exact.items():
+                    errors = (relative_error(r[quantity][0], e, dim) for r in (ours, theirs))
+                    rows.append((op, case, quantity, str(dtype).removeprefix("torch."), *errors))
+    return rows
+
+
+def print_table(backend=None):
+    print("| op | inputs | quantity | dtype | fusedops | PyTorch |\n| --- | --- | --- | --- | --- | --- |")
+    for op, case, quantity, dtype, ours, theirs in table(backend):
+        print(f"| {op} | {case} | {quantity} | {dtype} | {ours:.2e} | {theirs:.2e} |")
