@@ -12,6 +12,8 @@
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
+#include "find_op.h"
+
 #include <algorithm>
 #include <iterator>
 #include <optional>
@@ -25,12 +27,6 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using MaybeTensor = std::optional<Tensor>;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const std::string& name, bool triton) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(("fusedops::" + name + (triton ? "_triton" : "")).c_str(), "")
-      .typed<Signature>();
-}
 
 using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const MaybeTensor&, const MaybeTensor&,
                                                            const MaybeTensor&, const MaybeTensor&, bool, bool, double);

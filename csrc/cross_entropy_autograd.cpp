@@ -9,6 +9,8 @@
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
+#include "find_op.h"
+
 #include <string>
 #include <tuple>
 
@@ -18,12 +20,6 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const std::string& name, bool triton) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(("fusedops::" + name + (triton ? "_triton" : "")).c_str(), "")
-      .typed<Signature>();
-}
 
 // (loss, gradient of the logits) of the forward op, or (loss, logits) of the in-place one.
 std::tuple<Tensor, Tensor> loss_and_grad(Tensor logits, const Tensor& target, int64_t reduction,
