@@ -4,9 +4,10 @@ The input is read as rows r = (n, l) of C channels through its strides, so (N, C
 non-contiguous input need no copy. Programs own tiles of BLOCK_N rows x BLOCK_C channels (C on the
 fast axis). A reduction splits the rows into a fixed number of slices, one program per slice and
 block of channels writing its partial result; a small kernel merges the partials in slice order
-(deterministic, no atomics), and an elementwise kernel uses them. Math in fp32 (fp64 for fp64
-input), offsets in int64. The mean is kept in fp64 and applied as two floats, hi + lo; the
-gradient sums leave each program in fp64 (one conversion per program) and are merged in fp64.
+(deterministic, no atomics), and an elementwise kernel uses them. Elementwise math in fp32 (fp64
+for fp64 input), offsets in int64. The statistics and sum(dy * (x - mean)) are accumulated in fp64,
+as in the C++ kernels; the mean is applied as two floats, hi + lo; sum(dy) leaves each program in
+fp64 and every merge is in fp64.
 """
 import collections
 
@@ -132,7 +133,7 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, R, C, L,
         rows = start + tl.arange(0, BLOCK_N)
         mask = (rows < row1)[:, None] & cmask[None, :]
         x = tl.load(x_ptr + _offsets(rows, cols, L, sx_n, sx_c, sx_l), mask=mask, other=0.0).to(ACC)
-        y = ((x - hi[None, :]) - lo[None, :]) * a[None, :] + beta[None, :]  # y = (x - mean) * a + beta
+        y = tl.fma((x - hi[None, :]) - lo[None, :], a[None, :], beta[None, :])  # y = (x - mean) * a + beta
         tl.store(y_ptr + _offsets(rows, cols, L, sy_n, sy_c, sy_l), y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -143,17 +144,17 @@ def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, dy_part_ptr, dyx_part_ptr, R, C, 
     cols, cmask, row0, row1 = _program_tiles(R, C, rows_per_split, BLOCK_C)
     hi, lo = _mean_hi_lo(mean_ptr, cols, cmask, ACC)
     sum_dy = tl.zeros((BLOCK_N, BLOCK_C), ACC)
-    sum_dyx = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+    sum_dyx = tl.zeros((BLOCK_N, BLOCK_C), tl.float64)  # fp64, as the C++ kernel
     for start in range(row0, row1, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         mask = (rows < row1)[:, None] & cmask[None, :]
         dy = tl.load(dy_ptr + _offsets(rows, cols, L, sd_n, sd_c, sd_l), mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + _offsets(rows, cols, L, sx_n, sx_c, sx_l), mask=mask, other=0.0).to(ACC)
         sum_dy += dy
-        sum_dyx += dy * ((x - hi[None, :]) - lo[None, :])  # dy * (x - mean)
+        sum_dyx += dy.to(tl.float64) * ((x - hi[None, :]) - lo[None, :]).to(tl.float64)  # dy * (x - mean)
     part = tl.program_id(0).to(tl.int64) * C + cols  # the partials in fp64, from here on
     tl.store(dy_part_ptr + part, tl.sum(sum_dy.to(tl.float64), 0), mask=cmask)
-    tl.store(dyx_part_ptr + part, tl.sum(sum_dyx.to(tl.float64), 0), mask=cmask)
+    tl.store(dyx_part_ptr + part, tl.sum(sum_dyx, 0), mask=cmask)
 
 
 @triton.jit
@@ -242,14 +243,15 @@ def _batch_stats(x, eps, unbiased):
     R, acc = N * L, acc_dtype(x.dtype)
     mean, m2 = (torch.zeros(C, dtype=torch.float64, device=x.device) for _ in range(2))
     invstd, var = (torch.empty(C, dtype=acc, device=x.device) for _ in range(2))
-    if R > 0 and C > 0:
+    if R > 0 and C > 0:  # the statistics accumulated in fp64, as the C++ kernel: no less accurate than PyTorch
         g = _grid(R, C)
-        mean_part, m2_part, sum_part = torch.empty((3, g.splits, C), dtype=acc, device=x.device)
-        _stats_kernel[(g.splits, g.channel_blocks)](x, mean_part, m2_part, sum_part, R, C, L, *x.stride(), g.rows_per_split,
-                                                    ACC=_tl_acc(x.dtype), BLOCK_N=g.block_n, BLOCK_C=g.block_c)
-        _stats_merge_kernel[(g.channel_blocks,)](x, x.stride(1), mean_part, m2_part, sum_part, mean, m2, invstd, var, R, C,
-                                                 g.splits, g.rows_per_split, eps, UNBIASED=unbiased,
-                                                 ACC=_tl_acc(x.dtype), BLOCK_C=g.block_c)
+        mean_part, m2_part, sum_part = torch.empty((3, g.splits, C), dtype=torch.float64, device=x.device)
+        _stats_kernel[(g.splits, g.channel_blocks)](x, mean_part, m2_part, sum_part, R, C, L, *x.stride(),
+                                                    g.rows_per_split, ACC=tl.float64, BLOCK_N=g.block_n,
+                                                    BLOCK_C=g.block_c)
+        _stats_merge_kernel[(g.channel_blocks,)](x, x.stride(1), mean_part, m2_part, sum_part, mean, m2, invstd, var,
+                                                 R, C, g.splits, g.rows_per_split, eps, UNBIASED=unbiased,
+                                                 ACC=tl.float64, BLOCK_C=g.block_c)
     return mean, m2, invstd, var
 
 

@@ -207,6 +207,10 @@ def _op_samples(backend):
                                                 (torch.rand(C, generator=g) + 0.5).to(pdtype))
         forward_args = (x, w, b, rm, rv, training, False, 1e-5)
         yield "batch_norm_forward" + suffix, forward_args
+        # the differentiable op (autograd in C++): updates the running statistics given in training
+        stats = (torch.zeros(C, dtype=pdtype), torch.ones(C, dtype=pdtype)) if training else (rm, rv)
+        yield "batch_norm", (x.detach().requires_grad_(dtype != torch.bfloat16), w, b, *stats, torch.zeros((), dtype=torch.int64),
+                             training, None if training else 0.1, True, 1e-5, suffix == "_triton")
         _, mean, invstd, _ = getattr(torch.ops.fusedops, "batch_norm_forward" + suffix)(*forward_args)
         yield "batch_norm_backward" + suffix, (dy, x, mean, invstd, w, training, True)
 

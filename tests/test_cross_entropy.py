@@ -145,13 +145,19 @@ def _op_samples():
         yield torch.randn(N, V, generator=g).to(dtype), target, reduction, -100, smoothing
 
 
-@pytest.mark.parametrize("name", ["cross_entropy_forward", "cross_entropy_forward_triton",
-                                  "cross_entropy_forward_inplace", "cross_entropy_forward_inplace_triton"])
-def test_opcheck(name):
+@pytest.mark.parametrize("name, extra", [
+    ("cross_entropy_forward", ()), ("cross_entropy_forward_triton", ()), ("cross_entropy_forward_inplace", ()),
+    ("cross_entropy_forward_inplace_triton", ()),
+    # the differentiable ops (autograd in C++), on the C++ and the Triton kernels
+    ("cross_entropy", (False,)), ("cross_entropy", (True,)), ("cross_entropy_inplace", (False,)),
+    ("cross_entropy_inplace", (True,))])
+def test_opcheck(name, extra):
     fusedops._backend.load_cpp()
     op = getattr(torch.ops.fusedops, name)
-    for args in _op_samples():
-        torch.library.opcheck(op, args)
+    for logits, *args in _op_samples():
+        if extra and logits.dtype in (torch.float32, torch.float64):  # differentiable: through autograd too
+            logits = logits.requires_grad_() if name == "cross_entropy" else (logits * 1).requires_grad_()
+        torch.library.opcheck(op, (logits, *args, *extra))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
