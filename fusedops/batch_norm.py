@@ -213,8 +213,8 @@ class BatchNorm1d(_BatchNorm):
 
     def forward(self, input):
         self._check_input_dim(input)
-        training, weight, bias = self.training, self.weight, self.bias  # each module attribute read once
-        running_mean, running_var = self.running_mean, self.running_var
+        weight, bias, running_mean, running_var, counter = self._tensors()
+        training = self.training
         use_batch_stats = training or running_mean is None
         if training and not self.track_running_stats:  # batch statistics, nothing to update
             running_mean = running_var = None
@@ -223,9 +223,20 @@ class BatchNorm1d(_BatchNorm):
         if backend == "reference":
             return _batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats,
                                self.count_batch() if training else 0.0, self.eps, self.unbiased, backend)
-        counter = self.num_batches_tracked if training and running_mean is not None else None
+        counter = counter if training and running_mean is not None else None
         return _batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, self.momentum,
                            self.eps, self.unbiased, backend, counter)  # the op counts the batch
+
+    def _tensors(self):
+        """weight, bias, running_mean, running_var, num_batches_tracked. Read from the module's dicts:
+        `self.weight` goes through an AttributeError that nn.Module.__getattr__ catches, which costs
+        more than the kernel at the notebooks' sizes. Attributes as a fallback (a parametrized weight)."""
+        params, buffers = self._parameters, self._buffers
+        try:
+            return (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
+                    buffers["num_batches_tracked"])
+        except KeyError:
+            return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
 
     def count_batch(self):
         """Counts a training batch; returns its weight in the running statistics' update (what the

@@ -234,3 +234,18 @@ def test_compile_fullgraph(backend, compiler, momentum):
         x, dy = torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g)
         assert_all_close(module_step(ours, x, dy, compiled), module_step(theirs, x, dy, lambda x: theirs(x * 2)))
         assert_all_close(list(ours.state_dict().values()), list(theirs.state_dict().values()))
+
+
+def test_module_with_a_parametrized_weight():
+    """A parametrization moves the weight out of the module's parameter dict: it is still used."""
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3)
+    bn = fusedops.BatchNorm1d(3)
+    torch.nn.utils.parametrize.register_parametrization(bn, "weight", Doubled())
+    expected = torch.nn.functional.batch_norm(x, None, None, 2 * bn.parametrizations.weight.original, bn.bias,
+                                              training=True)
+    torch.testing.assert_close(bn(x), expected)
