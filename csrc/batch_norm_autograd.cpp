@@ -91,14 +91,13 @@ std::tuple<Tensor, Tensor, Tensor> forward_and_update(const Tensor& input, const
                                                       const MaybeTensor& num_batches_tracked, bool training,
                                                       std::optional<double> momentum, bool unbiased, double eps,
                                                       bool triton) {
-  static const auto forward_cpp = find_op<Forward>("batch_norm_forward", false);
-  const auto op = triton ? find_op<Forward>("batch_norm_forward", true) : forward_cpp;
+  static const BackendOps<Forward> forward("batch_norm_forward");
   const bool update = training && running_mean.has_value();
   TORCH_CHECK_VALUE(!update || momentum.has_value() || num_batches_tracked.has_value(),
                     "batch_norm: momentum=None (the cumulative average) needs num_batches_tracked");
   const MaybeTensor none;
-  auto [out, mean, invstd, var] = op.call(input, weight, bias, training ? none : running_mean,
-                                          training ? none : running_var, training, unbiased, eps);
+  auto [out, mean, invstd, var] = forward.get(triton).call(input, weight, bias, training ? none : running_mean,
+                                                           training ? none : running_var, training, unbiased, eps);
   if (update) {
     const Tensor* buffers[] = {&*running_mean, &*running_var, num_batches_tracked ? &*num_batches_tracked : nullptr};
     const bool same_dtype = running_mean->scalar_type() == running_var->scalar_type();
@@ -140,11 +139,11 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &weight = saved[1];
     const bool triton = ctx->saved_data["triton"].toBool();
-    static const auto backward_cpp = find_op<Backward>("batch_norm_backward", false);
-    const auto op = triton ? find_op<Backward>("batch_norm_backward", true) : backward_cpp;
+    static const BackendOps<Backward> backward_op("batch_norm_backward");
     auto [grad_input, grad_weight, grad_bias] =
-        op.call(grad_outputs[0], input, saved[2], saved[3], weight.defined() ? MaybeTensor(weight) : MaybeTensor(),
-                ctx->saved_data["training"].toBool(), ctx->saved_data["unbiased"].toBool());
+        backward_op.get(triton).call(grad_outputs[0], input, saved[2], saved[3],
+                                     weight.defined() ? MaybeTensor(weight) : MaybeTensor(),
+                                     ctx->saved_data["training"].toBool(), ctx->saved_data["unbiased"].toBool());
     // the inputs' autograd edges: input, then weight and bias when given (running stats need none)
     const c10::IValue& bias_dtype = ctx->saved_data["bias_dtype"];
     const size_t bias_edge = weight.defined() ? 2 : 1;

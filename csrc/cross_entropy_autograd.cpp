@@ -26,14 +26,10 @@ std::tuple<Tensor, Tensor> loss_and_grad(Tensor logits, const Tensor& target, in
                                          int64_t ignore_index, double label_smoothing, bool inplace, bool triton) {
   using Forward = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, int64_t, double);
   using ForwardInplace = Tensor(Tensor&, const Tensor&, int64_t, int64_t, double);
-  static const auto forward_cpp = find_op<Forward>("cross_entropy_forward", false);
-  static const auto inplace_cpp = find_op<ForwardInplace>("cross_entropy_forward_inplace", false);
-  if (!inplace) {
-    const auto op = triton ? find_op<Forward>("cross_entropy_forward", true) : forward_cpp;
-    return op.call(logits, target, reduction, ignore_index, label_smoothing);
-  }
-  const auto op = triton ? find_op<ForwardInplace>("cross_entropy_forward_inplace", true) : inplace_cpp;
-  return {op.call(logits, target, reduction, ignore_index, label_smoothing), logits};
+  static const BackendOps<Forward> forward("cross_entropy_forward");
+  static const BackendOps<ForwardInplace> forward_inplace("cross_entropy_forward_inplace");
+  if (!inplace) return forward.get(triton).call(logits, target, reduction, ignore_index, label_smoothing);
+  return {forward_inplace.get(triton).call(logits, target, reduction, ignore_index, label_smoothing), logits};
 }
 
 // A real tensor holding 1: the loss is the graph's last op. Not asked of a traced tensor (torch.compile).

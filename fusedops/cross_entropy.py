@@ -59,12 +59,10 @@ register_cpp_fake("fusedops::cross_entropy_forward", _forward_fake)
 register_cpp_fake("fusedops::cross_entropy_forward_inplace", _forward_inplace_fake)
 
 
-def ops(backend):
-    """(forward, forward writing the gradient over the logits) of a backend."""
+def forward_op(backend):
+    """The op of a backend that computes the loss and its gradient (the differentiable op runs it)."""
     ops = torch.ops.fusedops
-    if backend == "cpp":
-        return ops.cross_entropy_forward, ops.cross_entropy_forward_inplace
-    return ops.cross_entropy_forward_triton, ops.cross_entropy_forward_inplace_triton
+    return ops.cross_entropy_forward if backend == "cpp" else ops.cross_entropy_forward_triton
 
 
 def cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,

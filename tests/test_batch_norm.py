@@ -249,3 +249,16 @@ def test_module_with_a_parametrized_weight():
     expected = torch.nn.functional.batch_norm(x, None, None, 2 * bn.parametrizations.weight.original, bn.bias,
                                               training=True)
     torch.testing.assert_close(bn(x), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_mode(backend):
+    """Inference mode skips the autograd kernel: the op's own kernel normalises and updates the statistics."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 4, 3)
+    ours, theirs = fusedops.BatchNorm1d(4, backend=backend), torch.nn.BatchNorm1d(4)
+    with torch.inference_mode():
+        for training in (True, False):
+            ours.train(training), theirs.train(training)
+            torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())

@@ -287,3 +287,15 @@ def test_lazy_build_without_avx2(tmp_path):
     assert out.stderr.count("fusedops: compiling the C++ CPU kernels") == 1
     build_rules = (tmp_path / "fusedops_cpu" / "build.ninja").read_text()
     assert "-DCPU_CAPABILITY=DEFAULT" in build_rules and "-mavx2" not in build_rules
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_inference_mode(backend, inplace):
+    """Inference mode skips the autograd kernel: the op's own kernel gives the loss alone."""
+    logits, target = torch.randn(6, 11), torch.randint(0, 11, (6,))
+    with torch.inference_mode():
+        x = logits.clone()
+        loss = fusedops.cross_entropy(x, target, label_smoothing=0.1, inplace_backward=inplace, backend=backend)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, target, label_smoothing=0.1))
+    torch.testing.assert_close(x, logits, rtol=0, atol=0)  # without grad there is no in-place gradient
