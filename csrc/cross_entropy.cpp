@@ -14,6 +14,8 @@
 #include <limits>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace fusedops {
 namespace {
 
@@ -85,9 +87,10 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
       row_loss[i] = 0;
       continue;
     }
-    const acc_t xt = static_cast<acc_t>(x[t]);  // read before an in-place write overwrites it
-    // pass 1, block by block: online max M and sum of exp, s = s * exp(M - M') + sum(exp(x - M')),
-    // compensated (Kahan: c keeps what each addition to s rounded off), its lanes added up in double
+    // pass 1, block by block: online max M and sum of exp, s = s * exp(M - M') + sum(exp(x - M')):
+    // each block summed on its own, the block sums added compensated (Kahan: c keeps what each
+    // addition to s rounded off; once per block, off the per-element dependency chain), the lanes
+    // of s added up in double
     Vec s(0), c(0), sx(0);
     acc_t M = lowest, sx_tail = 0;
     double s_tail = 0;
@@ -95,26 +98,28 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
       const int64_t b1 = std::min(b0 + B, V);
       int64_t j = b0;
       Vec vm(lowest);
-      for (; j + W <= b1; j += W) vm = at::vec::maximum(vm, load_acc<acc_t>(x + j));
+      for (; j + W <= b1; j += W) vm = max_lanes(vm, load_acc<acc_t>(x + j));
       acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return at::vec::maximum(u, v); }, vm);
       for (; j < b1; ++j) m = nan_max(m, static_cast<acc_t>(x[j]));
       if (m > M || std::isnan(m)) {
-        const Vec rescale(std::exp(M - m));
+        const Vec rescale(M == lowest ? acc_t(0) : std::exp(M - m));  // s = 0 before the first block
         s = s * rescale;
         c = c * rescale;
         M = m;
       }
       block_max[b0 / B] = M;
       const Vec vM(M);
+      Vec block_sum(0);
       for (j = b0; j + W <= b1; j += W) {
         const Vec v = load_acc<acc_t>(x + j);
-        const Vec ev = (v - vM).exp();
+        const Vec ev = exp_nonpositive(v - vM);
         ev.store(e.data() + j);
-        const Vec y = ev - c, sum = s + y;
-        c = (sum - s) - y;
-        s = sum;
+        block_sum = block_sum + ev;
         sx = sx + v;
       }
+      const Vec y = block_sum - c, sum = s + y;
+      c = (sum - s) - y;
+      s = sum;
       for (; j < b1; ++j) {  // only in the last block: no rescale follows
         const acc_t v = static_cast<acc_t>(x[j]);
         e[j] = std::exp(v - M);
@@ -127,19 +132,27 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
     c.store(c_lanes);
     for (int64_t k = 0; k < W; ++k) s_tail += static_cast<double>(s_lanes[k]) - c_lanes[k];
     const acc_t S = s_tail;
+    const acc_t xt = static_cast<acc_t>(x[t]);  // in cache now; read before pass 2 may overwrite it
     const acc_t SX = at::vec::vec_reduce_all<acc_t>(add, sx) + sx_tail;
     // loss = (1-eps) * (M - x[t]) + log(S) + eps/V * (V*M - sum(x)): no M + log(S) rounded before
     // M cancels, and M - x[t] is exact when x[t] is near the max
     row_loss[i] = keep * (M - xt) + std::log(S) + (eps > 0 ? smooth * (V * M - SX) : acc_t(0));  // skip 0 * (-inf)
-    // pass 2: p = e * exp(m_b - M) / S; grad = (p - eps/V) * scale, and the sum of p off the target
-    const acc_t p_t = e[t] * (std::exp(block_max[t / B] - M) / S);
+    // pass 2: p = e * f_b, f_b = exp(m_b - M) / S (block_max turned into f in place);
+    // grad = (p - eps/V) * scale, and the sum of p off the target
+    const int64_t num_blocks = block_max.size();
+    int64_t k = 0;
+    for (const Vec vM(M), vS(S); k + W <= num_blocks; k += W) {
+      (exp_nonpositive(Vec::loadu(block_max.data() + k) - vM) / vS).store(block_max.data() + k);
+    }
+    for (; k < num_blocks; ++k) block_max[k] = std::exp(block_max[k] - M) / S;
+    const acc_t p_t = e[t] * block_max[t / B];
     e[t] = 0;
     Vec others(0);
     acc_t others_tail = 0;
     const Vec vsmooth(smooth), vscale(scale);
     for (int64_t b0 = 0; b0 < V; b0 += B) {
       const int64_t b1 = std::min(b0 + B, V);
-      const acc_t f = std::exp(block_max[b0 / B] - M) / S;
+      const acc_t f = block_max[b0 / B];
       const Vec vf(f);
       int64_t j = b0;
       for (; j + W <= b1; j += W) {
