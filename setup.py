@@ -1,5 +1,6 @@
 """Builds csrc/*.cpp into fusedops._C. Install with `pip install --no-build-isolation -e .`;
 FUSEDOPS_NO_AVX2=1 builds without AVX2 vector code (see fusedops/_backend.py)."""
+import glob
 import importlib.util
 import os
 
@@ -19,6 +20,7 @@ setup(
     ext_modules=[CppExtension(
         "fusedops._C",
         [os.path.relpath(p) for p in _backend.cpp_sources()],
+        depends=[os.path.relpath(p) for p in glob.glob(os.path.join("csrc", "*.h"))],
         extra_compile_args=_backend.cpp_flags(),
         extra_link_args=_backend.CPP_LDFLAGS,
     )],

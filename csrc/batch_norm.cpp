@@ -27,6 +27,8 @@
 #include <optional>
 #include <vector>
 
+#include "huge_pages.h"
+
 namespace fusedops {
 namespace {
 
@@ -121,16 +123,19 @@ std::vector<double> column_sums(const Tiles& t, const Term& term) {
   return total;
 }
 
-// out[r, j:j+n] = f(r, j, n) over every row (in parallel) and vector of columns.
+// out[r, j:j+n] = f(r, j, n) over every row (in parallel) and vector of columns. f should capture
+// raw pointers by value: each thread runs its own copy, whose pointers then stay in registers
+// (a vector store may alias any memory, so a pointer read through a reference is read again).
 template <typename T, typename F>
 void for_each_row(T* out, int64_t R, int64_t C, const F& f) {
   constexpr int64_t W = Vectorized<T>::size();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, grain, [&f, out, C](int64_t begin, int64_t end) {
+    const F row_f = f;
     for (int64_t r = begin; r < end; ++r) {
       int64_t j = 0;
-      for (; j + W <= C; j += W) f(r, j, W).store(out + r * C + j);
-      if (j < C) f(r, j, C - j).store(out + r * C + j, C - j);
+      for (; j + W <= C; j += W) row_f(r, j, W).store(out + r * C + j);
+      if (j < C) row_f(r, j, C - j).store(out + r * C + j, C - j);
     }
   });
 }
@@ -146,12 +151,14 @@ struct SplitMean {
       lo[c] = static_cast<T>(mean[c] - static_cast<double>(hi[c]));
     }
   }
-  // x - mean = (x - hi) - lo, n lanes from column j
-  Vectorized<T> centered(const T* x, int64_t j, int64_t n) const {
-    using Vec = Vectorized<T>;
-    return (Vec::loadu(x, n) - Vec::loadu(hi.data() + j, n)) - Vec::loadu(lo.data() + j, n);
-  }
 };
+
+// x - mean = (x - hi) - lo, n lanes from column j
+template <typename T>
+Vectorized<T> centered(const T* x, const T* hi, const T* lo, int64_t j, int64_t n) {
+  using Vec = Vectorized<T>;
+  return (Vec::loadu(x, n) - Vec::loadu(hi + j, n)) - Vec::loadu(lo + j, n);
+}
 
 // (N, C) or (N, C, L) -> contiguous (N*L, C) of `dtype`: the layout the kernels take.
 Tensor to_rows(const Tensor& t, at::ScalarType dtype) {
@@ -214,7 +221,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward(
     var = running_var->to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
   }
   const Tensor gamma = per_channel(weight, acc), beta = per_channel(bias, acc);
-  Tensor y = at::empty({R, C}, x.options());
+  Tensor y = empty_huge({R, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "batch_norm_forward", [&] {
     using Vec = Vectorized<scalar_t>;
     double* pmean = mean.mutable_data_ptr<double>();
@@ -233,11 +240,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward(
       if (beta.defined()) b[c] = beta.const_data_ptr<scalar_t>()[c];
     }
     const SplitMean<scalar_t> m(pmean, C);
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    for_each_row(y.mutable_data_ptr<scalar_t>(), R, C, [&](int64_t r, int64_t j, int64_t n) {
-      // y = (x - mean) * a + beta
-      return at::vec::fmadd(m.centered(px + r * C + j, j, n), Vec::loadu(a.data() + j, n), Vec::loadu(b.data() + j, n));
-    });
+    for_each_row(y.mutable_data_ptr<scalar_t>(), R, C,
+                 [C, px = x.const_data_ptr<scalar_t>(), hi = m.hi.data(), lo = m.lo.data(), pa = a.data(),
+                  pb = b.data()](int64_t r, int64_t j, int64_t n) {
+                   // y = (x - mean) * a + beta
+                   return at::vec::fmadd(centered(px + r * C + j, hi, lo, j, n), Vec::loadu(pa + j, n),
+                                         Vec::loadu(pb + j, n));
+                 });
   });
   return {from_rows(y, input), mean, invstd, var};
 }
@@ -269,17 +278,19 @@ void grad_input(const T* px, const T* pdy, const double* pmean, const T* pinvstd
     }
   }
   if (n == 0) {  // eval: dx = k1 * dy alone, as 0 * (x - mean) would be NaN for x = inf
-    for_each_row(pdx, R, C, [&](int64_t r, int64_t j, int64_t len) {
-      return Vec::loadu(k1.data() + j, len) * Vec::loadu(pdy + r * C + j, len);
+    for_each_row(pdx, R, C, [C, pdy, pk1 = k1.data()](int64_t r, int64_t j, int64_t len) {
+      return Vec::loadu(pk1 + j, len) * Vec::loadu(pdy + r * C + j, len);
     });
     return;
   }
   const SplitMean<T> m(pmean, C);
-  for_each_row(pdx, R, C, [&](int64_t r, int64_t j, int64_t len) {
-    const Vec d = m.centered(px + r * C + j, j, len);
-    return at::vec::fmadd(Vec::loadu(k1.data() + j, len), Vec::loadu(pdy + r * C + j, len),
-                          at::vec::fmadd(Vec::loadu(k2.data() + j, len), d, Vec::loadu(k3.data() + j, len)));
-  });
+  for_each_row(pdx, R, C,
+               [C, px, pdy, hi = m.hi.data(), lo = m.lo.data(), pk1 = k1.data(), pk2 = k2.data(),
+                pk3 = k3.data()](int64_t r, int64_t j, int64_t len) {
+                 const Vec d = centered(px + r * C + j, hi, lo, j, len);
+                 return at::vec::fmadd(Vec::loadu(pk1 + j, len), Vec::loadu(pdy + r * C + j, len),
+                                       at::vec::fmadd(Vec::loadu(pk2 + j, len), d, Vec::loadu(pk3 + j, len)));
+               });
 }
 
 // The backward ops' common arguments: grad_out and input as rows in the compute dtype, and the fp64 mean.
@@ -310,7 +321,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   check_channels(op, "weight", weight, C);
   TORCH_CHECK_VALUE(!training || R > 1, op, ": expected more than 1 value per channel when training");
   const Tensor inv = per_channel(invstd, b.x.scalar_type()), gamma = per_channel(weight, b.x.scalar_type());
-  Tensor dx = at::empty({R, C}, b.x.options()), grad_weight = at::empty({C}, b.x.options()),
+  Tensor dx = empty_huge({R, C}, b.x.options()), grad_weight = at::empty({C}, b.x.options()),
          grad_bias = at::empty({C}, b.x.options());
   AT_DISPATCH_FLOATING_TYPES(b.x.scalar_type(), op, [&] {
     const scalar_t *px = b.x.const_data_ptr<scalar_t>(), *pdy = b.dy.const_data_ptr<scalar_t>();
@@ -371,7 +382,7 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, co
                     " values per channel here, got ", count);
   const Tensor inv = per_channel(invstd, b.x.scalar_type()), gamma = per_channel(weight, b.x.scalar_type());
   const Tensor sums = at::cat({sum_dy.to(at::kDouble), sum_dy_xmu.to(at::kDouble)});
-  Tensor dx = at::empty({R, C}, b.x.options());
+  Tensor dx = empty_huge({R, C}, b.x.options());
   AT_DISPATCH_FLOATING_TYPES(b.x.scalar_type(), op, [&] {
     grad_input(b.x.const_data_ptr<scalar_t>(), b.dy.const_data_ptr<scalar_t>(), b.mean.const_data_ptr<double>(),
                inv.const_data_ptr<scalar_t>(), gamma.defined() ? gamma.const_data_ptr<scalar_t>() : nullptr,

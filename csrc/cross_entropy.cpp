@@ -14,6 +14,7 @@
 #include <limits>
 #include <vector>
 
+#include "huge_pages.h"
 #include "vec_math.h"
 
 namespace fusedops {
@@ -213,7 +214,7 @@ at::Tensor cross_entropy_into(const at::Tensor& logits, const at::Tensor& target
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits,
                                                          const at::Tensor& target, int64_t reduction,
                                                          int64_t ignore_index, double label_smoothing) {
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  at::Tensor grad = empty_huge(logits.sizes(), logits.options());
   at::Tensor loss = cross_entropy_into(logits, target, grad, reduction, ignore_index, label_smoothing);
   return {loss, grad};
 }
