@@ -12,7 +12,7 @@
 // channels-last (N*L, C) copy (a view when the input is stored that way already).
 // Reductions in fp64 (Welford for the statistics) over fixed row chunks, a function of the shape and
 // not of the thread count, each chunk into its own partial buffer, merged in chunk order. Elementwise
-// passes in fp32 (fp64 for fp64 input; fp16/bf16 go through an fp32 copy), lanes along C with
+// passes in fp32 (fp64 for fp64 input; fp16/bf16 converted lane by lane), lanes along C with
 // at::vec; there the fp64 mean is applied as hi + lo, two floats of that precision.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "huge_pages.h"
+#include "vec_math.h"
 
 namespace fusedops {
 namespace {
@@ -71,7 +72,7 @@ void mean_and_m2(const T* x, const Tiles& t, double* mean, double* m2) {
       const T* row = x + r * t.cols;
       const double inv_count = 1.0 / (r - r0 + 1);
       for (int64_t c = c0; c < c1; ++c) {  // mean += (x - mean) / count, m2 += (x - old mean) * (x - mean)
-        const double v = row[c], d = v - mk[c];
+        const double v = static_cast<double>(row[c]), d = v - mk[c];
         mk[c] += d * inv_count;
         m2k[c] += d * (v - mk[c]);
       }
@@ -94,7 +95,7 @@ void mean_and_m2(const T* x, const Tiles& t, double* mean, double* m2) {
   for (int64_t c = 0; c < t.cols; ++c) {
     if (std::isfinite(mean[c])) continue;
     double sum = 0;
-    for (int64_t r = 0; r < t.rows; ++r) sum += x[r * t.cols + c];
+    for (int64_t r = 0; r < t.rows; ++r) sum += static_cast<double>(x[r * t.cols + c]);
     mean[c] = sum / t.rows;
   }
 }
@@ -123,19 +124,20 @@ std::vector<double> column_sums(const Tiles& t, const Term& term) {
   return total;
 }
 
-// out[r, j:j+n] = f(r, j, n) over every row (in parallel) and vector of columns. f should capture
-// raw pointers by value: each thread runs its own copy, whose pointers then stay in registers
-// (a vector store may alias any memory, so a pointer read through a reference is read again).
-template <typename T, typename F>
+// out[r, j:j+n] = f(r, j, n), a Vectorized<acc_t>, over every row (in parallel) and vector of
+// columns. f should capture raw pointers by value: each thread runs its own copy, whose pointers
+// then stay in registers (a vector store may alias any memory, so a pointer read through a
+// reference is read again).
+template <typename acc_t, typename T, typename F>
 void for_each_row(T* out, int64_t R, int64_t C, const F& f) {
-  constexpr int64_t W = Vectorized<T>::size();
+  constexpr int64_t W = Vectorized<acc_t>::size();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, R, grain, [&f, out, C](int64_t begin, int64_t end) {
     const F row_f = f;
     for (int64_t r = begin; r < end; ++r) {
       int64_t j = 0;
-      for (; j + W <= C; j += W) row_f(r, j, W).store(out + r * C + j);
-      if (j < C) row_f(r, j, C - j).store(out + r * C + j, C - j);
+      for (; j + W <= C; j += W) store_acc<acc_t>(out + r * C + j, row_f(r, j, W));
+      if (j < C) store_acc<acc_t>(out + r * C + j, row_f(r, j, C - j), C - j);
     }
   });
 }
@@ -154,21 +156,22 @@ struct SplitMean {
 };
 
 // x - mean = (x - hi) - lo, n lanes from column j
-template <typename T>
-Vectorized<T> centered(const T* x, const T* hi, const T* lo, int64_t j, int64_t n) {
+template <typename T, typename S>
+Vectorized<T> centered(const S* x, const T* hi, const T* lo, int64_t j, int64_t n) {
   using Vec = Vectorized<T>;
-  return (Vec::loadu(x, n) - Vec::loadu(hi + j, n)) - Vec::loadu(lo + j, n);
+  return (load_acc<T>(x, n) - Vec::loadu(hi + j, n)) - Vec::loadu(lo + j, n);
 }
 
-// (N, C) or (N, C, L) -> contiguous (N*L, C) of `dtype`: the layout the kernels take.
-Tensor to_rows(const Tensor& t, at::ScalarType dtype) {
-  if (t.dim() == 2) return t.to(dtype).contiguous();
-  return t.transpose(1, 2).to(dtype).reshape({-1, t.size(1)}).contiguous();
+// (N, C) or (N, C, L) -> contiguous (N*L, C): the layout the kernels take, in the stored dtype
+// (the kernels convert to fp32 lane by lane).
+Tensor to_rows(const Tensor& t) {
+  if (t.dim() == 2) return t.contiguous();
+  return t.transpose(1, 2).reshape({-1, t.size(1)}).contiguous();
 }
 
-// The inverse of to_rows: a contiguous tensor with the shape and dtype of `like`.
+// The inverse of to_rows: a contiguous tensor with the shape of `like`.
 Tensor from_rows(const Tensor& rows, const Tensor& like) {
-  if (like.dim() == 2) return rows.to(like.scalar_type());
+  if (like.dim() == 2) return rows;
   Tensor out = at::empty(like.sizes(), like.options());
   out.copy_(rows.view({like.size(0), like.size(2), like.size(1)}).transpose(1, 2));
   return out;
@@ -206,14 +209,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward(
   check_channels(op, "running_mean", running_mean, C);
   check_channels(op, "running_var", running_var, C);
   const auto acc = at::toOpMathType(input.scalar_type());
-  const Tensor x = to_rows(input, acc);
+  const Tensor x = to_rows(input);
   const int64_t R = x.size(0);
-  Tensor mean, var, invstd = at::empty({C}, x.options());
+  Tensor mean, var, invstd = at::empty({C}, x.options().dtype(acc));
   if (training) {
     TORCH_CHECK_VALUE(R > 1, op, ": expected more than 1 value per channel when training, got input of shape ",
                       input.sizes());
     mean = at::empty({C}, x.options().dtype(at::kDouble));
-    var = at::empty({C}, x.options());
+    var = at::empty({C}, x.options().dtype(acc));
   } else {
     TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(), op,
                       ": running_mean and running_var are needed when training=False");
@@ -222,25 +225,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward(
   }
   const Tensor gamma = per_channel(weight, acc), beta = per_channel(bias, acc);
   Tensor y = empty_huge({R, C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "batch_norm_forward", [&] {
-    using Vec = Vectorized<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Vec = Vectorized<acc_t>;
     double* pmean = mean.mutable_data_ptr<double>();
-    scalar_t *pvar = var.mutable_data_ptr<scalar_t>(), *pinvstd = invstd.mutable_data_ptr<scalar_t>();
+    acc_t *pvar = var.mutable_data_ptr<acc_t>(), *pinvstd = invstd.mutable_data_ptr<acc_t>();
     std::vector<double> m2(C);
     if (training) mean_and_m2(x.const_data_ptr<scalar_t>(), Tiles(R, C), pmean, m2.data());
-    std::vector<scalar_t> a(C), b(C, scalar_t(0));
+    std::vector<acc_t> a(C), b(C, acc_t(0));
     for (int64_t c = 0; c < C; ++c) {
       if (training) {
-        pvar[c] = static_cast<scalar_t>(m2[c] / (R - 1));  // running_var always takes the unbiased variance
-        pinvstd[c] = static_cast<scalar_t>(1.0 / std::sqrt(m2[c] / (unbiased ? R - 1 : R) + eps));
+        pvar[c] = static_cast<acc_t>(m2[c] / (R - 1));  // running_var always takes the unbiased variance
+        pinvstd[c] = static_cast<acc_t>(1.0 / std::sqrt(m2[c] / (unbiased ? R - 1 : R) + eps));
       } else {
-        pinvstd[c] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(pvar[c]) + eps));
+        pinvstd[c] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(pvar[c]) + eps));
       }
-      a[c] = gamma.defined() ? gamma.const_data_ptr<scalar_t>()[c] * pinvstd[c] : pinvstd[c];  // gamma * invstd
-      if (beta.defined()) b[c] = beta.const_data_ptr<scalar_t>()[c];
+      a[c] = gamma.defined() ? gamma.const_data_ptr<acc_t>()[c] * pinvstd[c] : pinvstd[c];  // gamma * invstd
+      if (beta.defined()) b[c] = beta.const_data_ptr<acc_t>()[c];
     }
-    const SplitMean<scalar_t> m(pmean, C);
-    for_each_row(y.mutable_data_ptr<scalar_t>(), R, C,
+    const SplitMean<acc_t> m(pmean, C);
+    for_each_row<acc_t>(y.mutable_data_ptr<scalar_t>(), R, C,
                  [C, px = x.const_data_ptr<scalar_t>(), hi = m.hi.data(), lo = m.lo.data(), pa = a.data(),
                   pb = b.data()](int64_t r, int64_t j, int64_t n) {
                    // y = (x - mean) * a + beta
@@ -255,16 +259,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward(
 template <typename T>
 std::vector<double> grad_sums(const T* px, const T* pdy, const double* pmean, int64_t R, int64_t C) {
   return column_sums<2>(Tiles(R, C), [&](int64_t r, int64_t c) {
-    const double g = pdy[r * C + c];
-    return std::array<double, 2>{g, g * (px[r * C + c] - pmean[c])};  // dy, dy * (x - mean)
+    const double g = static_cast<double>(pdy[r * C + c]);
+    return std::array<double, 2>{g, g * (static_cast<double>(px[r * C + c]) - pmean[c])};  // dy, dy * (x - mean)
   });
 }
 
 // dx of rows x, dy from the sums of grad_sums over all n values of each channel (n = 0: eval mode,
 // where the statistics are constants). dx = k1*dy + k2*(x - mean) + k3.
-template <typename T>
-void grad_input(const T* px, const T* pdy, const double* pmean, const T* pinvstd, const T* pgamma,
-                const double* sums, double n, bool unbiased, int64_t R, int64_t C, T* pdx) {
+template <typename S, typename T = at::opmath_type<S>>
+void grad_input(const S* px, const S* pdy, const double* pmean, const T* pinvstd, const T* pgamma,
+                const double* sums, double n, bool unbiased, int64_t R, int64_t C, S* pdx) {
   using Vec = Vectorized<T>;
   std::vector<T> k1(C), k2(C, T(0)), k3(C, T(0));
   const double f = unbiased ? n / (n - 1) : 1.0;
@@ -278,32 +282,34 @@ void grad_input(const T* px, const T* pdy, const double* pmean, const T* pinvstd
     }
   }
   if (n == 0) {  // eval: dx = k1 * dy alone, as 0 * (x - mean) would be NaN for x = inf
-    for_each_row(pdx, R, C, [C, pdy, pk1 = k1.data()](int64_t r, int64_t j, int64_t len) {
-      return Vec::loadu(pk1 + j, len) * Vec::loadu(pdy + r * C + j, len);
+    for_each_row<T>(pdx, R, C, [C, pdy, pk1 = k1.data()](int64_t r, int64_t j, int64_t len) {
+      return Vec::loadu(pk1 + j, len) * load_acc<T>(pdy + r * C + j, len);
     });
     return;
   }
   const SplitMean<T> m(pmean, C);
-  for_each_row(pdx, R, C,
+  for_each_row<T>(pdx, R, C,
                [C, px, pdy, hi = m.hi.data(), lo = m.lo.data(), pk1 = k1.data(), pk2 = k2.data(),
                 pk3 = k3.data()](int64_t r, int64_t j, int64_t len) {
                  const Vec d = centered(px + r * C + j, hi, lo, j, len);
-                 return at::vec::fmadd(Vec::loadu(pk1 + j, len), Vec::loadu(pdy + r * C + j, len),
+                 return at::vec::fmadd(Vec::loadu(pk1 + j, len), load_acc<T>(pdy + r * C + j, len),
                                        at::vec::fmadd(Vec::loadu(pk2 + j, len), d, Vec::loadu(pk3 + j, len)));
                });
 }
 
-// The backward ops' common arguments: grad_out and input as rows in the compute dtype, and the fp64 mean.
+// The backward ops' common arguments: grad_out and input as rows in the input's dtype, the fp64
+// mean, and the compute dtype acc.
 struct BackwardRows {
   Tensor x, dy, mean;
+  at::ScalarType acc;
   BackwardRows(const char* op, const Tensor& grad_out, const Tensor& input, const Tensor& mean_) {
     check_input(op, input);
     TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
                       " but input ", input.sizes());
     check_channels(op, "mean", mean_, input.size(1));
-    const auto acc = at::toOpMathType(input.scalar_type());
-    x = to_rows(input, acc);
-    dy = to_rows(grad_out, acc);
+    acc = at::toOpMathType(input.scalar_type());
+    x = to_rows(input);
+    dy = to_rows(grad_out.to(input.scalar_type()));
     mean = mean_.to(at::kDouble).contiguous();
   }
 };
@@ -320,19 +326,20 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   check_channels(op, "invstd", invstd, C);
   check_channels(op, "weight", weight, C);
   TORCH_CHECK_VALUE(!training || R > 1, op, ": expected more than 1 value per channel when training");
-  const Tensor inv = per_channel(invstd, b.x.scalar_type()), gamma = per_channel(weight, b.x.scalar_type());
-  Tensor dx = empty_huge({R, C}, b.x.options()), grad_weight = at::empty({C}, b.x.options()),
-         grad_bias = at::empty({C}, b.x.options());
-  AT_DISPATCH_FLOATING_TYPES(b.x.scalar_type(), op, [&] {
+  const Tensor inv = per_channel(invstd, b.acc), gamma = per_channel(weight, b.acc);
+  Tensor dx = empty_huge({R, C}, b.x.options()), grad_weight = at::empty({C}, b.x.options().dtype(b.acc)),
+         grad_bias = at::empty({C}, grad_weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *px = b.x.const_data_ptr<scalar_t>(), *pdy = b.dy.const_data_ptr<scalar_t>();
-    const scalar_t* pinv = inv.const_data_ptr<scalar_t>();
+    const acc_t* pinv = inv.const_data_ptr<acc_t>();
     const double* pmean = b.mean.const_data_ptr<double>();
     const std::vector<double> sums = grad_sums(px, pdy, pmean, R, C);
     for (int64_t c = 0; c < C; ++c) {
-      grad_weight.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sums[C + c] * pinv[c]);  // sum(dy * xhat)
-      grad_bias.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sums[c]);                  // sum(dy)
+      grad_weight.mutable_data_ptr<acc_t>()[c] = static_cast<acc_t>(sums[C + c] * pinv[c]);  // sum(dy * xhat)
+      grad_bias.mutable_data_ptr<acc_t>()[c] = static_cast<acc_t>(sums[c]);                  // sum(dy)
     }
-    grad_input(px, pdy, pmean, pinv, gamma.defined() ? gamma.const_data_ptr<scalar_t>() : nullptr, sums.data(),
+    grad_input(px, pdy, pmean, pinv, gamma.defined() ? gamma.const_data_ptr<acc_t>() : nullptr, sums.data(),
                training ? R : 0, unbiased, R, C, dx.mutable_data_ptr<scalar_t>());
   });
   return {from_rows(dx, input), grad_weight, grad_bias};
@@ -342,10 +349,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
 // m2 = sum((x - mean)^2), both fp64 (zeros for no rows).
 std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
   check_input("batch_norm_stats", input);
-  const Tensor x = to_rows(input, at::toOpMathType(input.scalar_type()));
+  const Tensor x = to_rows(input);
   const int64_t R = x.size(0), C = input.size(1);
   Tensor mean = at::empty({C}, x.options().dtype(at::kDouble)), m2 = at::empty({C}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_stats", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats", [&] {
     mean_and_m2(x.const_data_ptr<scalar_t>(), Tiles(R, C), mean.mutable_data_ptr<double>(),
                 m2.mutable_data_ptr<double>());
   });
@@ -358,7 +365,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, co
   const BackwardRows b("batch_norm_backward_reduce", grad_out, input, mean);
   const int64_t R = b.x.size(0), C = input.size(1);
   Tensor sum_dy = at::empty({C}, b.mean.options()), sum_dy_xmu = at::empty({C}, b.mean.options());
-  AT_DISPATCH_FLOATING_TYPES(b.x.scalar_type(), "batch_norm_backward_reduce", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "batch_norm_backward_reduce", [&] {
     const std::vector<double> s = grad_sums(b.x.const_data_ptr<scalar_t>(), b.dy.const_data_ptr<scalar_t>(),
                                             b.mean.const_data_ptr<double>(), R, C);
     std::copy(s.begin(), s.begin() + C, sum_dy.mutable_data_ptr<double>());
@@ -380,12 +387,13 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, co
   check_channels(op, "sum_dy_xmu", sum_dy_xmu, C);
   TORCH_CHECK_VALUE(count > 1 && count >= R, op, ": count must be more than 1 and at least the ", R,
                     " values per channel here, got ", count);
-  const Tensor inv = per_channel(invstd, b.x.scalar_type()), gamma = per_channel(weight, b.x.scalar_type());
+  const Tensor inv = per_channel(invstd, b.acc), gamma = per_channel(weight, b.acc);
   const Tensor sums = at::cat({sum_dy.to(at::kDouble), sum_dy_xmu.to(at::kDouble)});
   Tensor dx = empty_huge({R, C}, b.x.options());
-  AT_DISPATCH_FLOATING_TYPES(b.x.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     grad_input(b.x.const_data_ptr<scalar_t>(), b.dy.const_data_ptr<scalar_t>(), b.mean.const_data_ptr<double>(),
-               inv.const_data_ptr<scalar_t>(), gamma.defined() ? gamma.const_data_ptr<scalar_t>() : nullptr,
+               inv.const_data_ptr<acc_t>(), gamma.defined() ? gamma.const_data_ptr<acc_t>() : nullptr,
                sums.const_data_ptr<double>(), count, unbiased, R, C, dx.mutable_data_ptr<scalar_t>());
   });
   return from_rows(dx, input);

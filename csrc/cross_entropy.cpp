@@ -23,29 +23,6 @@ namespace {
 using at::vec::Vectorized;
 enum Reduction { kNone = 0, kMean = 1, kSum = 2 };  // torch's at::Reduction numbering
 
-// Vectorized<acc_t>::size() elements of scalar_t, converted to acc_t (and back).
-template <typename acc_t, typename scalar_t>
-inline Vectorized<acc_t> load_acc(const scalar_t* p) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    return Vectorized<acc_t>::loadu(p);
-  } else {
-    alignas(64) acc_t buf[Vectorized<acc_t>::size()];
-    for (int k = 0; k < Vectorized<acc_t>::size(); ++k) buf[k] = static_cast<acc_t>(p[k]);
-    return Vectorized<acc_t>::loadu(buf);
-  }
-}
-
-template <typename acc_t, typename scalar_t>
-inline void store_acc(scalar_t* p, const Vectorized<acc_t>& v) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    v.store(p);
-  } else {
-    alignas(64) acc_t buf[Vectorized<acc_t>::size()];
-    v.store(buf);
-    for (int k = 0; k < Vectorized<acc_t>::size(); ++k) p[k] = static_cast<scalar_t>(buf[k]);
-  }
-}
-
 // max that propagates NaN, like at::vec::maximum
 template <typename T>
 inline T nan_max(T a, T b) { return (std::isnan(a) || a > b) ? a : b; }

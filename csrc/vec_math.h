@@ -1,12 +1,58 @@
-// Lane math cheaper than at::vec's where a kernel can give up what it does not need.
+// Vector lane helpers of the CPU kernels: loads and stores that convert the stored dtype to the
+// compute one, and lane math cheaper than at::vec's where a kernel can give up what it does not need.
 // exp_nonpositive: exp of x <= 0, cheaper than Vectorized::exp (Sleef's u10):
 //   exp(x) = 2^n * exp(r),  n = round(x / ln 2),  r = x - n ln 2 in [-ln2/2, ln2/2]
 //   exp(r) = 1 + r + r^2 q(r),  q a degree-4 fit to (exp(r) - 1 - r) / r^2: within 1 ulp in fp32
 // fp32 lanes under AVX2 only; other types and builds use Vectorized::exp.
 #pragma once
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cstdint>
+#include <type_traits>
+
 namespace fusedops {
+
+// n <= Vectorized<acc_t>::size() elements of scalar_t as a vector of acc_t, and back: a plain
+// load or store where the types agree; fp16/bf16 <-> fp32 with at::vec's conversions for a whole
+// vector; else lane by lane through a buffer.
+template <typename acc_t, typename scalar_t>
+inline at::vec::Vectorized<acc_t> load_acc(const scalar_t* p, int64_t n = at::vec::Vectorized<acc_t>::size()) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return Vec::loadu(p, n);
+  } else {
+    if constexpr (at::vec::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_t, float>) {
+      if (n == Vec::size()) {
+        Vec out;
+        at::vec::load_to_float<scalar_t>(p, out);
+        return out;
+      }
+    }
+    alignas(64) acc_t buf[Vec::size()] = {};
+    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<acc_t>(p[k]);
+    return Vec::loadu(buf);
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void store_acc(scalar_t* p, const at::vec::Vectorized<acc_t>& v,
+                      int64_t n = at::vec::Vectorized<acc_t>::size()) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    v.store(p, n);
+  } else {
+    if constexpr (at::vec::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_t, float>) {
+      if (n == Vec::size()) {  // v packed twice into one vector of 2n lanes: its first n are v's
+        at::vec::convert_from_float<scalar_t>(v, v).store(p, Vec::size());
+        return;
+      }
+    }
+    alignas(64) acc_t buf[Vec::size()];
+    v.store(buf);
+    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<scalar_t>(buf[k]);
+  }
+}
 
 template <typename T>
 inline at::vec::Vectorized<T> exp_nonpositive(const at::vec::Vectorized<T>& x) {
