@@ -247,6 +247,21 @@ def test_confident_predictions(backend, dtype):
     assert fused_error < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_across_the_whole_exp_range(backend):
+    """Logits from -104 up to 0 (the max), so exp(x - max) runs over fp32's whole range below 1,
+    subnormal results included: every gradient element (softmax - one_hot, reduction "sum") within
+    4 ulp of float64's, absolute error within 4 of the smallest subnormal."""
+    V = 64 * 64 + 3  # whole blocks of the C++ kernel and a scalar tail
+    logits = torch.linspace(-104.0, 0.0, V).flip(0).roll(V // 3).repeat(3, 1)
+    target = torch.tensor([0, V // 2, V - 1])
+    _, grad = loss_and_grad(fused(backend), logits, target, reduction="sum")
+    _, exact = loss_and_grad(F.cross_entropy, logits.double(), target, reduction="sum")
+    ulp = (torch.nextafter(exact.abs().float(), torch.tensor(float("inf"))) - exact.abs().float()).double()
+    assert (exact.abs() < torch.finfo(torch.float32).tiny).sum() > 100  # subnormal probabilities are tested
+    assert ((grad.double() - exact).abs() <= 4 * ulp).all()
+
+
 def test_module_mirrors_torch():
     logits, target = torch.randn(10, 7), make_target(10, 7, "some", ignore_index=2)
     for kw in (dict(), dict(reduction="sum", label_smoothing=0.3), dict(ignore_index=2, reduction="none")):
