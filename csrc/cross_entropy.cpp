@@ -93,7 +93,7 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
         const Vec ev = exp_nonpositive(v - vM);
         ev.store(e.data() + j);
         block_sum = block_sum + ev;
-        sx = sx + v;
+        if (eps > 0) sx = sx + v;  // sum(x) only for label smoothing
       }
       const Vec y = block_sum - c, sum = s + y;
       c = (sum - s) - y;
@@ -127,7 +127,7 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
     e[t] = 0;
     Vec others(0);
     acc_t others_tail = 0;
-    const Vec vsmooth(smooth), vscale(scale);
+    const Vec vscale(scale), voffset(-smooth * scale);
     for (int64_t b0 = 0; b0 < V; b0 += B) {
       const int64_t b1 = std::min(b0 + B, V);
       const acc_t f = block_max[b0 / B];
@@ -135,7 +135,7 @@ void cross_entropy_rows(const scalar_t* logits, int64_t stride, const index_t* t
       int64_t j = b0;
       for (; j + W <= b1; j += W) {
         const Vec p = Vec::loadu(e.data() + j) * vf;
-        store_acc<acc_t>(g + j, (p - vsmooth) * vscale);
+        store_acc<acc_t>(g + j, at::vec::fmadd(p, vscale, voffset));  // (p - eps/V) * scale
         others = others + p;
       }
       for (; j < b1; ++j) {

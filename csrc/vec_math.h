@@ -76,8 +76,11 @@ inline at::vec::Vectorized<float> max_lanes(const at::vec::Vectorized<float>& a,
 template <>
 inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<float>& x_) {
   const __m256 x = _mm256_max_ps(_mm256_set1_ps(-104.0f), x_);  // NaN lanes stay NaN (2nd operand)
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950216293335f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // n = round(x / ln 2) by adding 1.5 * 2^23 + 127: in [2^23, 2^24) floats are integers, so the
+  // fma rounds to one, and the low mantissa bits of t hold n + 127, 2^n's exponent field
+  const __m256 shifter = _mm256_set1_ps(12583039.0f);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.4426950216293335f), shifter);
+  const __m256 n = _mm256_sub_ps(t, shifter);
   // r = x - n ln2, ln2 = hi + lo: each fma rounds once and x - n*hi is nearly exact
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.6931471824645996f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-1.9046542121259336e-09f), r);
@@ -87,13 +90,14 @@ inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<floa
   q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.166665181517601f));
   q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.49999988079071045f));
   const __m256 p = _mm256_add_ps(_mm256_fmadd_ps(q, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  // p * 2^n: 2^n built in the exponent bits; below n = -126 (2^n subnormal) as 2^n1 * 2^n2 with
-  // n1 = floor(n/2), both normal down to n = -150, so a subnormal result is rounded once
-  const __m256i ni = _mm256_cvtps_epi32(n);
-  const __m256i bias = _mm256_set1_epi32(127);
+  // p * 2^n: 2^n is t's bits shifted into the exponent field; below n = -126 (2^n subnormal) as
+  // 2^n1 * 2^n2 with n1 = floor(n/2), both normal down to n = -150, so a subnormal result is
+  // rounded once
   if (_mm256_movemask_ps(_mm256_cmp_ps(n, _mm256_set1_ps(-126.0f), _CMP_LT_OQ)) == 0) {
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, bias), 23)));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
   }
+  const __m256i ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(shifter));
+  const __m256i bias = _mm256_set1_epi32(127);
   const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
   const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
   const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
