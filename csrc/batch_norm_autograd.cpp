@@ -3,6 +3,8 @@
 //   momentum, ...) -> out: the forward op; in training with running statistics, the update
 //   running = (1 - momentum) * running + momentum * batch (the unbiased batch variance) in place, as
 //   BatchNorm1d does it; backward is the backward op.
+//   fusedops::batch_norm_update_stats: that update alone, for callers that run the forward op
+//   themselves (SyncBatchNorm, the hand-written backward).
 // `triton` picks the kernels: the C++ ops (CPU tensors) or the Triton ones (registered from Python).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -82,9 +84,31 @@ void update_by_ops(const Tensor& running_mean, const Tensor& running_var, const 
   }
 }
 
-// out, mean (fp64), invstd of the forward op. In training with running statistics, num_batches_tracked
-// (if given) counts the batch, and running = running + w * (batch - running) with w = momentum, or
-// 1 / num_batches_tracked when momentum is None (the cumulative average).
+// fusedops::batch_norm_update_stats: num_batches_tracked (if given) counts the batch, and
+// running = running + w * (batch - running) with w = momentum, or 1 / num_batches_tracked when
+// momentum is None (the cumulative average); var is the unbiased batch variance. On host memory by a
+// loop, else by ops; the written tensors' versions are bumped, as every in-place op does.
+void update_running_stats(const Tensor& running_mean, const Tensor& running_var, const MaybeTensor& num_batches_tracked,
+                          const Tensor& mean, const Tensor& var, std::optional<double> momentum) {
+  TORCH_CHECK_VALUE(momentum.has_value() || num_batches_tracked.has_value(),
+                    "batch_norm: momentum=None (the cumulative average) needs num_batches_tracked");
+  const Tensor* buffers[] = {&running_mean, &running_var, num_batches_tracked ? &*num_batches_tracked : nullptr};
+  const bool same_dtype = running_mean.scalar_type() == running_var.scalar_type();
+  if (same_dtype && std::all_of(std::begin(buffers), std::end(buffers), [](const Tensor* t) { return !t || on_host(*t); })) {
+    // the loop reads an fp64 mean and an fp32 or fp64 var (what the forward ops return)
+    const Tensor mean64 = mean.scalar_type() == at::kDouble ? mean : mean.to(at::kDouble);
+    const bool var_ok = var.scalar_type() == at::kDouble || var.scalar_type() == at::kFloat;
+    update_on_host(running_mean, running_var, num_batches_tracked, mean64.contiguous(),
+                   (var_ok ? var : var.to(at::kFloat)).contiguous(), momentum);
+  } else {
+    update_by_ops(running_mean, running_var, num_batches_tracked, mean, var, momentum);
+  }
+  for (const Tensor* t : buffers) {
+    if (t) torch::autograd::increment_version(*t);
+  }
+}
+
+// out, mean (fp64), invstd of the forward op; in training with running statistics, their update.
 std::tuple<Tensor, Tensor, Tensor> forward_and_update(const Tensor& input, const MaybeTensor& weight,
                                                       const MaybeTensor& bias, const MaybeTensor& running_mean,
                                                       const MaybeTensor& running_var,
@@ -98,16 +122,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_and_update(const Tensor& input, const
   const MaybeTensor none;
   auto [out, mean, invstd, var] = forward.get(triton).call(input, weight, bias, training ? none : running_mean,
                                                            training ? none : running_var, training, unbiased, eps);
-  if (update) {
-    const Tensor* buffers[] = {&*running_mean, &*running_var, num_batches_tracked ? &*num_batches_tracked : nullptr};
-    const bool same_dtype = running_mean->scalar_type() == running_var->scalar_type();
-    if (same_dtype &&
-        std::all_of(std::begin(buffers), std::end(buffers), [](const Tensor* t) { return !t || on_host(*t); })) {
-      update_on_host(*running_mean, *running_var, num_batches_tracked, mean, var, momentum);
-    } else {
-      update_by_ops(*running_mean, *running_var, num_batches_tracked, mean, var, momentum);
-    }
-  }
+  if (update) update_running_stats(*running_mean, *running_var, num_batches_tracked, mean, var, momentum);
   return {out, mean, invstd};
 }
 
@@ -121,11 +136,6 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(out, mean, invstd) = forward_and_update(input, weight, bias, running_mean, running_var,
                                                        num_batches_tracked, training, momentum, unbiased, eps, triton);
-    }
-    if (training && running_mean.has_value()) {  // written in place: autograd sees the writes
-      for (const MaybeTensor& t : {running_mean, running_var, num_batches_tracked}) {
-        if (t.has_value()) torch::autograd::increment_version(*t);
-      }
     }
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd});
     ctx->saved_data["training"] = training;
@@ -178,10 +188,15 @@ TORCH_LIBRARY_FRAGMENT(fusedops, m) {
   m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
         "Tensor(c!)? num_batches_tracked, bool training, float? momentum, bool unbiased, float eps, bool triton) "
         "-> Tensor");
+  m.def("batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
+        "Tensor mean, Tensor var, float? momentum) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusedops, Autograd, m) { m.impl("batch_norm", &batch_norm); }
 
-TORCH_LIBRARY_IMPL(fusedops, CompositeExplicitAutograd, m) { m.impl("batch_norm", &batch_norm_output); }
+TORCH_LIBRARY_IMPL(fusedops, CompositeExplicitAutograd, m) {
+  m.impl("batch_norm", &batch_norm_output);
+  m.impl("batch_norm_update_stats", &update_running_stats);
+}
 
 }  // namespace fusedops

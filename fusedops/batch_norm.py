@@ -94,6 +94,7 @@ FAKES = {"forward": _forward_fake, "backward": _backward_fake, "stats": _per_cha
 for _name, _fake in FAKES.items():
     torch.library.register_fake(f"fusedops::batch_norm_{_name}_triton")(_fake)
     register_cpp_fake(f"fusedops::batch_norm_{_name}", _fake)
+register_cpp_fake("fusedops::batch_norm_update_stats", lambda *args: None)  # writes its inputs only
 
 # The ops of a backend. forward and backward run one process's batch norm; stats, backward_reduce and
 # backward_elemt are the steps of one split over processes (SyncBatchNorm), a collective between each two.
@@ -137,11 +138,13 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                                          training, momentum, unbiased, eps, backend == "triton")
 
 
-@torch.no_grad()
-def update_running_stats(running_mean, running_var, mean, var, momentum):
-    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
-    torch._foreach_lerp_((running_mean, running_var), (mean.to(running_mean.dtype), var.to(running_var.dtype)),
-                         momentum)
+def update_running_stats(module, mean, var):
+    """Counts a training batch of `module` (a BatchNorm1d) and updates its running statistics with the
+    batch mean and unbiased variance, as its forward does (fusedops::batch_norm_update_stats), for
+    callers that run the forward op themselves."""
+    if module.track_running_stats:
+        torch.ops.fusedops.batch_norm_update_stats(module.running_mean, module.running_var,
+                                                   module.num_batches_tracked, mean, var, module.momentum)
 
 
 def _check_args(input, running_mean, running_var, weight, bias, training, eps, min_values=2, momentum=None):
@@ -220,9 +223,9 @@ class BatchNorm1d(_BatchNorm):
             running_mean = running_var = None
         _check_args(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps, momentum=self.momentum)
         backend = pick_backend(self.backend, input)
-        if backend == "reference":
+        if backend == "reference":  # the notebooks' own update, given the batch's weight
             return _batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats,
-                               self.count_batch() if training else 0.0, self.eps, self.unbiased, backend)
+                               self._reference_momentum() if training else 0.0, self.eps, self.unbiased, backend)
         counter = counter if training and running_mean is not None else None
         return _batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, self.momentum,
                            self.eps, self.unbiased, backend, counter)  # the op counts the batch
@@ -238,9 +241,10 @@ class BatchNorm1d(_BatchNorm):
         except KeyError:
             return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
 
-    def count_batch(self):
-        """Counts a training batch; returns its weight in the running statistics' update (what the
-        fused op does itself, for the callers that update the statistics apart)."""
+    def _reference_momentum(self):
+        """Counts a training batch; returns its weight in the running statistics' update, for the
+        reference backend, whose forward updates them its own way (the fused ops count and weigh
+        the batch themselves)."""
         if not self.track_running_stats:
             return 0.0 if self.momentum is None else self.momentum
         self.num_batches_tracked.add_(1)

@@ -148,7 +148,7 @@ def manual_step(model, Xb, Yb):
     embcat = C[Xb].flatten(1)
     hprebn = F.linear(embcat, W1, b1)  # embcat @ W1^T + b1
     hpreact, mean, invstd, var = bn_ops.forward(hprebn, bn.weight, bn.bias, None, None, True, bn.unbiased, bn.eps)
-    update_running_stats(bn.running_mean, bn.running_var, mean, var, bn.count_batch())
+    update_running_stats(bn, mean, var)
     h = torch.tanh(hpreact)
     logits = F.linear(h, W2, b2)
     loss, dlogits = ce_forward(logits, Yb, MEAN, -100, 0.0)  # (softmax - one_hot) / n

@@ -107,9 +107,7 @@ class SyncBatchNorm(BatchNorm1d):
             raise ValueError("SyncBatchNorm runs the fused kernels: backend='reference' has none")
         out, mean, var = SyncBatchNormFunction.apply(input, self.weight, self.bias, self.unbiased, self.eps,
                                                      self.process_group, backend)
-        momentum = self.count_batch()
-        if self.track_running_stats:  # the same global statistics, the same update in every process
-            update_running_stats(self.running_mean, self.running_var, mean, var, momentum)
+        update_running_stats(self, mean, var)  # the same global statistics, the same update in every process
         return out
 
 

@@ -212,8 +212,11 @@ def _op_samples(backend):
         stats = (torch.zeros(C, dtype=pdtype), torch.ones(C, dtype=pdtype)) if training else (rm, rv)
         yield "batch_norm", (x.detach().requires_grad_(dtype != torch.bfloat16), w, b, *stats, torch.zeros((), dtype=torch.int64),
                              training, None if training else 0.1, True, 1e-5, suffix == "_triton")
-        _, mean, invstd, _ = getattr(torch.ops.fusedops, "batch_norm_forward" + suffix)(*forward_args)
+        _, mean, invstd, var = getattr(torch.ops.fusedops, "batch_norm_forward" + suffix)(*forward_args)
         yield "batch_norm_backward" + suffix, (dy, x, mean, invstd, w, training, True)
+        if training and not suffix:  # the running statistics' update alone: one op for both backends
+            yield "batch_norm_update_stats", (torch.zeros(C, dtype=pdtype), torch.ones(C, dtype=pdtype),
+                                              torch.zeros((), dtype=torch.int64), mean, var, None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
