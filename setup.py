@@ -1,5 +1,5 @@
 """Builds csrc/*.cpp into fusedops._C. Install with `pip install --no-build-isolation -e .`;
-FUSEDOPS_NO_AVX2=1 builds without AVX2 vector code (see fusedops/_backend.py)."""
+FUSEDOPS_NO_AVX2=1 builds without AVX2 vector code (see fusedops/_build.py)."""
 import glob
 import importlib.util
 import os
@@ -7,10 +7,10 @@ import os
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-# fusedops/_backend.py holds the flags the lazy build uses too; load it without importing fusedops
-_spec = importlib.util.spec_from_file_location("_backend", os.path.join("fusedops", "_backend.py"))
-_backend = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_backend)
+# fusedops/_build.py holds the flags the lazy build uses too; load it without importing fusedops
+_spec = importlib.util.spec_from_file_location("_build", os.path.join("fusedops", "_build.py"))
+_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_build)
 
 setup(
     name="fusedops",
@@ -19,10 +19,10 @@ setup(
     packages=find_packages(include=["fusedops", "fusedops.*"]),
     ext_modules=[CppExtension(
         "fusedops._C",
-        [os.path.relpath(p) for p in _backend.cpp_sources()],
+        [os.path.relpath(p) for p in _build.cpp_sources()],
         depends=[os.path.relpath(p) for p in glob.glob(os.path.join("csrc", "*.h"))],
-        extra_compile_args=_backend.cpp_flags(),
-        extra_link_args=_backend.CPP_LDFLAGS,
+        extra_compile_args=_build.cpp_flags(),
+        extra_link_args=_build.CPP_LDFLAGS,
     )],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",

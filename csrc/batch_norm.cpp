@@ -401,17 +401,6 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, co
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fusedops, m) {
-  m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
-        "Tensor? running_var, bool training, bool unbiased, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("batch_norm_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
-        "bool training, bool unbiased) -> (Tensor, Tensor, Tensor)");
-  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
-  m.def("batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean) -> (Tensor, Tensor)");
-  m.def("batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
-        "Tensor sum_dy, Tensor sum_dy_xmu, int count, bool unbiased) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(fusedops, CPU, m) {
   m.impl("batch_norm_forward", &batch_norm_forward);
   m.impl("batch_norm_backward", &batch_norm_backward);

@@ -206,13 +206,6 @@ at::Tensor cross_entropy_forward_inplace(at::Tensor& logits, const at::Tensor& t
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fusedops, m) {
-  m.def("cross_entropy_forward(Tensor logits, Tensor target, int reduction, int ignore_index, "
-        "float label_smoothing) -> (Tensor, Tensor)");
-  m.def("cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, int reduction, int ignore_index, "
-        "float label_smoothing) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(fusedops, CPU, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward);
   m.impl("cross_entropy_forward_inplace", &cross_entropy_forward_inplace);

@@ -1,7 +1,9 @@
-// The fusedops operator library. Each operator's file defines its schemas (TORCH_LIBRARY_FRAGMENT)
-// and its CPU kernels, its *_autograd.cpp the differentiable op over them (and over the Triton ops,
-// which are registered from Python, as are the fake kernels).
+// The fusedops operator library: every op's schema, in one list. Each is one step of a kernel; its
+// CPU kernel is C++ (csrc/<operator>.cpp), its CUDA kernel the Triton launcher registered from Python
+// (fusedops/<operator>.py), its fake kernel registered from Python too. The ops themselves are not
+// differentiable: autograd is the Python torch.autograd.Function of each operator, which calls them.
 #include <Python.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 // Lets `import fusedops._C` load this library; loading it registers the ops.
@@ -10,4 +12,37 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module);
 }
 
-TORCH_LIBRARY(fusedops, m) {}
+TORCH_LIBRARY(fusedops, m) {
+  // cross-entropy: the loss (per row, or reduced) and its gradient with respect to the logits
+  m.def("cross_entropy_forward(Tensor logits, Tensor target, int reduction, int ignore_index, "
+        "float label_smoothing) -> (Tensor, Tensor)");
+  // the same, the gradient written over the logits
+  m.def("cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, int reduction, int ignore_index, "
+        "float label_smoothing) -> Tensor");
+  // batch norm over (N, C) or (N, C, L): out, mean (fp64), invstd, unbiased var
+  m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+        "Tensor? running_var, bool training, bool unbiased, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // grad_input, grad_weight, grad_bias
+  m.def("batch_norm_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+        "bool training, bool unbiased) -> (Tensor, Tensor, Tensor)");
+  // a batch split over processes: this share's mean and m2 (fp64) ...
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  // ... its sum(dy) and sum(dy * (x - mean)) (fp64) ...
+  m.def("batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean) -> (Tensor, Tensor)");
+  // ... and its grad_input from the sums over every process
+  m.def("batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+        "Tensor sum_dy, Tensor sum_dy_xmu, int count, bool unbiased) -> Tensor");
+  // the running statistics' update (and the batch count), in place
+  m.def("batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
+        "Tensor mean, Tensor var, float? momentum) -> ()");
+}
+
+// Backpropagating through an op itself (rather than through its operator's autograd Function) is an error
+// that says so, not a silently missing gradient.
+TORCH_LIBRARY_IMPL(fusedops, Autograd, m) {
+  for (const char* op : {"cross_entropy_forward", "cross_entropy_forward_inplace", "batch_norm_forward",
+                         "batch_norm_backward", "batch_norm_stats", "batch_norm_backward_reduce",
+                         "batch_norm_backward_elemt"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
+}

@@ -8,58 +8,19 @@ sum(dy*xhat), which are dbeta and dgamma, then one elementwise pass for
 `unbiased=False` with the biased one (as PyTorch); running_var always takes the unbiased one. In eval
 mode the statistics are constants and dx = dy * gamma * invstd.
 """
-import collections
-from typing import Optional
-
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import reference
-from ._backend import acc_dtype, pick_backend, register_cpp_fake
+from ._ops import acc_dtype, check_backend, fast_apply, kernels, register
+from .errors import ArgumentDtypeError, ArgumentTypeError, ArgumentValueError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-# Triton launches as opaque custom ops, so torch.compile and autograd see the same ops as on CPU.
-@torch.library.custom_op("fusedops::batch_norm_forward_triton", mutates_args=())
-def _forward_triton(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
-                    unbiased: bool, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from . import batch_norm_triton
-
-    return batch_norm_triton.forward(input, weight, bias, running_mean, running_var, training, unbiased, eps)
-
-
-@torch.library.custom_op("fusedops::batch_norm_backward_triton", mutates_args=())
-def _backward_triton(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
-                     training: bool, unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from . import batch_norm_triton
-
-    return batch_norm_triton.backward(grad_out, input, mean, invstd, weight, training, unbiased)
-
-
-@torch.library.custom_op("fusedops::batch_norm_stats_triton", mutates_args=())
-def _stats_triton(input: Tensor) -> tuple[Tensor, Tensor]:
-    from . import batch_norm_triton
-
-    return batch_norm_triton.stats(input)
-
-
-@torch.library.custom_op("fusedops::batch_norm_backward_reduce_triton", mutates_args=())
-def _backward_reduce_triton(grad_out: Tensor, input: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
-    from . import batch_norm_triton
-
-    return batch_norm_triton.backward_reduce(grad_out, input, mean)
-
-
-@torch.library.custom_op("fusedops::batch_norm_backward_elemt_triton", mutates_args=())
-def _backward_elemt_triton(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
-                           sum_dy: Tensor, sum_dy_xmu: Tensor, count: int, unbiased: bool) -> Tensor:
-    from . import batch_norm_triton
-
-    return batch_norm_triton.backward_elemt(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
-                                            unbiased)
+def as_ncl(t):
+    """(N, C, *) as the (N, C) or (N, C, L) the kernels take: the one place the shape is flattened."""
+    return t if t.dim() <= 3 else t.flatten(2)
 
 
 def _forward_fake(input, weight, bias, running_mean, running_var, training, unbiased, eps):
@@ -88,23 +49,140 @@ def _backward_elemt_fake(grad_out, input, *_):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-FAKES = {"forward": _forward_fake, "backward": _backward_fake, "stats": _per_channel_sums_fake,
-         "backward_reduce": lambda grad_out, input, mean: _per_channel_sums_fake(input),
-         "backward_elemt": _backward_elemt_fake}
-for _name, _fake in FAKES.items():
-    torch.library.register_fake(f"fusedops::batch_norm_{_name}_triton")(_fake)
-    register_cpp_fake(f"fusedops::batch_norm_{_name}", _fake)
-register_cpp_fake("fusedops::batch_norm_update_stats", lambda *args: None)  # writes its inputs only
+def _cuda(step):
+    """The CUDA kernel of batch_norm_<step>: batch_norm_triton.<step>, imported on first use."""
+    def launch(*args):
+        from . import batch_norm_triton
 
-# The ops of a backend. forward and backward run one process's batch norm; stats, backward_reduce and
-# backward_elemt are the steps of one split over processes (SyncBatchNorm), a collective between each two.
-Ops = collections.namedtuple("Ops", FAKES)
+        return getattr(batch_norm_triton, step)(*args)
+
+    return launch
 
 
-def ops(backend):
-    """The batch-norm ops of the "cpp" or "triton" backend."""
-    suffix = "" if backend == "cpp" else "_triton"
-    return Ops(*(getattr(torch.ops.fusedops, f"batch_norm_{name}{suffix}") for name in FAKES))
+for _step, _fake in {"forward": _forward_fake, "backward": _backward_fake, "stats": _per_channel_sums_fake,
+                     "backward_reduce": lambda grad_out, input, mean: _per_channel_sums_fake(input),
+                     "backward_elemt": _backward_elemt_fake}.items():
+    register(f"batch_norm_{_step}", _fake, _cuda(_step))
+# one kernel for every device (C++, CompositeExplicitAutograd); writes its inputs only
+register("batch_norm_update_stats", lambda *args: None, None)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """out, mean, invstd, var = BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+    training, unbiased, eps, backend): batch norm of (N, C, *) input with the batch's statistics
+    (training) or the running ones, which it does not update. mean (fp64), invstd and var (the unbiased
+    batch variance, or the running one) are per channel and not differentiable: mean and var are what
+    the running statistics' update takes.
+    weight and bias may be None. backward runs the fused backward op; under create_graph=True it
+    differentiates the same batch norm written in torch ops, so double backward is exact."""
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, training, unbiased, eps, backend):
+        x = as_ncl(input)
+        out, mean, invstd, var = kernels(backend, input).batch_norm_forward(
+            x, weight, bias, None if training else running_mean, None if training else running_var, training,
+            unbiased, eps)
+        return out.view(input.shape), mean, invstd, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, running_mean, running_var, training, unbiased, eps, backend = inputs
+        _, mean, invstd, _ = output
+        ctx.save_for_backward(input, weight, bias, mean, invstd)
+        ctx.save_for_forward(input, weight, mean, invstd)
+        ctx.options = training, unbiased, eps, backend
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_):
+        input, weight, bias, mean, invstd = ctx.saved_tensors
+        training, unbiased, eps, backend = ctx.options
+        needs = ctx.needs_input_grad[:3]
+        if grad_out is None:
+            return None, None, None, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph: the backward of batch norm in torch ops, differentiable
+            grads = _composite_grads(grad_out, input, weight, bias, mean, invstd, training, unbiased, eps, needs)
+        else:
+            dx, dw, db = kernels(backend, input).batch_norm_backward(as_ncl(grad_out), as_ncl(input), mean, invstd,
+                                                                     weight, training, unbiased)
+            grads = (dx.view(input.shape) if needs[0] else None,
+                     dw.to(weight.dtype) if needs[1] else None, db.to(bias.dtype) if needs[2] else None)
+        return *grads, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, *_):
+        input, weight, mean, invstd = ctx.saved_tensors
+        training, unbiased, _, _ = ctx.options
+        dims, shape = _reduced_dims(input)
+        mean, invstd = mean.to(invstd.dtype).view(shape), invstd.view(shape)
+        xhat = (input - mean) * invstd
+        xhat_t = torch.zeros_like(xhat) if input_t is None else input_t * invstd
+        if training and input_t is not None:  # d xhat = invstd * (dx - mean(dx) - xhat * sum(xhat*dx) / d)
+            n = input.numel() // input.shape[1]
+            d = n - 1 if unbiased else n
+            xhat_t = invstd * (input_t - input_t.mean(dims, keepdim=True)
+                               - xhat * (xhat * input_t).sum(dims, keepdim=True) / d)
+        out_t = xhat_t if weight is None else weight.view(shape) * xhat_t
+        if weight_t is not None:
+            out_t = out_t + weight_t.view(shape) * xhat
+        if bias_t is not None:
+            out_t = out_t + bias_t.view(shape)
+        return out_t, None, None, None  # the statistics are not differentiable
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, unbiased, eps, backend):
+        """Each mapped slice its own batch: (B, N, C, *) runs as (N, B*C, *), every (slice, channel)
+        pair a channel of its own."""
+        B = info.batch_size
+        x = input.movedim(in_dims[0], 1) if in_dims[0] is not None else input.expand(B, *input.shape).movedim(0, 1)
+        N, C = x.shape[0], x.shape[2]
+        per_channel = [None if t is None else _batched_first(t, dim, B).reshape(B * C)
+                       for t, dim in zip((weight, bias, running_mean, running_var), in_dims[1:5])]
+        out, mean, invstd, var = BatchNormFunction.apply(x.reshape(N, B * C, *x.shape[3:]), *per_channel, training,
+                                                         unbiased, eps, backend)
+        out = out.view(N, B, C, *x.shape[3:])
+        return (out, mean.view(B, C), invstd.view(B, C), var.view(B, C)), (1, 0, 0, 0)
+
+
+def _batched_first(t, dim, size):
+    """A tensor with its mapped dimension first (expanded when it has none)."""
+    return t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def _reduced_dims(input):
+    """The dims batch norm reduces over, and the shape that broadcasts a per-channel tensor."""
+    return [0, *range(2, input.dim())], (1, -1) + (1,) * (input.dim() - 2)
+
+
+def _composite_grads(grad_out, input, weight, bias, mean, invstd, training, unbiased, eps, needs):
+    """The gradients of batch norm in closed form, in torch ops on the inputs (in training the statistics
+    recomputed from the input), so differentiable again; no nested autograd.grad, which torch.func's
+    vjp/jacrev/hessian cannot run."""
+    dims, shape = _reduced_dims(input)
+    acc = invstd.dtype
+    x, dy = input.to(acc), grad_out.to(acc)
+    if training:  # the statistics as functions of the input
+        d = x.numel() // x.shape[1] - (1 if unbiased else 0)
+        centred = x - x.mean(dims, keepdim=True)
+        inv = torch.rsqrt(centred.square().sum(dims, keepdim=True) / d + eps)
+    else:  # constants: the running statistics the forward normalised with
+        centred, inv = x - mean.to(acc).view(shape), invstd.view(shape)
+    xhat = centred * inv
+    g = dy if weight is None else dy * weight.view(shape)  # d loss / d xhat
+    dx = dw = db = None
+    if needs[0]:  # training: dx = invstd * (g - mean(g) - xhat * sum(g * xhat) / d); eval: g * invstd
+        dx = inv * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).sum(dims, keepdim=True) / d) if training \
+            else g * inv
+        dx = dx.to(input.dtype)
+    if needs[1]:  # dw = sum(dy * xhat)
+        dw = (dy * xhat).sum(dims).to(weight.dtype)
+    if needs[2]:  # db = sum(dy)
+        db = dy.sum(dims).to(bias.dtype)
+    return dx, dw, db
+
+
+_apply = fast_apply(BatchNormFunction)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
@@ -115,27 +193,25 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     update them in place: running = (1 - momentum) * running + momentum * batch (running_var with
     the unbiased batch variance). Otherwise normalise with running_mean and running_var.
     unbiased: normalise with the Bessel-corrected batch variance (the makemore notebooks) instead
-    of the biased one (PyTorch). backend: None (C++ on CPU, Triton on CUDA), "cpp", "triton" or
-    "reference" (the chunked reference, differentiated by autograd).
+    of the biased one (PyTorch). backend: None (C++ on CPU, Triton on CUDA), "cpp" or "triton".
     """
     if momentum is None:
-        raise TypeError("batch_norm: momentum must be a float, got None (momentum=None, the cumulative average, "
-                        "needs the batch count that BatchNorm1d keeps)")
-    _check_args(input, running_mean, running_var, weight, bias, training, eps, momentum=momentum)
-    backend = pick_backend(backend, input)
+        raise ArgumentTypeError("batch_norm: momentum must be a float, got None (momentum=None, the cumulative "
+                                "average, needs the batch count that BatchNorm1d keeps)")
+    _check_args(input, running_mean, running_var, weight, bias, training, eps, momentum=momentum, backend=backend)
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend)
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend,
                 num_batches_tracked=None):
-    """batch_norm on checked arguments. The fused op counts a training batch in num_batches_tracked
-    when given, and momentum=None then takes the cumulative average over the counted batches."""
-    if backend == "reference":
-        return reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                    unbiased)
-    # the forward op, the running statistics' update and autograd, in C++ (csrc/batch_norm_autograd.cpp)
-    return torch.ops.fusedops.batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                         training, momentum, unbiased, eps, backend == "triton")
+    """batch_norm on checked arguments. In training with running statistics, counts the batch in
+    num_batches_tracked when given, and momentum=None then takes the cumulative average over the
+    counted batches."""
+    out, mean, _, var = _apply(input, weight, bias, running_mean, running_var, training, unbiased, eps, backend)
+    if training and running_mean is not None:
+        torch.ops.fusedops.batch_norm_update_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                                   momentum)
+    return out
 
 
 def update_running_stats(module, mean, var):
@@ -147,18 +223,21 @@ def update_running_stats(module, mean, var):
                                                    module.num_batches_tracked, mean, var, module.momentum)
 
 
-def _check_args(input, running_mean, running_var, weight, bias, training, eps, min_values=2, momentum=None):
-    """min_values: the values per channel that training needs here (SyncBatchNorm counts all processes').
-    momentum: a float in [0, 1], or None (the cumulative average)."""
+def _check_args(input, running_mean, running_var, weight, bias, training, eps, min_values=2, momentum=None,
+                backend=None):
+    """Every argument check of batch norm, one message each. min_values: the values per channel that
+    training needs here (SyncBatchNorm counts all processes'). momentum: a float in [0, 1], or None (the
+    cumulative average)."""
     if not isinstance(input, Tensor) or input.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"batch_norm: input must be a float16, bfloat16, float32 or float64 tensor, got "
-                        f"{getattr(input, 'dtype', type(input))}")
+        raise (ArgumentDtypeError if isinstance(input, Tensor) else ArgumentTypeError)(f"batch_norm: input must be a float16, bfloat16, float32 or float64 tensor, got "
+                                f"{getattr(input, 'dtype', type(input))}")
     if input.dim() not in (2, 3):
-        raise ValueError(f"batch_norm: input must be (N, C) or (N, C, L), got {input.dim()}-D input of shape "
-                         f"{tuple(input.shape)}")
+        raise ArgumentValueError(f"batch_norm: input must be (N, C) or (N, C, L), got {input.dim()}-D input of "
+                                 f"shape {tuple(input.shape)}")
     channels = input.shape[1]
     if channels == 0:
-        raise ValueError(f"batch_norm: input must have at least one channel, got shape {tuple(input.shape)}")
+        raise ArgumentValueError(f"batch_norm: input must have at least one channel, got shape "
+                                 f"{tuple(input.shape)}")
     # per-channel tensors: the input's dtype, or float32 for float16/bfloat16 input (mixed precision)
     dtypes = (input.dtype,) if input.dtype in (torch.float32, torch.float64) else (input.dtype, torch.float32)
     named = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
@@ -167,35 +246,37 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps, m
         if t is None:
             continue
         if not isinstance(t, Tensor):
-            raise TypeError(f"batch_norm: {name} must be a tensor or None, got {type(t).__name__}")
+            raise ArgumentTypeError(f"batch_norm: {name} must be a tensor or None, got {type(t).__name__}")
         if t.device != device:
-            raise ValueError(f"batch_norm: {name} is on {t.device} but input is on {device}")
+            raise ArgumentValueError(f"batch_norm: {name} is on {t.device} but input is on {device}")
         if t.dtype not in dtypes:
-            raise TypeError(f"batch_norm: {name} has dtype {t.dtype} but input has {input.dtype}; expected "
-                            f"{' or '.join(map(str, dtypes))}")
+            raise ArgumentTypeError(f"batch_norm: {name} has dtype {t.dtype} but input has {input.dtype}; "
+                                    f"expected {' or '.join(map(str, dtypes))}")
         if t.shape != (channels,):
-            raise ValueError(f"batch_norm: {name} has shape {tuple(t.shape)} but input has {channels} channels, "
-                             f"expected ({channels},)")
+            raise ArgumentValueError(f"batch_norm: {name} has shape {tuple(t.shape)} but input has {channels} "
+                                     f"channels, expected ({channels},)")
     if (running_mean is None) != (running_var is None):
-        raise ValueError("batch_norm: running_mean and running_var must both be tensors or both be None, got "
-                         f"running_mean={type(running_mean).__name__}, running_var={type(running_var).__name__}")
+        raise ArgumentValueError("batch_norm: running_mean and running_var must both be tensors or both be None, "
+                                 f"got running_mean={type(running_mean).__name__}, "
+                                 f"running_var={type(running_var).__name__}")
     if not training and running_mean is None:
-        raise ValueError("batch_norm: training=False normalises with running_mean and running_var, got None")
-    values_per_channel = input.shape[0] * (input.shape[2] if input.dim() == 3 else 1)
-    if training and values_per_channel < min_values:
-        raise ValueError("batch_norm: expected more than 1 value per channel when training, got input of shape "
-                         f"{tuple(input.shape)}")
+        raise ArgumentValueError("batch_norm: training=False normalises with running_mean and running_var, "
+                                 "got None")
+    if training and input.numel() // channels < min_values:
+        raise ArgumentValueError("batch_norm: expected more than 1 value per channel when training, got input "
+                                 f"of shape {tuple(input.shape)}")
     if not isinstance(training, bool):
-        raise TypeError(f"batch_norm: training must be a bool, got {training!r}")
+        raise ArgumentTypeError(f"batch_norm: training must be a bool, got {training!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"batch_norm: eps must be a float, got {eps!r}")
+        raise ArgumentTypeError(f"batch_norm: eps must be a float, got {eps!r}")
     if not eps >= 0:
-        raise ValueError(f"batch_norm: eps must be a non-negative number, got {eps!r}")
+        raise ArgumentValueError(f"batch_norm: eps must be a non-negative number, got {eps!r}")
     if momentum is not None:
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-            raise TypeError(f"batch_norm: momentum must be a float, got {momentum!r}")
+            raise ArgumentTypeError(f"batch_norm: momentum must be a float, got {momentum!r}")
         if not 0 <= momentum <= 1:  # running = (1 - momentum) * running + momentum * batch
-            raise ValueError(f"batch_norm: momentum must be in [0, 1], got {momentum!r}")
+            raise ArgumentValueError(f"batch_norm: momentum must be in [0, 1], got {momentum!r}")
+    check_backend(backend, input)
 
 
 class BatchNorm1d(_BatchNorm):
@@ -212,7 +293,7 @@ class BatchNorm1d(_BatchNorm):
 
     def _check_input_dim(self, input):
         if input.dim() not in (2, 3):
-            raise ValueError(f"BatchNorm1d: expected 2D or 3D input, got {input.dim()}D input")
+            raise ArgumentValueError(f"BatchNorm1d: expected 2D or 3D input, got {input.dim()}D input")
 
     def forward(self, input):
         self._check_input_dim(input)
@@ -221,14 +302,11 @@ class BatchNorm1d(_BatchNorm):
         use_batch_stats = training or running_mean is None
         if training and not self.track_running_stats:  # batch statistics, nothing to update
             running_mean = running_var = None
-        _check_args(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps, momentum=self.momentum)
-        backend = pick_backend(self.backend, input)
-        if backend == "reference":  # the notebooks' own update, given the batch's weight
-            return _batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats,
-                               self._reference_momentum() if training else 0.0, self.eps, self.unbiased, backend)
+        _check_args(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps,
+                    momentum=self.momentum, backend=self.backend)
         counter = counter if training and running_mean is not None else None
         return _batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, self.momentum,
-                           self.eps, self.unbiased, backend, counter)  # the op counts the batch
+                           self.eps, self.unbiased, self.backend, counter)
 
     def _tensors(self):
         """weight, bias, running_mean, running_var, num_batches_tracked. Read from the module's dicts:
@@ -240,17 +318,6 @@ class BatchNorm1d(_BatchNorm):
                     buffers["num_batches_tracked"])
         except KeyError:
             return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
-
-    def _reference_momentum(self):
-        """Counts a training batch; returns its weight in the running statistics' update, for the
-        reference backend, whose forward updates them its own way (the fused ops count and weigh
-        the batch themselves)."""
-        if not self.track_running_stats:
-            return 0.0 if self.momentum is None else self.momentum
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # the cumulative average: running = mean of the batches so far
-            return 1.0 / self.num_batches_tracked.double()
-        return self.momentum
 
     def extra_repr(self):
         return super().extra_repr() + f", unbiased={self.unbiased}, backend={self.backend!r}"

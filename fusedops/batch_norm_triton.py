@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import acc_dtype
+from ._ops import acc_dtype
 
 MAX_BLOCK_N, MAX_BLOCK_C, MAX_SPLITS = 64, 128, 256
 

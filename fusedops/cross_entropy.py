@@ -1,47 +1,20 @@
 """Fused cross-entropy: the loss and its gradient from one pass over the logits.
 
-The forward kernel computes, per row, loss = logsumexp(x) - (1-eps)*x[t] - eps/V*sum(x) and the
-gradient (softmax(x) - eps/V - (1-eps)*one_hot(t)) / n; backward only scales the saved gradient
-by the upstream one (or hands it back as it is). With `inplace_backward=True` that gradient is written over the logits.
+The forward op computes, per row, loss = logsumexp(x) - (1-eps)*x[t] - eps/V*sum(x) and the gradient
+G = (softmax(x) - q) * scale, q = eps/V + (1-eps)*one_hot(t) (0 in an ignored row), scale = 1/count
+for the mean. backward scales G by the upstream gradient. With `inplace_backward=True` G is written
+over the logits.
 """
+import weakref
+
 import torch
 from torch import Tensor, nn
 
-from . import reference
-from ._backend import pick_backend, register_cpp_fake
+from ._ops import check_backend, fast_apply, kernels, register
+from .errors import ArgumentDtypeError, ArgumentEmptyError, ArgumentTypeError, ArgumentValueError
 
 NONE, MEAN, SUM = 0, 1, 2  # torch's reduction numbering, as the kernels take it
 REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
-
-
-# Triton launches as opaque custom ops, so torch.compile and autograd see the same ops as on CPU.
-@torch.library.custom_op("fusedops::cross_entropy_forward_triton", mutates_args=())
-def _forward_triton(logits: Tensor, target: Tensor, reduction: int, ignore_index: int,
-                    label_smoothing: float) -> tuple[Tensor, Tensor]:
-    from . import cross_entropy_triton
-
-    _check_target_range(target, logits.shape[1], ignore_index)
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    loss = cross_entropy_triton.forward(logits, target, grad, reduction, ignore_index, label_smoothing)
-    return loss, grad
-
-
-@torch.library.custom_op("fusedops::cross_entropy_forward_inplace_triton", mutates_args=("logits",))
-def _forward_inplace_triton(logits: Tensor, target: Tensor, reduction: int, ignore_index: int,
-                            label_smoothing: float) -> Tensor:
-    from . import cross_entropy_triton
-
-    _check_target_range(target, logits.shape[1], ignore_index)
-    return cross_entropy_triton.forward(logits, target, logits, reduction, ignore_index, label_smoothing)
-
-
-def _check_target_range(target, num_classes, ignore_index):
-    """The C++ kernel checks this itself; here for the Triton kernel and the reference, before they write."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
-        raise IndexError(f"cross_entropy: target[{i}] = {int(target[i])} is out of range for "
-                         f"{num_classes} classes (argument 'target')")
 
 
 def _forward_inplace_fake(logits, target, reduction, ignore_index, label_smoothing):
@@ -53,16 +26,140 @@ def _forward_fake(logits, target, reduction, ignore_index, label_smoothing):
     return loss, torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-_forward_triton.register_fake(_forward_fake)
-_forward_inplace_triton.register_fake(_forward_inplace_fake)
-register_cpp_fake("fusedops::cross_entropy_forward", _forward_fake)
-register_cpp_fake("fusedops::cross_entropy_forward_inplace", _forward_inplace_fake)
+def _forward_cuda(logits, target, reduction, ignore_index, label_smoothing):
+    from . import cross_entropy_triton
+
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return cross_entropy_triton.forward(logits, target, grad, reduction, ignore_index, label_smoothing), grad
 
 
-def forward_op(backend):
-    """The op of a backend that computes the loss and its gradient (the differentiable op runs it)."""
-    ops = torch.ops.fusedops
-    return ops.cross_entropy_forward if backend == "cpp" else ops.cross_entropy_forward_triton
+def _forward_inplace_cuda(logits, target, reduction, ignore_index, label_smoothing):
+    from . import cross_entropy_triton
+
+    loss = cross_entropy_triton.forward(logits, target, logits, reduction, ignore_index, label_smoothing)
+    torch.autograd.graph.increment_version(logits)  # as every in-place op: autograd sees the write
+    return loss
+
+
+register("cross_entropy_forward", _forward_fake, _forward_cuda)
+register("cross_entropy_forward_inplace", _forward_inplace_fake, _forward_inplace_cuda)
+
+
+def _keeps_graph():
+    """Whether the running backward pass keeps the graph (retain_graph): a saved tensor can be asked
+    for again."""
+    try:
+        return torch._C._autograd._get_current_graph_task_keep_graph()
+    except RuntimeError:  # not called by the autograd engine
+        return True
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """loss, grad = CrossEntropyFunction.apply(logits, target, reduction, ignore_index, label_smoothing,
+    inplace_backward, backend): cross-entropy of (N, V) logits and (N,) class indices (int64 or int32).
+
+    reduction: 0 none, 1 mean, 2 sum (torch's numbering). The second output `grad` is the loss's
+    gradient with respect to the logits, G = (softmax(x) - q) * scale; backward returns G times the
+    upstream gradient. It is differentiable (d G / dx = scale * (diag(p) - p p^T) per row), which is
+    how double backward goes through it. With inplace_backward=True, G is written over the logits and
+    `grad` is None (no double backward then: the logits are gone). Unless the graph is retained,
+    backward scales G in place and hands it out: it is consumed, as the saved tensor it is.
+    """
+
+    @staticmethod
+    def forward(logits, target, reduction, ignore_index, label_smoothing, inplace_backward, backend):
+        ops = kernels(backend, logits)
+        if inplace_backward:
+            return ops.cross_entropy_forward_inplace(logits, target, reduction, ignore_index, label_smoothing), None
+        return ops.cross_entropy_forward(logits, target, reduction, ignore_index, label_smoothing)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, reduction, ignore_index, label_smoothing, inplace_backward, _ = inputs
+        grad = logits if inplace_backward else output[1]
+        ctx.save_for_backward(grad, target)
+        ctx.save_for_forward(grad, target)
+        ctx.options = reduction, ignore_index, label_smoothing, inplace_backward
+        # the G the caller got back (None once dropped): while held, never scaled in place
+        ctx.grad_output = None if inplace_backward else weakref.ref(output[1])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_grad):
+        grad, target = ctx.saved_tensors
+        reduction, _, _, inplace_backward = ctx.options
+        create_graph = torch.is_grad_enabled()
+        if create_graph and inplace_backward:
+            raise RuntimeError("cross_entropy: inplace_backward=True has no double backward (the logits it "
+                               "needs are overwritten by their gradient)")
+        dlogits = None
+        if grad_grad is not None:  # through G's dependence on the logits, before G is scaled in place
+            dlogits = _softmax_vjp(grad, target, grad_grad, *ctx.options[:3])
+        if grad_loss is not None:  # G * upstream (per row for reduction none)
+            scale = grad_loss.unsqueeze(1) if reduction == NONE else grad_loss
+            held = ctx.grad_output is not None and ctx.grad_output() is not None
+            if torch.compiler.is_compiling() or create_graph or _keeps_graph() or held:
+                first = grad * scale
+            else:  # nothing can ask for G again: scale it in place, once, and hand it out
+                first = grad.mul_(scale)
+            dlogits = first if dlogits is None else dlogits + first
+        return dlogits, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, logits_tangent, *_):
+        grad, target = ctx.saved_tensors
+        reduction, _, _, inplace_backward = ctx.options
+        if inplace_backward:
+            raise RuntimeError("cross_entropy: inplace_backward=True has no forward-mode derivative")
+        # d loss_i = sum_j G_ij dx_ij (G holds the mean's 1/count); dG = J dx, J symmetric
+        row = (grad * logits_tangent).sum(1)
+        loss_tangent = row if reduction == NONE else row.sum()
+        return loss_tangent, _softmax_vjp(grad, target, logits_tangent, *ctx.options[:3])
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, reduction, ignore_index, label_smoothing, inplace_backward, backend):
+        """Each mapped slice its own batch of rows: the slices' rows are folded into one call of
+        reduction none, then reduced per slice."""
+        if inplace_backward:
+            raise RuntimeError("cross_entropy: inplace_backward=True cannot be used under vmap")
+        B = info.batch_size
+        logits = _batched_first(logits, in_dims[0], B)
+        target = _batched_first(target, in_dims[1], B)
+        _, N, V = logits.shape
+        rows, grad = CrossEntropyFunction.apply(logits.reshape(B * N, V), target.reshape(B * N), NONE,
+                                                ignore_index, label_smoothing, False, backend)
+        rows, grad = rows.view(B, N), grad.view(B, N, V)
+        if reduction == SUM:
+            return (rows.sum(1), grad), (0, 0)
+        if reduction == MEAN:  # the mean over each slice's non-ignored targets
+            count = (target != ignore_index).sum(1).to(rows.dtype)
+            return (rows.sum(1) / count, grad / count.view(B, 1, 1)), (0, 0)
+        return (rows, grad), (0, 0)
+
+
+def _batched_first(t, dim, size):
+    """A tensor with its mapped dimension first (expanded when it has none)."""
+    return t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def _softmax_vjp(grad, target, v, reduction, ignore_index, label_smoothing):
+    """J^T v = J v with J = d G / d logits = scale * (diag(p) - p p^T) per row (0 in an ignored row),
+    p recovered from G: p = G / scale + q. Torch ops, so itself differentiable."""
+    V = grad.shape[1]
+    kept = (target != ignore_index).unsqueeze(1)
+    if reduction == MEAN:
+        count = kept.sum().to(grad.dtype)
+        inv_scale, scale = count, 1 / count.clamp(min=1)
+    else:
+        inv_scale = scale = 1.0
+    one_hot = torch.nn.functional.one_hot(torch.where(kept.squeeze(1), target, 0).long(), V).to(grad.dtype)
+    q = (label_smoothing / V + (1 - label_smoothing) * one_hot) * kept  # the target distribution
+    p = grad * inv_scale + q
+    pv = p * v
+    return (pv - p * pv.sum(1, keepdim=True)) * scale * kept
+
+
+_apply = fast_apply(CrossEntropyFunction)
 
 
 def cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,
@@ -71,31 +168,27 @@ def cross_entropy(logits, target, *, reduction="mean", ignore_index=-100, label_
 
     logits: (N, V), (V,) or (N, V, d1, ...); target: (N,), () or (N, d1, ...), int64 or int32.
     inplace_backward: write the gradient over `logits` (2-D or 1-D) instead of a new buffer; the
-    logits' values are gone after the call. backend: None (C++ on CPU, Triton on CUDA), "cpp",
-    "triton" or "reference" (the chunked reference, differentiated by autograd).
+    logits' values are gone after the call. backend: None (C++ on CPU, Triton on CUDA), "cpp" or
+    "triton". Under torch.autocast the loss is computed and returned in float32, as PyTorch's.
     """
-    _check_args(logits, target, reduction, ignore_index, label_smoothing)
+    _check_args(logits, target, reduction, ignore_index, label_smoothing, backend)
+    if torch.is_autocast_enabled(logits.device.type) and logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # cross_entropy is on autocast's float32 list
     code = REDUCTIONS[reduction]
-    backend = pick_backend(backend, logits)
     out_shape = target.shape
     if logits.dim() == 1:
         logits, target = logits.unsqueeze(0), target.reshape(1)
     elif logits.dim() > 2:
         if inplace_backward:
-            raise ValueError(f"inplace_backward=True needs 1-D or 2-D logits, got shape {tuple(logits.shape)}")
+            raise ArgumentValueError(f"inplace_backward=True needs 1-D or 2-D logits, got shape "
+                                     f"{tuple(logits.shape)}")
         logits, target = logits.movedim(1, -1).reshape(-1, logits.shape[1]), target.reshape(-1)
     inplace = inplace_backward and logits.requires_grad and torch.is_grad_enabled()
     if inplace:
         _check_inplace(logits)
-    if backend == "reference":  # differentiated by autograd, never in place
-        _check_target_range(target, logits.shape[1], ignore_index)  # the kernels' own check and error
-        loss = reference.cross_entropy(logits, target, reduction, ignore_index, label_smoothing)
-    else:
-        if not inplace and logits.stride(1) != 1:
-            logits = logits.contiguous()
-        # the loss and its gradient from one pass, autograd in C++ (csrc/cross_entropy_autograd.cpp)
-        op = torch.ops.fusedops.cross_entropy_inplace if inplace else torch.ops.fusedops.cross_entropy
-        loss = op(logits, target, code, ignore_index, label_smoothing, backend == "triton")
+    elif logits.stride(1) != 1:
+        logits = logits.contiguous()
+    loss, _ = _apply(logits, target, code, ignore_index, label_smoothing, inplace, backend)
     return loss.reshape(out_shape) if code == NONE else loss
 
 
@@ -103,33 +196,40 @@ def _check_inplace(logits):
     """The gradient can be written over the logits: unit stride along the classes, rows apart."""
     N, V = logits.shape
     if logits.stride(1) != 1 or (N > 1 and abs(logits.stride(0)) < V):
-        raise ValueError("inplace_backward=True needs logits with unit stride along the classes and rows "
-                         f"that do not overlap, got shape {tuple(logits.shape)} and strides {logits.stride()}")
+        raise ArgumentValueError("inplace_backward=True needs logits with unit stride along the classes and rows "
+                                 f"that do not overlap, got shape {tuple(logits.shape)} and strides "
+                                 f"{logits.stride()}")
 
 
-def _check_args(logits, target, reduction, ignore_index, label_smoothing):
+def _check_args(logits, target, reduction, ignore_index, label_smoothing, backend):
+    """Every argument check of cross_entropy, one message each. The kernels check the targets' range:
+    the C++ kernel before it writes anything, the Triton kernel by a device-side assert (as PyTorch's
+    CUDA kernel), so that no value is read on the host."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
-        raise TypeError(f"cross_entropy: logits must be a floating-point tensor, got "
-                        f"{getattr(logits, 'dtype', type(logits))}")
+        raise (ArgumentDtypeError if isinstance(logits, Tensor) else ArgumentTypeError)(f"cross_entropy: logits must be a floating-point tensor, got "
+                                f"{getattr(logits, 'dtype', type(logits))}")
     if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"cross_entropy: target must be an int64 or int32 tensor of class indices, got "
-                        f"{getattr(target, 'dtype', type(target))} (class-probability targets are not supported)")
+        raise ArgumentTypeError(f"cross_entropy: target must be an int64 or int32 tensor of class indices, got "
+                                f"{getattr(target, 'dtype', type(target))} (class-probability targets are not "
+                                "supported)")
     if target.device != logits.device:
-        raise ValueError(f"cross_entropy: target is on {target.device} but logits on {logits.device}")
+        raise ArgumentValueError(f"cross_entropy: target is on {target.device} but logits on {logits.device}")
     if logits.dim() == 0 or logits.shape[1 if logits.dim() > 1 else 0] == 0:
-        raise ValueError(f"cross_entropy: logits must have at least one class, got shape {tuple(logits.shape)}")
+        raise ArgumentEmptyError(f"cross_entropy: logits must have at least one class, got shape "
+                                 f"{tuple(logits.shape)}")
     expected = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else torch.Size([])
     if target.shape != expected:
-        raise ValueError(f"cross_entropy: target has shape {tuple(target.shape)} but logits of shape "
-                         f"{tuple(logits.shape)} need {tuple(expected)}")
+        raise ArgumentValueError(f"cross_entropy: target has shape {tuple(target.shape)} but logits of shape "
+                                 f"{tuple(logits.shape)} need {tuple(expected)}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"cross_entropy: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
+        raise ArgumentValueError(f"cross_entropy: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
-        raise TypeError(f"cross_entropy: ignore_index must be an int, got {ignore_index!r}")
+        raise ArgumentTypeError(f"cross_entropy: ignore_index must be an int, got {ignore_index!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"cross_entropy: label_smoothing must be a float, got {label_smoothing!r}")
+        raise ArgumentTypeError(f"cross_entropy: label_smoothing must be a float, got {label_smoothing!r}")
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+        raise ArgumentValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    check_backend(backend, logits)
 
 
 class CrossEntropyLoss(nn.Module):
@@ -143,7 +243,8 @@ class CrossEntropyLoss(nn.Module):
         if size_average is not None or reduce is not None:
             reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
         if reduction not in REDUCTIONS:
-            raise ValueError(f"CrossEntropyLoss: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
+            raise ArgumentValueError(f"CrossEntropyLoss: reduction must be one of {tuple(REDUCTIONS)}, got "
+                                     f"{reduction!r}")
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.inplace_backward, self.backend = inplace_backward, backend
 

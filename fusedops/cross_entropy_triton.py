@@ -7,13 +7,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import acc_dtype
+from ._ops import acc_dtype
 from .cross_entropy import MEAN, NONE
 
 MAX_BLOCK = 4096
 
 
-@triton.jit
+@triton.jit(debug=True)  # keeps the device-side assert on the targets' range
 def _forward_kernel(x_ptr, x_stride, t_ptr, g_ptr, g_stride, loss_ptr, count_ptr, V, ignore_index,
                     eps_ptr, IS_MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -22,8 +22,14 @@ def _forward_kernel(x_ptr, x_stride, t_ptr, g_ptr, g_stride, loss_ptr, count_ptr
     g_row = g_ptr + row * g_stride
     t = tl.load(t_ptr + row).to(tl.int64)
     ignored = t == ignore_index
-    t_col = tl.where(ignored, -1, t)  # the target's column, -1 (none) in an ignored row
-    xt = tl.load(x_row + t_col, mask=~ignored, other=0.0).to(ACC)  # read before an in-place write
+    # a target out of range stops the kernel on the device, as PyTorch's CUDA kernel (no host read);
+    # where asserts are compiled out (the interpreter) its row's loss and gradient are NaN, never an
+    # out-of-bounds access
+    bad = ~ignored & ((t < 0) | (t >= V))
+    tl.device_assert(~bad, "cross_entropy: target out of range (argument 'target')")
+    no_target = ignored | bad
+    t_col = tl.where(no_target, -1, t)  # the target's column, -1 (none) in an ignored row
+    xt = tl.load(x_row + t_col, mask=~no_target, other=0.0).to(ACC)  # read before an in-place write
     cols = tl.arange(0, BLOCK)
     # online max and sum of exp: s = s * exp(m - m') + sum(exp(x - m'))
     m = tl.full((), float("-inf"), ACC)
@@ -43,7 +49,7 @@ def _forward_kernel(x_ptr, x_stride, t_ptr, g_ptr, g_stride, loss_ptr, count_ptr
     # loss = logsumexp(x) - (1-eps) * x[t] - eps/V * sum(x)   (the last term skipped when eps = 0)
     #      = (1-eps) * (m - x[t]) + log(s) + eps/V * (V*m - sum(x)): m - x[t] exact near the max
     loss = keep * (m - xt) + tl.log(s) + tl.where(eps > 0, smooth * (V * m - sx), 0.0)
-    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+    tl.store(loss_ptr + row, tl.where(bad, float("nan"), tl.where(ignored, 0.0, loss)))
     scale = 1.0
     if IS_MEAN:
         count = tl.load(count_ptr)
@@ -58,13 +64,13 @@ def _forward_kernel(x_ptr, x_stride, t_ptr, g_ptr, g_stride, loss_ptr, count_ptr
         p = tl.exp(x - m) * inv
         off_target = mask & (offs != t_col)
         others += tl.sum(tl.where(off_target, p, 0.0), 0)
-        g = tl.where(ignored, 0.0, (p - smooth) * scale)
+        g = tl.where(bad, float("nan"), tl.where(ignored, 0.0, (p - smooth) * scale))
         tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=off_target)
     # target column: softmax_t - 1, as -(sum of the others) when softmax_t > 1/2 (exact even when
     # softmax_t rounds to 1), else directly (where the sum of the others would cancel)
     p_t = tl.exp(xt - m) * inv
     g_t = tl.where(p_t > 0.5, eps - smooth - others, p_t - smooth - keep) * scale
-    tl.store(g_row + t_col, g_t.to(g_ptr.dtype.element_ty), mask=~ignored)
+    tl.store(g_row + t_col, g_t.to(g_ptr.dtype.element_ty), mask=~no_target)
 
 
 def _block(V):

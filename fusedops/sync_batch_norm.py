@@ -13,8 +13,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._backend import pick_backend
-from .batch_norm import BatchNorm1d, _check_args, ops, update_running_stats
+from torch.autograd.function import once_differentiable
+
+from ._ops import kernels
+from .batch_norm import BatchNorm1d, _check_args, as_ncl, update_running_stats
+from .errors import ArgumentValueError
 
 
 def _collective(name, fn, tensor_args, group):
@@ -41,42 +44,53 @@ def global_stats(mean, m2, count, group):
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """Training-mode batch norm of this process's rows with the statistics of every process's rows.
-    Returns the output and, not differentiable, the global mean and unbiased variance."""
+    """out, mean, var = SyncBatchNormFunction.apply(input, weight, bias, unbiased, eps, group, backend):
+    training-mode batch norm of this process's rows with the statistics of every process's rows.
+    mean and var (the global mean and unbiased variance) are not differentiable. Its backward is
+    once differentiable: asking for a second derivative raises."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, unbiased, eps, group, backend):
-        fused = ops(backend)
-        mean, m2 = fused.stats(input)
-        count, mean, m2 = global_stats(mean, m2, input.numel() // max(input.shape[1], 1), group)
+    def forward(input, weight, bias, unbiased, eps, group, backend):
+        ops = kernels(backend, input)
+        x = as_ncl(input)
+        mean, m2 = ops.batch_norm_stats(x)
+        count, mean, m2 = global_stats(mean, m2, x.numel() // max(x.shape[1], 1), group)
         if count < 2:
-            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel over all processes, got {count}")
+            raise ArgumentValueError(f"SyncBatchNorm: expected more than 1 value per channel over all processes, "
+                                     f"got {count}")
         var = m2 / (count - 1)  # running_var always takes the unbiased variance
         # the batch's statistics given as running ones: the forward kernel normalises with them as they are
-        out, mean, invstd, _ = fused.forward(input, weight, bias, mean, m2 / (count - 1 if unbiased else count),
-                                             False, unbiased, eps)
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.count, ctx.unbiased, ctx.group, ctx.backend = count, unbiased, group, backend
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        out, mean, invstd, _ = ops.batch_norm_forward(x, weight, bias, mean, m2 / (count - 1 if unbiased else count),
+                                                      False, unbiased, eps)
+        return out.view(input.shape), mean, invstd, var, count
 
     @staticmethod
-    def backward(ctx, grad_out, grad_mean, grad_var):
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, unbiased, _, group, backend = inputs
+        _, mean, invstd, _, count = output
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.options = count, unbiased, group, backend, None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(*output[1:4])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, *_):
         input, weight, mean, invstd = ctx.saved_tensors
-        fused = ops(ctx.backend)
-        sum_dy, sum_dy_xmu = fused.backward_reduce(grad_out, input, mean)
+        count, unbiased, group, backend, bias_dtype = ctx.options
+        ops = kernels(backend, input)
+        x, dy = as_ncl(input), as_ncl(grad_out)
+        sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(dy, x, mean)
         grad_input = None
         if ctx.needs_input_grad[0]:
             sums = torch.cat((sum_dy, sum_dy_xmu))
-            _collective("all_reduce", dist.all_reduce, (sums,), ctx.group)
+            _collective("all_reduce", dist.all_reduce, (sums,), group)
             total_dy, total_dy_xmu = sums.view(2, -1)
-            grad_input = fused.backward_elemt(grad_out, input, mean, invstd, weight, total_dy, total_dy_xmu,
-                                              ctx.count, ctx.unbiased)
+            grad_input = ops.batch_norm_backward_elemt(dy, x, mean, invstd, weight, total_dy, total_dy_xmu, count,
+                                                       unbiased).view(input.shape)
         need_weight, need_bias = ctx.needs_input_grad[1:3]
         return (grad_input,
                 (sum_dy_xmu * invstd).to(weight.dtype) if need_weight else None,  # sum(dy * xhat), this share
-                sum_dy.to(ctx.bias_dtype) if need_bias else None,  # sum(dy), this share
+                sum_dy.to(bias_dtype) if need_bias else None,  # sum(dy), this share
                 None, None, None, None)
 
 
@@ -101,12 +115,9 @@ class SyncBatchNorm(BatchNorm1d):
             return super().forward(input)
         self._check_input_dim(input)
         _check_args(input, self.running_mean, self.running_var, self.weight, self.bias, True, self.eps,
-                    min_values=0, momentum=self.momentum)  # the count that matters is the global one
-        backend = pick_backend(self.backend, input)
-        if backend == "reference":
-            raise ValueError("SyncBatchNorm runs the fused kernels: backend='reference' has none")
-        out, mean, var = SyncBatchNormFunction.apply(input, self.weight, self.bias, self.unbiased, self.eps,
-                                                     self.process_group, backend)
+                    min_values=0, momentum=self.momentum, backend=self.backend)  # the global count matters
+        out, mean, _, var, _ = SyncBatchNormFunction.apply(input, self.weight, self.bias, self.unbiased, self.eps,
+                                                           self.process_group, self.backend)
         update_running_stats(self, mean, var)  # the same global statistics, the same update in every process
         return out
 

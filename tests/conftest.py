@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-from fusedops import data, reference
+from fusedops import reference
+from fusedops.makemore import data
 
 # Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter; it must be chosen
 # before triton is first imported.

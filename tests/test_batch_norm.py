@@ -1,4 +1,6 @@
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,10 +35,10 @@ def test_unbiased_matches_the_reference(backend, shape, training):
     w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
     rm, rv = torch.randn(shape[1], generator=g), torch.rand(shape[1], generator=g) + 0.5
     stats = {"fused": (rm.clone(), rv.clone()), "reference": (rm.clone(), rv.clone())}
+    calls = {"fused": partial(fusedops.batch_norm, backend=backend), "reference": reference.batch_norm}
     results = {}
-    for name, kind in [("fused", backend), ("reference", "reference")]:
-        fn = lambda x, w, b: fusedops.batch_norm(x, *stats[name], w, b, training, momentum=0.3,  # noqa: E731
-                                                 unbiased=True, backend=kind)
+    for name, call in calls.items():
+        fn = lambda x, w, b: call(x, *stats[name], w, b, training, momentum=0.3, unbiased=True)  # noqa: E731,B023
         results[name] = forward_and_grads(fn, x, [w, b], dy)
     (y, grads), (y_ref, grads_ref) = results["fused"], results["reference"]
     torch.testing.assert_close(y, y_ref)
@@ -74,7 +76,7 @@ def module_step(module, x, dy, call=None):
     return [y.detach(), x.grad] + [p.grad for p in params]
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(TORCH_CASES))
 def test_module_matches_torch(backend, case):
     shape, layout, kwargs = TORCH_CASES[case]
@@ -159,7 +161,7 @@ def test_half_precision_against_float32(backend, dtype, param_dtype, training):
     assert_all_close([rm.float(), rv.float()], list(stats32), **tol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["train", "train_unbiased", "eval"])
 @pytest.mark.parametrize("shape", [(6, 3), (4, 3, 2)])
 def test_gradcheck(backend, mode, shape):
@@ -188,45 +190,7 @@ def test_eval_backward_is_the_plain_affine_one(backend):
     torch.testing.assert_close(db, dy.sum(0))
 
 
-def _op_samples(backend):
-    """(name, args) for every registered op of the backend."""
-    g = torch.Generator().manual_seed(10)
-    suffix = "" if backend == "cpp" else "_triton"
-    f32 = torch.float32
-    # (shape, affine, training, input dtype, per-channel dtype, input stored channels-last)
-    for shape, affine, training, dtype, pdtype, channels_last in [
-            ((6, 5), True, True, f32, f32, False), ((4, 3, 2), False, True, f32, f32, False),
-            ((5, 3), True, False, f32, f32, False), ((4, 3, 5), True, True, torch.float16, f32, True),
-            ((7, 2), True, False, torch.bfloat16, torch.bfloat16, False),
-            ((3, 4, 2), True, False, torch.float64, torch.float64, True)]:
-        C = shape[1]
-        x, dy = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
-        if channels_last:
-            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-        w, b = [torch.randn(C, generator=g).to(pdtype) for _ in range(2)] if affine else (None, None)
-        rm, rv = (None, None) if training else (torch.randn(C, generator=g).to(pdtype),
-                                                (torch.rand(C, generator=g) + 0.5).to(pdtype))
-        forward_args = (x, w, b, rm, rv, training, False, 1e-5)
-        yield "batch_norm_forward" + suffix, forward_args
-        # the differentiable op (autograd in C++): updates the running statistics given in training
-        stats = (torch.zeros(C, dtype=pdtype), torch.ones(C, dtype=pdtype)) if training else (rm, rv)
-        yield "batch_norm", (x.detach().requires_grad_(dtype != torch.bfloat16), w, b, *stats, torch.zeros((), dtype=torch.int64),
-                             training, None if training else 0.1, True, 1e-5, suffix == "_triton")
-        _, mean, invstd, var = getattr(torch.ops.fusedops, "batch_norm_forward" + suffix)(*forward_args)
-        yield "batch_norm_backward" + suffix, (dy, x, mean, invstd, w, training, True)
-        if training and not suffix:  # the running statistics' update alone: one op for both backends
-            yield "batch_norm_update_stats", (torch.zeros(C, dtype=pdtype), torch.ones(C, dtype=pdtype),
-                                              torch.zeros((), dtype=torch.int64), mean, var, None)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    fusedops._backend.load_cpp()
-    for name, args in _op_samples(backend):
-        torch.library.opcheck(getattr(torch.ops.fusedops, name), args)
-
-
-@pytest.mark.parametrize("backend,compiler", [("cpp", "aot_eager"), ("cpp", "inductor"), ("triton", "aot_eager")])
+@pytest.mark.parametrize("backend,compiler", [("cpp", "aot_eager"), ("cpp", "inductor")])  # Triton: test_cuda.py
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_compile_fullgraph(backend, compiler, momentum):
     torch._dynamo.reset()

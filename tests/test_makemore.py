@@ -7,8 +7,11 @@ import sys
 import pytest
 import torch
 
-from fusedops import makemore, reference
-from fusedops.data import Vocab
+from conftest import ROOT
+from fusedops import reference
+from fusedops.makemore import cli
+from fusedops.makemore import model as makemore
+from fusedops.makemore.data import Vocab
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +98,20 @@ def test_bad_data_is_a_clear_error(tmp_path, content, message):
     out = run_cli("train", "--data", "words.txt", "--steps", "1", cwd=tmp_path)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_check_compares_the_fused_gradients_with_the_hand_written_ones(capsys):
+    assert cli.main(["check", "--data", f"{ROOT}/names.txt"]) == 0
+    rows = {line.split("|")[0].strip(): line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == set(reference.INTERMEDIATES) | set(reference.PARAMETERS) | {"fused dlogits", "fused dhprebn"}
+    for name in ("fused dlogits", "fused dhprebn"):
+        assert "approximate: True" in rows[name]
+        assert float(rows[name].split("maxdiff:")[1]) < 1e-6
+
+
+def test_backends_are_cpp_and_triton(capsys):
+    parser = cli.build_parser()
+    assert parser.parse_args(["train", "--backend", "triton"]).backend == "triton"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--backend", "reference"])
+    assert "invalid choice: 'reference'" in capsys.readouterr().err

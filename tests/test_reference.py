@@ -1,66 +1,16 @@
-"""The chunked reference: the data pipeline, the hand-written backward against autograd, and the
-functional cross-entropy and batch norm against PyTorch."""
-import random
-
+"""The chunked reference: the hand-written backward against autograd, and the functional
+cross-entropy and batch norm against PyTorch."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedops import data, reference
+from fusedops import reference
 
 # the gradients the notebooks show as bit-exact; the rest are equal up to rounding
 EXACT = ("logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes",
          "logits", "h", "W2", "b2")
-
-
-@pytest.fixture(scope="module")
-def vocab(names):
-    return data.Vocab(names)
-
-
-# data
-
-
-def test_vocab_is_dot_then_sorted_letters(vocab):
-    assert len(vocab) == 27
-    assert vocab.itos == list(".abcdefghijklmnopqrstuvwxyz")
-    assert vocab.stoi["."] == 0 and vocab.stoi["z"] == 26
-    assert vocab.decode([5, 13, 13, 1, 0]) == "emma."
-
-
-def test_splits_have_the_notebooks_sizes(names, vocab):
-    random_state, first = random.getstate(), list(names[:3])
-    (Xtr, Ytr), (Xval, Yval), (Xte, Yte) = data.splits(names, vocab)
-    assert (len(Xtr), len(Xval), len(Xte)) == (182625, 22655, 22866)
-    assert Xtr.shape == (182625, 3) and Ytr.shape == (182625,)
-    assert Xtr.dtype == Ytr.dtype == torch.int64
-    assert Xtr[:4].tolist() == [[0, 0, 0], [0, 0, 25], [0, 25, 21], [25, 21, 8]]  # as printed in seed 000
-    assert Ytr[:4].tolist() == [25, 21, 8, 5]
-    assert names[:3] == first and random.getstate() == random_state  # nothing shared is touched
-
-
-def test_build_dataset_contexts():
-    stoi = data.Vocab(["emma"]).stoi  # . a e m
-    X, Y = data.build_dataset(["emma"], stoi, block_size=3)
-    assert X.tolist() == [[0, 0, 0], [0, 0, 2], [0, 2, 3], [2, 3, 3], [3, 3, 1]]  # ... ..e .em emm mma
-    assert Y.tolist() == [2, 3, 3, 1, 0]  # e m m a .
-
-
-def test_character_outside_the_vocabulary(vocab):
-    with pytest.raises(ValueError, match=r"'bob3'.*'3'"):
-        data.build_dataset(["ann", "bob3"], vocab.stoi)
-    with pytest.raises(ValueError, match=r"'Zoe'.*'Z'"):
-        data.splits(["ann", "Zoe"] * 5, vocab)
-    with pytest.raises(ValueError, match=r"'a\.b'"):
-        data.Vocab(["a.b"])
-
-
-def test_missing_or_empty_data_file(tmp_path):
-    with pytest.raises(ValueError, match="nope.txt"):
-        data.load_words(tmp_path / "nope.txt")
-    (tmp_path / "empty.txt").write_text("\n\n")
-    with pytest.raises(ValueError, match="empty.txt"):
-        data.load_words(tmp_path / "empty.txt")
+# exactly 0 (batch norm subtracts the batch mean, b1 with it): both sides are rounding noise
+ZERO = ("b1",)
 
 
 # the MLP: hand-written backward vs autograd
@@ -82,6 +32,10 @@ def test_hand_written_backward_matches_autograd(names_splits, seed, batch_size):
     for name, dt in grads.items():
         expected = autograd[name]
         assert dt.shape == expected.shape, name
+        if name in ZERO:  # db1 = dhprebn summed over the batch: |rounding| <= n * eps * max |dhprebn|
+            bound = batch_size * torch.finfo(dt.dtype).eps * grads["hprebn"].abs().max()
+            assert dt.abs().max() <= bound and expected.abs().max() <= bound, (name, dt, expected, bound)
+            continue
         assert torch.allclose(dt, expected), reference.format_row(reference.compare(name, dt, expected))
         if name in EXACT:
             assert torch.equal(dt, expected), reference.format_row(reference.compare(name, dt, expected))

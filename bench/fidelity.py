@@ -1,13 +1,24 @@
 """Numerical fidelity: the largest relative error of fusedops and of PyTorch eager against a float64
-computation of the same inputs. `python -m fusedops fidelity` prints the table.
+computation of the same inputs.
 
-The relative error of one sample's values (cross-entropy) or one channel's (batch norm) is
-max|actual - exact| / max|exact|; a row of the table gives the largest over samples or channels.
+    python bench/fidelity.py [--backend cpp|triton] [--device cpu|cuda]
+
+prints the table (markdown). The relative error of one sample's values (cross-entropy) or one
+channel's (batch norm) is max|actual - exact| / max|exact|; a row of the table gives the largest over
+samples or channels. --backend triton on CPU runs the Triton kernels in Triton's interpreter.
 """
-import torch
-import torch.nn.functional as F
+import argparse
+import os
+import sys
 
-import fusedops
+if __name__ == "__main__":  # this checkout's fusedops, from any working directory
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fusedops  # noqa: E402
+from fusedops._ops import BACKENDS  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CE_QUANTITIES = ("loss", "dlogits")
@@ -24,7 +35,8 @@ def relative_error(actual, exact, dim=None):
 
 
 def cross_entropy_inputs(case, N=64, V=300, seed=0):
-    """float64 logits and targets; "confident": the target logit 20 above the row's max (softmax_t rounds to 1)."""
+    """float64 logits and targets (on CPU); "confident": the target logit 20 above the row's max
+    (softmax_t rounds to 1)."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 4
     target = torch.randint(0, V, (N,), generator=g)
@@ -34,7 +46,7 @@ def cross_entropy_inputs(case, N=64, V=300, seed=0):
 
 
 def batch_norm_inputs(case, N=200, C=12, seed=0):
-    """float64 input, weight, bias and upstream gradient; "shifted": input of mean 100 and std 1."""
+    """float64 input, weight, bias and upstream gradient (on CPU); "shifted": input of mean 100 and std 1."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, C, generator=g, dtype=torch.float64) + (100 if case == "shifted" else 0)
     weight = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
@@ -57,8 +69,9 @@ def batch_norm_results(fn, x, weight, bias, dy):
     return {"out": (out, 0), "dx": (dx, 0), "dgamma": (dgamma, None), "dbeta": (dbeta, None)}
 
 
-def table(backend=None):
-    """Rows (op, inputs, quantity, dtype, fusedops error, PyTorch error) against float64."""
+def table(backend=None, device="cpu"):
+    """Rows (op, inputs, quantity, dtype, fusedops error, PyTorch error) against float64, every tensor
+    on `device`."""
     ce = lambda x, t, **kw: fusedops.cross_entropy(x, t, backend=backend, **kw)
     bn = lambda *args, **kw: fusedops.batch_norm(*args, backend=backend, **kw)
     ops = [("cross_entropy", ("random", "confident"), cross_entropy_inputs, cross_entropy_results, ce,
@@ -67,7 +80,7 @@ def table(backend=None):
     rows = []
     for op, cases, make_inputs, results, fused, eager in ops:
         for case in cases:
-            inputs = make_inputs(case)
+            inputs = [t.to(device) for t in make_inputs(case)]
             for dtype in DTYPES:
                 # the same inputs for all three: rounded to dtype, then exactly widened to float64
                 rounded = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
@@ -79,7 +92,27 @@ def table(backend=None):
     return rows
 
 
-def print_table(backend=None):
+def print_table(backend=None, device="cpu"):
     print("| op | inputs | quantity | dtype | fusedops | PyTorch |\n| --- | --- | --- | --- | --- | --- |")
-    for op, case, quantity, dtype, ours, theirs in table(backend):
+    for op, case, quantity, dtype, ours, theirs in table(backend, device):
         print(f"| {op} | {case} | {quantity} | {dtype} | {ours:.2e} | {theirs:.2e} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python bench/fidelity.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="fusedops kernels (default: C++ on CPU, Triton on CUDA)")
+    parser.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False)")
+    if args.backend == "triton" and device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported: by the first launch
+    print_table(args.backend, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

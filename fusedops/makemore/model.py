@@ -9,12 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
-from ._backend import pick_backend
-from .batch_norm import BatchNorm1d, update_running_stats
-from .batch_norm import ops as batch_norm_ops
-from .cross_entropy import MEAN, cross_entropy
-from .cross_entropy import forward_op as cross_entropy_forward
+from fusedops import reference
+from fusedops._ops import kernels
+from fusedops.batch_norm import BatchNorm1d, update_running_stats
+from fusedops.cross_entropy import MEAN, cross_entropy
 
 LAYERS = ("fusedops", "torch")
 
@@ -138,23 +136,20 @@ def manual_step(model, Xb, Yb):
     embedding's scatter-add), the fused kernels for the cross-entropy and batch-norm layers."""
     if model.layers != "fusedops":
         raise ValueError("manual_step runs the fused kernels: it needs a model with fusedops layers")
-    backend = pick_backend(model.backend, Xb)
-    if backend == "reference":
-        raise ValueError("manual_step runs the fused kernels: backend='reference' has none")
-    ce_forward = cross_entropy_forward(backend)
-    bn_ops = batch_norm_ops(backend)
+    ops = kernels(model.backend, Xb)
     C, bn = model.embedding.weight, model.bn
     W1, b1, W2, b2 = model.hidden.weight, model.hidden.bias, model.output.weight, model.output.bias
     embcat = C[Xb].flatten(1)
     hprebn = F.linear(embcat, W1, b1)  # embcat @ W1^T + b1
-    hpreact, mean, invstd, var = bn_ops.forward(hprebn, bn.weight, bn.bias, None, None, True, bn.unbiased, bn.eps)
+    hpreact, mean, invstd, var = ops.batch_norm_forward(hprebn, bn.weight, bn.bias, None, None, True, bn.unbiased,
+                                                        bn.eps)
     update_running_stats(bn, mean, var)
     h = torch.tanh(hpreact)
     logits = F.linear(h, W2, b2)
-    loss, dlogits = ce_forward(logits, Yb, MEAN, -100, 0.0)  # (softmax - one_hot) / n
+    loss, dlogits = ops.cross_entropy_forward(logits, Yb, MEAN, -100, 0.0)  # (softmax - one_hot) / n
     dh, dW2, db2 = dlogits @ W2, dlogits.T @ h, dlogits.sum(0)  # logits = h @ W2^T + b2
     dhpreact = (1.0 - h**2) * dh  # tanh' = 1 - tanh^2
-    dhprebn, dgamma, dbeta = bn_ops.backward(dhpreact, hprebn, mean, invstd, bn.weight, True, bn.unbiased)
+    dhprebn, dgamma, dbeta = ops.batch_norm_backward(dhpreact, hprebn, mean, invstd, bn.weight, True, bn.unbiased)
     dembcat, dW1, db1 = dhprebn @ W1, dhprebn.T @ embcat, dhprebn.sum(0)  # hprebn = embcat @ W1^T + b1
     dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), dembcat.view(-1, C.shape[1]))  # emb = C[Xb]
     return loss, [dC, dW1, db1, dgamma.to(bn.weight.dtype), dbeta.to(bn.bias.dtype), dW2, db2]

@@ -1,7 +1,8 @@
-"""The benchmark suite: fusedops against PyTorch eager, torch.compile of the same eager code, the
-chunked reference and the floor, on the same inputs in one run (`python -m fusedops bench`).
+"""The benchmark harness: fusedops against PyTorch eager, torch.compile of the same eager code, the
+chunked reference and the copy floor, on the same inputs in one run (`python bench/run.py`). What it
+runs (shapes, dtypes, providers, the training step's variants) is declared in bench/cases.py.
 
-Each case (op, shape, dtype) is timed in three modes:
+Each case (operator, shape, dtype) is timed in three modes:
 - forward: with grad enabled, as in training (it builds the graph; fusedops' cross-entropy computes
   its gradient here),
 - backward: the graph's backward, timed alone (each run's forward is outside the timed region),
@@ -9,7 +10,9 @@ Each case (op, shape, dtype) is timed in three modes:
 Median and IQR come from torch.utils.benchmark.Timer on CPU, triton.testing.do_bench on CUDA. The
 floor is a `copy_` of the input's bytes into an existing buffer: the least memory traffic of a pass
 that reads the input and writes a tensor of its size. `train` times a training step of the
-makemore MLP. Results go to <out>/{cross_entropy,batch_norm,train}.{md,csv,png}.
+makemore MLP. At the per-call shapes (and for the training step) the tables also give each median
+minus the baseline's in µs: the cost per call over eager, where fixed costs dominate. Results go to
+<out>/{cross_entropy,batch_norm,train}.{md,csv,png}.
 """
 import contextlib
 import csv
@@ -25,11 +28,12 @@ from dataclasses import asdict, dataclass, fields
 from functools import partial
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-import fusedops
-from fusedops import data, makemore, reference
+from fusedops import reference
+from fusedops.makemore import data
+from fusedops.makemore import model as makemore
+
+from .cases import COMPILE, DTYPES, FLOOR, OPERATORS, TABLES, TRAIN, TRAIN_VARIANTS
 
 # The profiler (the CPU memory view below) logs two lines each time it starts unless told not to;
 # it reads this when it first starts.
@@ -37,26 +41,21 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 FORWARD, BACKWARD, FWD_BWD, STEP = "forward", "backward", "forward+backward", "step"
 MODES = (FWD_BWD, FORWARD, BACKWARD)
-EAGER, COMPILE, REFERENCE, FLOOR = "eager", "torch.compile", "reference", "copy floor"
-OPS = ("ce", "bn", "train")
-FILES = {"ce": "cross_entropy", "bn": "batch_norm", "train": "train"}
-TITLES = {"ce": "Cross-entropy", "bn": "Batch norm (training mode)", "train": "makemore MLP training"}
-BASELINE = {"ce": EAGER, "bn": EAGER, "train": "torch layers"}
-DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+OPS = tuple(TABLES)
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 MIN_RUNS = 5  # measurements per median, at least
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-FULL = dict(shapes={"ce": [(32, 27), (4096, 1024), (1024, 32768), (8192, 8192)],
-                    "bn": [(32, 64), (16384, 256), (65536, 256)]},
-            dtypes=(torch.float32, torch.bfloat16), modes=MODES, skip=(), min_run_time=0.5,
-            train_steps=1000, train_repeats=5)
-QUICK = dict(shapes={"ce": [(32, 27), (4096, 1024)], "bn": [(32, 64), (16384, 256)]},
-             dtypes=(torch.float32,), modes=(FWD_BWD,), skip=(COMPILE,), min_run_time=0.05,
-             train_steps=200, train_repeats=3)
+# shapes: the Operator field naming the shapes to run
+FULL = dict(shapes="shapes", dtypes=DTYPES, modes=MODES, skip=(), min_run_time=0.5, train_steps=1000,
+            train_repeats=5)
+QUICK = dict(shapes="quick_shapes", dtypes=(torch.float32,), modes=(FWD_BWD,), skip=(COMPILE,),
+             min_run_time=0.05, train_steps=200, train_repeats=3)
 
 
 @dataclass
 class Result:
-    """One (op, shape, dtype, mode, provider): times in ms; the ratios are filled by add_ratios."""
+    """One (op, shape, dtype, mode, provider): times in ms; the comparisons are filled by add_ratios."""
     op: str
     shape: str
     dtype: str
@@ -65,67 +64,23 @@ class Result:
     median_ms: float
     iqr_ms: float
     vs_eager: float = math.nan  # the baseline's median / this one: > 1 is faster than eager
+    over_eager_us: float = math.nan  # this median - the baseline's, in µs: the cost per call over eager
     vs_floor: float = math.nan  # this median / the copy floor's: how far from the bandwidth floor
     peak_mb: float = math.nan  # peak memory allocated during forward+backward, beyond the inputs
     input_mb: float = math.nan
-    compile_s: float = math.nan  # torch.compile: wall time of the first forward+backward (not timed)
+    compile_s: float = math.nan  # torch.compile: wall time of its first run (compiling; not timed)
 
 
-# --- providers: name -> (function of (input, *args), its parameters) -------------------------------
-
-def fusedops_backends(device):
-    """The fused kernels native to the device (Triton's interpreter on CPU is no benchmark)."""
-    return ("triton",) if device.type == "cuda" else ("cpp",)
-
-
-def ce_providers(device):
-    """Every cross-entropy provider on the device: loss(logits, target). torch.compile's entry holds
-    the eager code; run_case compiles it."""
-    providers = {EAGER: F.cross_entropy, COMPILE: F.cross_entropy, REFERENCE: reference.cross_entropy}
-    for b in fusedops_backends(device):
-        providers[f"fusedops {b}"] = partial(fusedops.cross_entropy, backend=b)
-        # writes the gradient over the logits: no N x V buffer
-        providers[f"fusedops {b} in-place"] = partial(fusedops.cross_entropy, backend=b, inplace_backward=True)
-    if device.type == "cuda":
-        try:
-            from liger_kernel.transformers import LigerCrossEntropyLoss
-            providers["liger"] = LigerCrossEntropyLoss()  # also writes the gradient over the logits
-        except ImportError:
-            pass
-    return {name: (fn, []) for name, fn in providers.items()}
-
-
-def bn_providers(channels, device):
-    """Every batch-norm provider on the device, each its own layer: fp32 parameters and fresh running
-    statistics (bf16 input runs mixed, as under autocast); the biased variance, as nn.BatchNorm1d."""
-    layer = partial(nn.BatchNorm1d, channels, device=device)
-    layers = {EAGER: layer(), COMPILE: layer(), REFERENCE: layer()}
-    for b in fusedops_backends(device):
-        layers[f"fusedops {b}"] = fusedops.BatchNorm1d(channels, device=device, backend=b)
-    providers = {name: (m, list(m.parameters())) for name, m in layers.items()}
-    ref = layers[REFERENCE]  # holds the reference's parameters and running statistics
-    providers[REFERENCE] = (lambda x: reference.batch_norm(x, ref.running_mean, ref.running_var, ref.weight,
-                                                           ref.bias, True, ref.momentum, ref.eps),
-                            providers[REFERENCE][1])
-    return providers
+def shape_name(shape):
+    return "x".join(map(str, shape))
 
 
 def provider_names(op, device):
-    """The providers a case of `op` runs on the device, the copy floor first."""
+    """The providers a case of `op` runs on the device (the copy floor first)."""
     if op == "train":
         return list(TRAIN_VARIANTS)
-    return [FLOOR, *(ce_providers(device) if op == "ce" else bn_providers(2, device))]
-
-
-def make_inputs(op, shape, dtype, device):
-    """(x, args, grad_out): the differentiable input (logits, or batch norm's input), the other
-    arguments (the target), and the gradient flowing into the output (None for the cross-entropy's
-    scalar loss: dloss = 1)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(shape, generator=g, device=device).to(dtype)
-    if op == "ce":
-        return x, (torch.randint(0, shape[1], shape[:1], generator=g, device=device),), None
-    return x, (), torch.randn(shape, generator=g, device=device).to(dtype)
+    operator = OPERATORS[op]
+    return [FLOOR, *operator.providers(operator.quick_shapes[0], device)]
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -237,29 +192,32 @@ def time_provider(fn, params, x, args, grad_out, device, modes, min_run_time):
     return first_s, peak, times
 
 
+def compiling(fn):
+    """(torch.compile of fn, a context to run its first call in): each compile starts from scratch,
+    forgetting earlier compiles in memory (reset) and on disk (an empty cache directory), so that its
+    compile time is a first run's."""
+    from torch._inductor.utils import fresh_cache
+
+    torch.compiler.reset()
+    return torch.compile(fn, dynamic=False), fresh_cache()
+
+
 def run_case(op, shape, dtype, device, *, modes=MODES, skip=(), min_run_time):
     """Result rows of one case: every provider (but those in `skip`) in every mode."""
-    x, args, grad_out = make_inputs(op, shape, dtype, device)
-    case = dict(op=op, shape="x".join(map(str, shape)), dtype=DTYPES[dtype])
+    operator = OPERATORS[op]
+    x, args, grad_out = operator.inputs(shape, dtype, device)
+    case = dict(op=op, shape=shape_name(shape), dtype=DTYPE_NAMES[dtype])
     input_mb = x.numel() * x.element_size() / 2**20
     copy = partial(torch.empty_like(x).copy_, x)  # into an existing buffer
     floor = measure(copy, device, min_run_time)
     del copy
     # one measurement, listed under every mode
     rows = [Result(**case, mode=mode, provider=FLOOR, median_ms=floor[0], iqr_ms=floor[1]) for mode in modes]
-    providers = ce_providers(device) if op == "ce" else bn_providers(shape[1], device)
-    for name, (fn, params) in providers.items():
+    for name, (fn, params) in operator.providers(shape, device).items():
         if name in skip:
             continue
-        fresh = contextlib.nullcontext()
-        if name == COMPILE:
-            from torch._inductor.utils import fresh_cache
-
-            # compile each case from scratch, forgetting earlier compiles in memory (reset) and on disk (an
-            # empty cache directory), so that its compile time is a first run's
-            torch.compiler.reset()
-            fn, fresh = torch.compile(fn, dynamic=False), fresh_cache()
-        with fresh:
+        fn, first_run = compiling(fn) if name == COMPILE else (fn, contextlib.nullcontext())
+        with first_run:
             first_s, peak, times = time_provider(fn, params, x, args, grad_out, device, modes, min_run_time)
         for mode, (median, iqr) in times.items():
             rows.append(Result(**case, mode=mode, provider=name, median_ms=median, iqr_ms=iqr,
@@ -269,7 +227,8 @@ def run_case(op, shape, dtype, device, *, modes=MODES, skip=(), min_run_time):
 
 
 def run_op(op, shapes, dtypes, device, *, modes=MODES, skip=(), min_run_time, log=sys.stderr):
-    """Rows of every (shape, dtype) case of `op` ("ce" or "bn"), ratios included; a progress line per case."""
+    """Rows of every (shape, dtype) case of `op` (a key of OPERATORS), comparisons included; a progress
+    line per case."""
     rows = []
     cases = [(shape, dtype) for shape in shapes for dtype in dtypes]
     for i, (shape, dtype) in enumerate(cases, 1):
@@ -280,43 +239,50 @@ def run_op(op, shapes, dtypes, device, *, modes=MODES, skip=(), min_run_time, lo
         print(f"[{op} {i}/{len(cases)}] {shown[0].shape} {shown[0].dtype} {modes[0]}: "
               + ", ".join(f"{r.provider} {r.median_ms:.3g} ms" for r in shown)
               + f" ({time.perf_counter() - start:.0f} s)", file=log, flush=True)
-    return add_ratios(rows, BASELINE[op])
+    return add_ratios(rows, OPERATORS[op].baseline)
 
 
 # --- the makemore training step ---------------------------------------------------------------------
 
-# name -> (MLP layers, step function: None is loss.backward())
-TRAIN_VARIANTS = {"torch layers": ("torch", None), "fusedops layers": ("fusedops", None),
-                  "fusedops manual backward": ("fusedops", makemore.manual_step)}
-
-
-def run_train(data_path, device, *, steps, repeats, log=sys.stderr):
-    """ms per training step (batch 32, SGD) of the makemore MLP: median and IQR over `repeats` runs of
-    `steps` steps, for torch layers, fusedops layers, and fusedops with every gradient by hand."""
-    words = data.load_words(data_path)
+def run_train(data_path, device, *, steps, repeats, skip=(), log=sys.stderr):
+    """ms per training step (batch 32, SGD) of the makemore MLP, for every variant of TRAIN_VARIANTS
+    (but those in `skip`): median and IQR over `repeats` runs of `steps` steps, after a warm-up of
+    up to 50 steps (where torch.compile compiles). data_path: as data.locate's source."""
+    words = data.load_words(data.locate(data_path))
     vocab = data.Vocab(words)
     (X, Y), _, _ = data.splits(words, vocab)
     X, Y = X.to(device), Y.to(device)
     rows = []
-    for name, (layers, step_fn) in TRAIN_VARIANTS.items():
+    for name, build in TRAIN_VARIANTS.items():
+        if name in skip:
+            continue
         g = torch.Generator().manual_seed(reference.SEED)
-        model = makemore.MLP(len(vocab), layers=layers, generator=g).to(device)
+        model, step_fn = build(len(vocab), g)
+        model.to(device)
         train = partial(makemore.train, model, X, Y, batch_size=32, lr=0.1, generator=g, step_fn=step_fn,
                         progress=False)  # -> (losses, seconds per step)
-        train(steps=min(steps, 50))  # warm-up
+        first_run = contextlib.nullcontext()
+        if name == COMPILE:
+            model.loss, first_run = compiling(model.loss)
+        start = time.perf_counter()
+        with first_run:
+            train(steps=min(steps, 50))  # warm-up
+        first_s = time.perf_counter() - start
         median, iqr = median_iqr([train(steps=steps)[1] * 1e3 for _ in range(repeats)])
-        rows.append(Result("train", "batch 32", "fp32", STEP, name, median, iqr))
+        rows.append(Result("train", "batch 32", "fp32", STEP, name, median, iqr,
+                           compile_s=first_s if name == COMPILE else math.nan))
         print(f"[train] {name}: {median:.3g} ms per step", file=log, flush=True)
-    return add_ratios(rows, BASELINE["train"])
+    return add_ratios(rows, TRAIN.baseline)
 
 
 def add_ratios(rows, baseline):
-    """vs_eager: the baseline's median / each row's; vs_floor: each row's / the copy floor's (same
-    shape, dtype and mode)."""
+    """vs_eager: the baseline's median / each row's; over_eager_us: each row's - the baseline's, in µs;
+    vs_floor: each row's / the copy floor's (same shape, dtype and mode)."""
     by_key = {(r.shape, r.dtype, r.mode, r.provider): r for r in rows}
     for r in rows:
         case = (r.shape, r.dtype, r.mode)
-        r.vs_eager = by_key[case + (baseline,)].median_ms / r.median_ms
+        base = by_key[case + (baseline,)].median_ms
+        r.vs_eager, r.over_eager_us = base / r.median_ms, (r.median_ms - base) * 1e3
         if case + (FLOOR,) in by_key:
             r.vs_floor = r.median_ms / by_key[case + (FLOOR,)].median_ms
     return rows
@@ -358,18 +324,34 @@ def fmt_ratio(ratio):
     return f"{ratio:.2f}×" if ratio < 100 else f"{ratio:.0f}×"
 
 
+def per_call(op, shape):
+    """Whether the tables give the µs over eager at this shape: the per-call shapes, and the training step."""
+    return op == "train" or shape in {shape_name(s) for s in OPERATORS[op].per_call_shapes}
+
+
+def fmt_cell(r, baseline):
+    """Median ms, and against the baseline: the speed-up, and at per-call shapes the µs over it."""
+    if r.provider == baseline:
+        return fmt_ms(r.median_ms)
+    over = f", {r.over_eager_us:+.3g} µs" if per_call(r.op, r.shape) else ""
+    return f"{fmt_ms(r.median_ms)} ({fmt_ratio(r.vs_eager)}{over})"
+
+
 def markdown(rows, op, about):
     """A table per mode (median ms and speed-up against eager, per case and provider), then the peak
     memory of forward+backward with torch.compile's compile time."""
-    baseline = BASELINE[op]
+    baseline = TABLES[op].baseline
     cases = unique((r.shape, r.dtype) for r in rows)
     providers = unique(r.provider for r in rows)
     by_key = {(r.shape, r.dtype, r.mode, r.provider): r for r in rows}
     floored = [p for p in providers if p.startswith("fusedops")] if FLOOR in providers else []
     spread = max(rows, key=lambda r: r.iqr_ms / r.median_ms)
-    lines = [f"# {TITLES[op]}", "", about, "",
+    per_call_shapes = unique(r.shape for r in rows if per_call(op, r.shape))
+    lines = [f"# {TABLES[op].title}", "", about, "",
              f"Median ms; in brackets the speed-up against {baseline} ({baseline}'s median / this one, "
-             "> 1 is faster)."]
+             "> 1 is faster)" + (f" and, at {', '.join(per_call_shapes)}, where fixed costs dominate, this "
+                                 f"median - {baseline}'s in µs (the cost per call over {baseline})."
+                                 if per_call_shapes else ".")]
     if floored:
         lines += [f"{FLOOR}: a `copy_` of the input's bytes into an existing buffer (one measurement, shown "
                   "under every mode); its speed-up is about the most one pass over the input could reach. "
@@ -389,9 +371,8 @@ def markdown(rows, op, about):
 
     for mode in unique(r.mode for r in rows):
         def cells(case, mode=mode):
-            got = [by_key.get(case + (mode, p)) for p in providers]
-            times = [("" if r is None else fmt_ms(r.median_ms) if r.provider == baseline
-                      else f"{fmt_ms(r.median_ms)} ({fmt_ratio(r.vs_eager)})") for r in got]
+            times = [fmt_cell(by_key[case + (mode, p)], baseline) if case + (mode, p) in by_key else ""
+                     for p in providers]
             ratios = [fmt_ratio(by_key[case + (mode, p)].vs_floor) if case + (mode, p) in by_key else ""
                       for p in floored]
             return [*case, *times, *ratios]
@@ -412,6 +393,9 @@ def markdown(rows, op, about):
                   "generation from an empty cache; not counted in the times above; the first case's includes "
                   "the compiler's start-up).", ""]
         lines += table(["shape", "dtype", "input MB", *measured, f"{COMPILE} s"], memory_cells)
+    else:
+        lines += [f"{COMPILE}: its first run (compiling from an empty cache; not counted above) took "
+                  f"{r.compile_s:.1f} s ({r.shape} {r.dtype})." for r in rows if not math.isnan(r.compile_s)]
     return "\n".join(lines)
 
 
@@ -423,7 +407,7 @@ def plot(rows, op, path, about):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    baseline = BASELINE[op]
+    baseline = TABLES[op].baseline
     modes = unique(r.mode for r in rows)
     cases = unique((r.shape, r.dtype) for r in rows)
     providers = [p for p in unique(r.provider for r in rows) if p != baseline]
@@ -441,7 +425,7 @@ def plot(rows, op, path, about):
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(range(len(cases)), [f"{shape}\n{dtype}" for shape, dtype in cases])
         ax.set_ylabel(f"speed-up against {baseline}")
-        ax.set_title(f"{TITLES[op]}: {mode}", fontsize="medium")
+        ax.set_title(f"{TABLES[op].title}: {mode}", fontsize="medium")
     axes[0, 0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle(textwrap.fill(about, int(fig_width * 15)), fontsize="small")
     fig.tight_layout()
@@ -452,7 +436,7 @@ def plot(rows, op, path, about):
 def write_results(rows, op, out_dir, about):
     """Writes <out_dir>/<name>.md, .csv and .png; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, FILES[op])
+    base = os.path.join(out_dir, TABLES[op].file)
     with open(base + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(Result)])
         writer.writeheader()
@@ -463,9 +447,17 @@ def write_results(rows, op, out_dir, about):
     return [base + ext for ext in (".md", ".csv", ".png")]
 
 
-def run(ops=OPS, *, out_dir, quick=False, device=None, min_run_time=None, data_path="names.txt", log=sys.stderr):
-    """Runs the suite for `ops` ("ce", "bn", "train") and writes its results; returns {op: rows}."""
+def default_out_dir(device, quick=False):
+    """bench/results for CPU, bench/results/cuda for CUDA; a quick/ folder inside for --quick."""
+    out = os.path.join(RESULTS, *(("cuda",) if device.type == "cuda" else ()))
+    return os.path.join(out, "quick") if quick else out
+
+
+def run(ops=OPS, *, out_dir=None, quick=False, device=None, min_run_time=None, data_path=None, log=sys.stderr):
+    """Runs the suite for `ops` (keys of cases.TABLES) on the device (default: CUDA if there is one)
+    and writes its results to out_dir (default: default_out_dir); returns {op: rows}."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = out_dir or default_out_dir(device, quick)
     cfg = QUICK if quick else FULL
     min_run_time = cfg["min_run_time"] if min_run_time is None else min_run_time
     bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
@@ -474,15 +466,16 @@ def run(ops=OPS, *, out_dir, quick=False, device=None, min_run_time=None, data_p
     for op in ops:
         load_before = load_average()
         if op == "train":
-            rows = run_train(data_path, device, steps=cfg["train_steps"], repeats=cfg["train_repeats"], log=log)
+            rows = run_train(data_path, device, steps=cfg["train_steps"], repeats=cfg["train_repeats"],
+                             skip=cfg["skip"], log=log)
             settings = f"median of {cfg['train_repeats']} runs of {cfg['train_steps']} steps"
         else:
-            rows = run_op(op, cfg["shapes"][op], dtypes, device, modes=cfg["modes"], skip=cfg["skip"],
-                          min_run_time=min_run_time, log=log)
+            rows = run_op(op, getattr(OPERATORS[op], cfg["shapes"]), dtypes, device, modes=cfg["modes"],
+                          skip=cfg["skip"], min_run_time=min_run_time, log=log)
             settings = f"{min_run_time:g} s per measurement"
         # others' work on the machine skews the times (the run itself adds about its threads): say how busy it was
         about = (f"{machine(device)}, load average {load_before} → {load_average()} (start → end); "
-                 f"`python -m fusedops bench --op {op}{' --quick' if quick else ''}`, {settings}.")
+                 f"`python bench/run.py --op {op}{' --quick' if quick else ''} --device {device.type}`, {settings}.")
         print("wrote " + ", ".join(write_results(rows, op, out_dir, about)), file=log, flush=True)
         results[op] = rows
     return results

@@ -1,0 +1,1 @@
+"""Per-operator test tables, one module per operator."""

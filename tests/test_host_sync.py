@@ -1,0 +1,124 @@
+"""No host synchronisation on the Triton path: the forward and backward of both ops read no tensor value
+into Python (no item(), tolist(), bool(tensor), int(tensor), nonzero(), ...), whatever the tensors'
+device, so that on CUDA nothing waits for the GPU and the ops can be captured in a CUDA graph. Here the
+Triton kernels run on CPU tensors under the interpreter, with those reads spied on.
+
+What the spy cannot see: reads inside C++ (PyTorch's own ops); the Python-level ones are fusedops'."""
+import os
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+
+import fusedops
+
+# Tensor methods that read a value into Python
+READS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"]
+TRITON_DIR = os.path.dirname(triton.__file__) + os.sep
+
+
+class HostReads:
+    """The tensor reads made from Python inside `with host_reads:`, recorded (then done) as (method, where
+    it was called from). A read with triton's interpreter on the stack is the kernel's own work (on a GPU,
+    device work) and is not recorded; at triton 3.9 the interpreter makes none of these calls anyway."""
+
+    def __init__(self):
+        self.reads, self.watching = [], False
+
+    def __enter__(self):
+        self.watching = True
+
+    def __exit__(self, *_):
+        self.watching = False
+
+    def spy(self, name, method):
+        def read(tensor, *args, **kwargs):
+            if self.watching:
+                stack = traceback.extract_stack()[:-1]
+                if not any(frame.filename.startswith(TRITON_DIR) for frame in stack):
+                    self.reads.append((name, "".join(traceback.format_list(stack[-3:]))))
+            return method(tensor, *args, **kwargs)
+        return read
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    spy = HostReads()
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, spy.spy(name, getattr(torch.Tensor, name)))
+    return spy
+
+
+def test_the_spy_sees_reads(host_reads):
+    t = torch.tensor([1.0, 2.0])
+    with host_reads:
+        bool(t[0])
+        t.sum().item()
+        range(torch.tensor(2))
+    t.tolist()  # not watched
+    assert [name for name, _ in host_reads.reads] == ["__bool__", "item", "__index__"]
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_triton_reads_nothing_on_the_host(host_reads, reduction, inplace_backward):
+    logits = torch.randn(4, 5, requires_grad=True)
+    target = torch.tensor([1, -100, 4, 0])
+    results = []
+    for smoothing, upstream in [(0.0, 1.0), (0.1, 2.5)]:
+        x = logits * 1  # in place overwrites this copy, not the leaf
+        with host_reads:
+            loss = fusedops.cross_entropy(x, target, reduction=reduction, label_smoothing=smoothing,
+                                          inplace_backward=inplace_backward, backend="triton")
+            loss.backward(torch.full_like(loss, upstream))
+        results.append((loss.detach(), logits.grad))
+        logits.grad = None
+    assert host_reads.reads == []
+    for (loss, g), (smoothing, upstream) in zip(results, [(0.0, 1.0), (0.1, 2.5)]):
+        loss_t = F.cross_entropy(logits, target, reduction=reduction, label_smoothing=smoothing)
+        (g_t,) = torch.autograd.grad(loss_t, logits, torch.full_like(loss_t, upstream))
+        torch.testing.assert_close(loss, loss_t.detach())
+        torch.testing.assert_close(g, g_t)
+
+
+def test_batch_norm_triton_reads_nothing_on_the_host(host_reads):
+    module = fusedops.BatchNorm1d(3, backend="triton")
+    x = torch.randn(4, 3, 2, requires_grad=True)
+    with host_reads:
+        module(x).square().sum().backward()  # training: batch statistics, running statistics updated
+        module.eval()
+        module(x).square().sum().backward()
+        y = fusedops.batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias,
+                                training=True, momentum=0.5, unbiased=True, backend="triton")
+        y.square().sum().backward()
+    assert host_reads.reads == []
+    reference = torch.nn.BatchNorm1d(3)
+    reference(x)
+    torch.testing.assert_close(module.num_batches_tracked, reference.num_batches_tracked)
+    # the functional call's update: running = 0.5 * running + 0.5 * batch (the unbiased variance)
+    torch.testing.assert_close(module.running_mean, 0.5 * reference.running_mean + 0.5 * x.mean((0, 2)))
+    torch.testing.assert_close(module.running_var, 0.5 * reference.running_var + 0.5 * x.var((0, 2)))
+
+
+def test_cross_entropy_triton_target_out_of_range_reads_nothing(host_reads):
+    """The Triton kernel checks the targets' range with a device-side assert (tl.device_assert in a
+    debug=True kernel), which on a GPU stops the kernel, as PyTorch's CUDA kernel does (not run here).
+    The interpreter compiles device asserts out (its options have debug=False, whatever the kernel's),
+    so here nothing is raised: the rows whose target is out of range get a NaN loss and gradient, the
+    others their right values, and no value is read on the host to find out."""
+    logits = torch.randn(4, 5, requires_grad=True)
+    target = torch.tensor([1, 5, -100, -1])
+    with host_reads:
+        loss = fusedops.cross_entropy(logits, target, reduction="none", backend="triton")
+        loss.sum().backward()
+        mean = fusedops.cross_entropy(logits, target, backend="triton")
+    assert host_reads.reads == []
+    assert loss[[1, 3]].isnan().all() and logits.grad[[1, 3]].isnan().all()
+    safe = torch.tensor([1, 0, -100, 0])
+    loss_t = F.cross_entropy(logits, safe, reduction="none")
+    (g_t,) = torch.autograd.grad(loss_t.sum(), logits)
+    torch.testing.assert_close(loss[[0, 2]], loss_t[[0, 2]].detach())
+    torch.testing.assert_close(logits.grad[[0, 2]], g_t[[0, 2]])
+    assert mean.isnan()
