@@ -2,8 +2,9 @@
 # The GPU table in one step, on a machine with a CUDA device (see bench/run.py):
 #   bash bench/gpu.sh [options for bench/run.py, e.g. --quick or --op ce]
 # Installs nothing: it needs what the README's test command installs, with a CUDA build of torch.
-# 1. the test suite on CUDA (python -m pytest -q; with a GPU the Triton kernels run natively, not in
-#    the interpreter), its log in bench/results/cuda/pytest.log;
+# 1. tests/test_cuda.py (the Triton kernels natively on CUDA tensors: against PyTorch, gradgradcheck,
+#    opcheck, compile, CUDA graph capture), its log in bench/results/cuda/pytest.log; the rest of the
+#    suite runs the Triton kernels on CPU tensors through the interpreter, on a machine without a GPU;
 # 2. the fidelity table of the Triton kernels on CUDA, bench/results/cuda/fidelity.md;
 # 3. the benchmark with --device cuda, bench/results/cuda/*.{md,csv,png}.
 # Steps 2 and 3 run even if tests fail (their numbers help find why); the exit status is then the tests'.
@@ -19,8 +20,8 @@ fi
 
 out=bench/results/cuda
 mkdir -p "$out"
-echo "== python -m pytest -q -p no:cacheprovider (log: $out/pytest.log)"
-python -m pytest -q -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
+echo "== python -m pytest -q -p no:cacheprovider tests/test_cuda.py (log: $out/pytest.log)"
+python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/pytest.log"
 tests=$?
 echo "== python bench/fidelity.py --backend triton --device cuda > $out/fidelity.md"
 python bench/fidelity.py --backend triton --device cuda > "$out/fidelity.md" || exit
