@@ -91,6 +91,11 @@ def check_backend(backend, tensor):
                                  "(set before triton is first imported)")
 
 
+def batched_first(t, dim, size):
+    """For a vmap rule: the tensor with its mapped dimension first (expanded when it has none)."""
+    return t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
 def acc_dtype(dtype):
     """The dtype the kernels compute in: fp64 for fp64 input, fp32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._ops import acc_dtype, check_backend, fast_apply, kernels, register
+from ._ops import acc_dtype, batched_first, check_backend, fast_apply, kernels, register
 from .errors import ArgumentDtypeError, ArgumentTypeError, ArgumentValueError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -137,17 +137,12 @@ class BatchNormFunction(torch.autograd.Function):
         B = info.batch_size
         x = input.movedim(in_dims[0], 1) if in_dims[0] is not None else input.expand(B, *input.shape).movedim(0, 1)
         N, C = x.shape[0], x.shape[2]
-        per_channel = [None if t is None else _batched_first(t, dim, B).reshape(B * C)
+        per_channel = [None if t is None else batched_first(t, dim, B).reshape(B * C)
                        for t, dim in zip((weight, bias, running_mean, running_var), in_dims[1:5])]
         out, mean, invstd, var = BatchNormFunction.apply(x.reshape(N, B * C, *x.shape[3:]), *per_channel, training,
                                                          unbiased, eps, backend)
         out = out.view(N, B, C, *x.shape[3:])
         return (out, mean.view(B, C), invstd.view(B, C), var.view(B, C)), (1, 0, 0, 0)
-
-
-def _batched_first(t, dim, size):
-    """A tensor with its mapped dimension first (expanded when it has none)."""
-    return t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
 
 
 def _reduced_dims(input):

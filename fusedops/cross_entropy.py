@@ -10,7 +10,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from ._ops import check_backend, fast_apply, kernels, register
+from ._ops import batched_first, check_backend, fast_apply, kernels, register
 from .errors import ArgumentDtypeError, ArgumentEmptyError, ArgumentTypeError, ArgumentValueError
 
 NONE, MEAN, SUM = 0, 1, 2  # torch's reduction numbering, as the kernels take it
@@ -123,8 +123,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         if inplace_backward:
             raise RuntimeError("cross_entropy: inplace_backward=True cannot be used under vmap")
         B = info.batch_size
-        logits = _batched_first(logits, in_dims[0], B)
-        target = _batched_first(target, in_dims[1], B)
+        logits = batched_first(logits, in_dims[0], B)
+        target = batched_first(target, in_dims[1], B)
         _, N, V = logits.shape
         rows, grad = CrossEntropyFunction.apply(logits.reshape(B * N, V), target.reshape(B * N), NONE,
                                                 ignore_index, label_smoothing, False, backend)
@@ -135,11 +135,6 @@ class CrossEntropyFunction(torch.autograd.Function):
             count = (target != ignore_index).sum(1).to(rows.dtype)
             return (rows.sum(1) / count, grad / count.view(B, 1, 1)), (0, 0)
         return (rows, grad), (0, 0)
-
-
-def _batched_first(t, dim, size):
-    """A tensor with its mapped dimension first (expanded when it has none)."""
-    return t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
 
 
 def _softmax_vjp(grad, target, v, reduction, ignore_index, label_smoothing):
