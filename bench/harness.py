@@ -2,19 +2,22 @@
 chunked reference and the copy floor, on the same inputs in one run (`python bench/run.py`). What it
 runs (shapes, dtypes, providers, the training step's variants) is declared in bench/cases.py.
 
-Each case (operator, shape, dtype) is timed in three modes:
+Each case (operator, shape, variant, dtype) is timed in three modes (or those the operator names):
 - forward: with grad enabled, as in training (it builds the graph; fusedops' cross-entropy computes
   its gradient here),
 - backward: the graph's backward, timed alone (each run's forward is outside the timed region),
 - forward+backward, whose peak extra memory is measured too.
 Median and IQR come from torch.utils.benchmark.Timer on CPU, triton.testing.do_bench on CUDA. The
 floor is a `copy_` of the input's bytes into an existing buffer: the least memory traffic of a pass
-that reads the input and writes a tensor of its size. `train` times a training step of the
-makemore MLP. At the per-call shapes (and for the training step) the tables also give each median
-minus the baseline's in µs: the cost per call over eager, where fixed costs dominate. Results go to
-<out>/{cross_entropy,batch_norm,train}.{md,csv,png}.
+that reads the input and writes a tensor of its size. Where torch.compile ran, fusedops' speed-up
+against it is given too; where the operator states targets, a table says which hold. `train` times a
+training step of the makemore MLP, `resnet` one of a ResNet-18 (bench/resnet.py) with torch's and with
+fusedops' batch norm. At the per-call shapes (and for the makemore step) the tables also give each
+median minus the baseline's in µs: the cost per call over eager, where fixed costs dominate. Results
+go to <out>/{cross_entropy,batch_norm,batch_norm2d,train,resnet}.{md,csv,png}.
 """
 import contextlib
+import copy
 import csv
 import datetime
 import math
@@ -28,19 +31,20 @@ from dataclasses import asdict, dataclass, fields
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from fusedops import reference
 from fusedops.makemore import data
 from fusedops.makemore import model as makemore
 
-from .cases import COMPILE, DTYPES, FLOOR, OPERATORS, TABLES, TRAIN, TRAIN_VARIANTS
+from . import resnet
+from .cases import (BACKWARD, COMPILE, DTYPES, FLOOR, FORWARD, FWD_BWD, LAYOUTS, MODES, OPERATORS, RESNET,
+                    RESNET_QUICK_SIZE, RESNET_SIZE, RESNET_VARIANTS, STEP, TABLES, TRAIN, TRAIN_VARIANTS)
 
 # The profiler (the CPU memory view below) logs two lines each time it starts unless told not to;
 # it reads this when it first starts.
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
-FORWARD, BACKWARD, FWD_BWD, STEP = "forward", "backward", "forward+backward", "step"
-MODES = (FWD_BWD, FORWARD, BACKWARD)
 OPS = tuple(TABLES)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 MIN_RUNS = 5  # measurements per median, at least
@@ -48,25 +52,27 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # shapes: the Operator field naming the shapes to run
 FULL = dict(shapes="shapes", dtypes=DTYPES, modes=MODES, skip=(), min_run_time=0.5, train_steps=1000,
-            train_repeats=5)
+            train_repeats=5, resnet=RESNET_SIZE, resnet_run_time=3.0)
 QUICK = dict(shapes="quick_shapes", dtypes=(torch.float32,), modes=(FWD_BWD,), skip=(COMPILE,),
-             min_run_time=0.05, train_steps=200, train_repeats=3)
+             min_run_time=0.05, train_steps=200, train_repeats=3, resnet=RESNET_QUICK_SIZE, resnet_run_time=0.2)
 
 
 @dataclass
 class Result:
-    """One (op, shape, dtype, mode, provider): times in ms; the comparisons are filled by add_ratios."""
+    """One (op, shape, variant, dtype, mode, provider): times in ms; the comparisons are filled by add_ratios."""
     op: str
     shape: str
+    variant: str  # "" where the operator has none
     dtype: str
     mode: str
     provider: str
     median_ms: float
     iqr_ms: float
     vs_eager: float = math.nan  # the baseline's median / this one: > 1 is faster than eager
+    vs_compile: float = math.nan  # torch.compile's median / this one, where it ran
     over_eager_us: float = math.nan  # this median - the baseline's, in µs: the cost per call over eager
     vs_floor: float = math.nan  # this median / the copy floor's: how far from the bandwidth floor
-    peak_mb: float = math.nan  # peak memory allocated during forward+backward, beyond the inputs
+    peak_mb: float = math.nan  # peak memory allocated during forward+backward (a step), beyond the inputs
     input_mb: float = math.nan
     compile_s: float = math.nan  # torch.compile: wall time of its first run (compiling; not timed)
 
@@ -75,12 +81,17 @@ def shape_name(shape):
     return "x".join(map(str, shape))
 
 
+def case_key(r):
+    """What a row's comparisons are within: (shape, variant, dtype, mode)."""
+    return r.shape, r.variant, r.dtype, r.mode
+
+
 def provider_names(op, device):
     """The providers a case of `op` runs on the device (the copy floor first)."""
-    if op == "train":
-        return list(TRAIN_VARIANTS)
+    if op in ("train", "resnet"):
+        return list(TRAIN_VARIANTS if op == "train" else RESNET_VARIANTS)
     operator = OPERATORS[op]
-    return [FLOOR, *operator.providers(operator.quick_shapes[0], device)]
+    return [FLOOR, *operator.providers(operator.quick_shapes[0], device, operator.variants[0])]
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -165,9 +176,10 @@ def peak_extra_bytes(fn, device):
 
 
 def time_provider(fn, params, x, args, grad_out, device, modes, min_run_time):
-    """(first forward+backward's seconds, its peak extra bytes, {mode: (median ms, IQR ms)})."""
+    """(first forward+backward's seconds, its peak extra bytes, {mode: (median ms, IQR ms)}). The gradients
+    are those of x, the parameters and the arguments that require grad."""
     x = x.detach().clone().requires_grad_()  # its own copy: the in-place providers overwrite it
-    wrt = [x, *params]
+    wrt = [x, *params, *(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)]
 
     def forward():
         return fn(x, *args)
@@ -202,18 +214,18 @@ def compiling(fn):
     return torch.compile(fn, dynamic=False), fresh_cache()
 
 
-def run_case(op, shape, dtype, device, *, modes=MODES, skip=(), min_run_time):
+def run_case(op, shape, variant, dtype, device, *, modes=MODES, skip=(), min_run_time):
     """Result rows of one case: every provider (but those in `skip`) in every mode."""
     operator = OPERATORS[op]
-    x, args, grad_out = operator.inputs(shape, dtype, device)
-    case = dict(op=op, shape=shape_name(shape), dtype=DTYPE_NAMES[dtype])
+    x, args, grad_out = operator.inputs(shape, dtype, device, variant)
+    case = dict(op=op, shape=shape_name(shape), variant=variant, dtype=DTYPE_NAMES[dtype])
     input_mb = x.numel() * x.element_size() / 2**20
-    copy = partial(torch.empty_like(x).copy_, x)  # into an existing buffer
-    floor = measure(copy, device, min_run_time)
-    del copy
+    copy_input = partial(torch.empty_like(x).copy_, x)  # into an existing buffer
+    floor = measure(copy_input, device, min_run_time)
+    del copy_input
     # one measurement, listed under every mode
     rows = [Result(**case, mode=mode, provider=FLOOR, median_ms=floor[0], iqr_ms=floor[1]) for mode in modes]
-    for name, (fn, params) in operator.providers(shape, device).items():
+    for name, (fn, params) in operator.providers(shape, device, variant).items():
         if name in skip:
             continue
         fn, first_run = compiling(fn) if name == COMPILE else (fn, contextlib.nullcontext())
@@ -227,16 +239,19 @@ def run_case(op, shape, dtype, device, *, modes=MODES, skip=(), min_run_time):
 
 
 def run_op(op, shapes, dtypes, device, *, modes=MODES, skip=(), min_run_time, log=sys.stderr):
-    """Rows of every (shape, dtype) case of `op` (a key of OPERATORS), comparisons included; a progress
-    line per case."""
+    """Rows of every (shape, variant, dtype) case of `op` (a key of OPERATORS) in the modes of `modes` it
+    has, comparisons included; a progress line per case."""
+    operator = OPERATORS[op]
+    modes = [m for m in modes if m in operator.modes]
     rows = []
-    cases = [(shape, dtype) for shape in shapes for dtype in dtypes]
-    for i, (shape, dtype) in enumerate(cases, 1):
+    cases = [(shape, variant, dtype) for shape in shapes for variant in operator.variants for dtype in dtypes]
+    for i, (shape, variant, dtype) in enumerate(cases, 1):
         start = time.perf_counter()
-        case_rows = run_case(op, shape, dtype, device, modes=modes, skip=skip, min_run_time=min_run_time)
+        case_rows = run_case(op, shape, variant, dtype, device, modes=modes, skip=skip, min_run_time=min_run_time)
         rows += case_rows
         shown = [r for r in case_rows if r.mode == modes[0]]
-        print(f"[{op} {i}/{len(cases)}] {shown[0].shape} {shown[0].dtype} {modes[0]}: "
+        print(f"[{op} {i}/{len(cases)}] {' '.join(filter(None, (shown[0].shape, shown[0].variant, shown[0].dtype)))} "
+              f"{modes[0]}: "
               + ", ".join(f"{r.provider} {r.median_ms:.3g} ms" for r in shown)
               + f" ({time.perf_counter() - start:.0f} s)", file=log, flush=True)
     return add_ratios(rows, OPERATORS[op].baseline)
@@ -269,20 +284,52 @@ def run_train(data_path, device, *, steps, repeats, skip=(), log=sys.stderr):
             train(steps=min(steps, 50))  # warm-up
         first_s = time.perf_counter() - start
         median, iqr = median_iqr([train(steps=steps)[1] * 1e3 for _ in range(repeats)])
-        rows.append(Result("train", "batch 32", "fp32", STEP, name, median, iqr,
+        rows.append(Result("train", "batch 32", "", "fp32", STEP, name, median, iqr,
                            compile_s=first_s if name == COMPILE else math.nan))
         print(f"[train] {name}: {median:.3g} ms per step", file=log, flush=True)
     return add_ratios(rows, TRAIN.baseline)
 
 
+def run_resnet(device, *, batch, image_size, width, min_run_time, log=sys.stderr):
+    """ms per training step (forward, cross-entropy, backward, SGD with momentum) of bench/resnet.py's
+    ResNet at `width` on one batch of random images and labels, for every layout of LAYOUTS and variant
+    of RESNET_VARIANTS, each from the same initial weights; and the peak extra memory of a step."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, generator=g)
+    labels = torch.randint(0, resnet.CLASSES, (batch,), generator=g).to(device)
+    initial = resnet.ResNet(width)
+    rows = []
+    for layout, memory_format in LAYOUTS.items():
+        x = images.to(device).contiguous(memory_format=memory_format)
+        for name, convert in RESNET_VARIANTS.items():
+            model = convert(copy.deepcopy(initial).to(device, memory_format=memory_format))
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+            def step(model=model, optimizer=optimizer):
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), labels).backward()
+                optimizer.step()
+
+            step()  # warm-up: the gradients' and momentum's buffers
+            peak = peak_extra_bytes(step, device)
+            median, iqr = measure(step, device, min_run_time)
+            rows.append(Result("resnet", f"batch {batch}, {image_size}x{image_size}", layout, "fp32", STEP, name,
+                               median, iqr, peak_mb=peak / 2**20, input_mb=x.numel() * x.element_size() / 2**20))
+            print(f"[resnet] {layout} {name}: {median:.3g} ms per step", file=log, flush=True)
+    return add_ratios(rows, RESNET.baseline)
+
+
 def add_ratios(rows, baseline):
     """vs_eager: the baseline's median / each row's; over_eager_us: each row's - the baseline's, in µs;
-    vs_floor: each row's / the copy floor's (same shape, dtype and mode)."""
-    by_key = {(r.shape, r.dtype, r.mode, r.provider): r for r in rows}
+    vs_compile: torch.compile's median / each row's; vs_floor: each row's / the copy floor's (within
+    the same case_key)."""
+    by_key = {case_key(r) + (r.provider,): r for r in rows}
     for r in rows:
-        case = (r.shape, r.dtype, r.mode)
+        case = case_key(r)
         base = by_key[case + (baseline,)].median_ms
         r.vs_eager, r.over_eager_us = base / r.median_ms, (r.median_ms - base) * 1e3
+        if case + (COMPILE,) in by_key:
+            r.vs_compile = by_key[case + (COMPILE,)].median_ms / r.median_ms
         if case + (FLOOR,) in by_key:
             r.vs_floor = r.median_ms / by_key[case + (FLOOR,)].median_ms
     return rows
@@ -325,8 +372,8 @@ def fmt_ratio(ratio):
 
 
 def per_call(op, shape):
-    """Whether the tables give the µs over eager at this shape: the per-call shapes, and the training step."""
-    return op == "train" or shape in {shape_name(s) for s in OPERATORS[op].per_call_shapes}
+    """Whether the tables give the µs over eager at this shape: the per-call shapes, and the makemore step."""
+    return op == "train" or (op in OPERATORS and shape in {shape_name(s) for s in OPERATORS[op].per_call_shapes})
 
 
 def fmt_cell(r, baseline):
@@ -338,13 +385,18 @@ def fmt_cell(r, baseline):
 
 
 def markdown(rows, op, about):
-    """A table per mode (median ms and speed-up against eager, per case and provider), then the peak
-    memory of forward+backward with torch.compile's compile time."""
+    """A table per mode (median ms and speed-up against the baseline, per case and provider; fusedops'
+    against torch.compile and the copy floor where they ran), then the peak extra memory with
+    torch.compile's compile time, then whether the operator's targets hold."""
     baseline = TABLES[op].baseline
-    cases = unique((r.shape, r.dtype) for r in rows)
+    cases = unique((r.shape, r.variant, r.dtype) for r in rows)
+    with_variant = any(r.variant for r in rows)
     providers = unique(r.provider for r in rows)
-    by_key = {(r.shape, r.dtype, r.mode, r.provider): r for r in rows}
-    floored = [p for p in providers if p.startswith("fusedops")] if FLOOR in providers else []
+    by_key = {(r.shape, r.variant, r.dtype, r.mode, r.provider): r for r in rows}
+    fused = [p for p in providers if p.startswith("fusedops")]
+    compared = fused if COMPILE in providers else []
+    floored = fused if FLOOR in providers else []
+    modes = unique(r.mode for r in rows)
     spread = max(rows, key=lambda r: r.iqr_ms / r.median_ms)
     per_call_shapes = unique(r.shape for r in rows if per_call(op, r.shape))
     lines = [f"# {TABLES[op].title}", "", about, "",
@@ -352,55 +404,108 @@ def markdown(rows, op, about):
              "> 1 is faster)" + (f" and, at {', '.join(per_call_shapes)}, where fixed costs dominate, this "
                                  f"median - {baseline}'s in µs (the cost per call over {baseline})."
                                  if per_call_shapes else ".")]
+    if compared:
+        lines += [f"`vs {COMPILE}`: {COMPILE}'s median / this one (> 1: faster than {COMPILE})."]
     if floored:
         lines += [f"{FLOOR}: a `copy_` of the input's bytes into an existing buffer (one measurement, shown "
                   "under every mode); its speed-up is about the most one pass over the input could reach. "
-                  f"`/ {FLOOR}`: the median over the floor's.",
-                  "forward runs with grad enabled, as in training"
+                  f"`/ {FLOOR}`: the median over the floor's."]
+    if FORWARD in modes or BACKWARD in modes:
+        lines += ["forward runs with grad enabled, as in training"
                   + (" (fusedops' cross-entropy computes its gradient there, so its backward only hands it over)"
                      if op == "ce" else "")
                   + "; backward is timed alone, its forward outside the timed region."]
     lines += [f"Spread (IQR / median): median {statistics.median(r.iqr_ms / r.median_ms for r in rows):.1%}, "
-              f"largest {spread.iqr_ms / spread.median_ms:.1%} ({spread.provider}, {spread.shape} {spread.dtype} "
-              f"{spread.mode}); each row's IQR is in the CSV.", ""]
+              f"largest {spread.iqr_ms / spread.median_ms:.1%} ({spread.provider}, "
+              f"{' '.join(filter(None, (spread.shape, spread.variant, spread.dtype)))} {spread.mode}); each row's "
+              "IQR is in the CSV.", ""]
 
     def table(header, cells_of):
-        out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-        out += ["| " + " | ".join(cells_of(case)) + " |" for case in cases]
+        out = ["| " + " | ".join(["shape", *(["variant"] if with_variant else []), "dtype", *header]) + " |"]
+        out += ["|" + " --- |" * (len(header) + 2 + with_variant)]
+        out += ["| " + " | ".join([*(case if with_variant else case[::2]), *cells_of(case)]) + " |" for case in cases]
         return out + [""]
 
-    for mode in unique(r.mode for r in rows):
-        def cells(case, mode=mode):
-            times = [fmt_cell(by_key[case + (mode, p)], baseline) if case + (mode, p) in by_key else ""
-                     for p in providers]
-            ratios = [fmt_ratio(by_key[case + (mode, p)].vs_floor) if case + (mode, p) in by_key else ""
-                      for p in floored]
-            return [*case, *times, *ratios]
-        lines += [f"## {mode}", ""] + table(["shape", "dtype", *providers, *(f"{p} / {FLOOR}" for p in floored)],
-                                            cells)
+    def column(case, mode, providers, cell):
+        return [cell(by_key[case + (mode, p)]) if case + (mode, p) in by_key else "" for p in providers]
 
-    measured = [p for p in providers if any(not math.isnan(r.peak_mb) for r in rows if r.provider == p)]
+    for mode in modes:
+        def cells(case, mode=mode):
+            return [*column(case, mode, providers, partial(fmt_cell, baseline=baseline)),
+                    *column(case, mode, compared, lambda r: fmt_ratio(r.vs_compile)),
+                    *column(case, mode, floored, lambda r: fmt_ratio(r.vs_floor))]
+        lines += [f"## {mode}", ""] + table([*providers, *(f"{p} vs {COMPILE}" for p in compared),
+                                             *(f"{p} / {FLOOR}" for p in floored)], cells)
+
+    measured = [r for r in rows if not math.isnan(r.peak_mb)]
     if measured:
+        mode = measured[0].mode
+        memory_providers = unique(r.provider for r in measured)
+        compiled = COMPILE in memory_providers
+
         def memory_cells(case):
-            got = [by_key.get(case + (FWD_BWD, p)) for p in measured]
-            cells = ["" if r is None else f"{r.peak_mb:.3g} ({r.peak_mb / r.input_mb:.2f}×)" for r in got]
-            compiled = by_key.get(case + (FWD_BWD, COMPILE))
-            input_mb = next(r.input_mb for r in got if r is not None)
-            return [*case, f"{input_mb:.3g}", *cells, "" if compiled is None else f"{compiled.compile_s:.1f}"]
-        lines += ["## Peak extra memory of forward+backward, and compile time", "",
-                  "MB allocated beyond the inputs (the gradients included); in brackets, × the input's size. "
-                  "Last column: the wall time of torch.compile's first forward+backward (tracing and code "
-                  "generation from an empty cache; not counted in the times above; the first case's includes "
-                  "the compiler's start-up).", ""]
-        lines += table(["shape", "dtype", "input MB", *measured, f"{COMPILE} s"], memory_cells)
+            got = column(case, mode, memory_providers, lambda r: f"{r.peak_mb:.3g} ({r.peak_mb / r.input_mb:.2f}×)")
+            input_mb = next(r.input_mb for r in measured if (r.shape, r.variant, r.dtype) == case)
+            return [f"{input_mb:.3g}", *got, *column(case, mode, [COMPILE] * compiled, lambda r: f"{r.compile_s:.1f}")]
+        lines += [f"## Peak extra memory of {mode}" + (", and compile time" if compiled else ""), "",
+                  "MB allocated beyond the inputs (the gradients included); in brackets, × the input's size."
+                  + (" Last column: the wall time of torch.compile's first forward+backward (tracing and code "
+                     "generation from an empty cache; not counted in the times above; the first case's includes "
+                     "the compiler's start-up)." if compiled else ""), ""]
+        lines += table(["input MB", *memory_providers, *([f"{COMPILE} s"] * compiled)], memory_cells)
     else:
         lines += [f"{COMPILE}: its first run (compiling from an empty cache; not counted above) took "
                   f"{r.compile_s:.1f} s ({r.shape} {r.dtype})." for r in rows if not math.isnan(r.compile_s)]
-    return "\n".join(lines)
+    return "\n".join(lines + target_lines(op, rows, fused))
+
+
+MEMORY_SLACK = 0.01  # of an input's size: per-channel statistics and the like, no activation-sized tensor
+TARGET_COLUMNS = ("speed-up against eager", f"faster than {COMPILE}", "peak extra memory below eager's")
+MARK = {True: "✓", False: "✗"}
+
+
+def target_cells(targets, r, eager):
+    """fusedops' forward+backward row r against Targets, eager's row beside it: a cell per TARGET_COLUMNS
+    and [holds] of each target judged (one whose peer did not run is not)."""
+    holds = [r.vs_eager >= targets.vs_eager]
+    cells = [f"{fmt_ratio(r.vs_eager)} {'≥' if holds[-1] else '<'} {fmt_ratio(targets.vs_eager)} {MARK[holds[-1]]}"]
+    if math.isnan(r.vs_compile):
+        cells.append("not run")
+    else:
+        holds.append(r.vs_compile > 1)
+        cells.append(f"{fmt_ratio(r.vs_compile)} {MARK[holds[-1]]}")
+    saved = (eager.peak_mb - r.peak_mb) / r.input_mb  # eager's peak - fusedops', in input-sized tensors
+    if targets.memory_saved:
+        holds.append(saved >= targets.memory_saved - MEMORY_SLACK)
+        cells.append(f"{saved:.2f} {'≥' if holds[-1] else '<'} {targets.memory_saved:g} input {MARK[holds[-1]]}")
+    else:
+        cells.append(f"{saved:.2f} input (no target)")
+    return cells, holds
+
+
+def target_lines(op, rows, fused):
+    """The targets' table, a row per case and fusedops provider, and how many targets hold; nothing where
+    the operator states no targets."""
+    operator = OPERATORS.get(op)
+    if operator is None or operator.targets is None:
+        return []
+    by_key = {case_key(r) + (r.provider,): r for r in rows}
+    table, holds = [], []
+    for r in rows:
+        if r.provider in fused and r.mode == FWD_BWD:
+            cells, held = target_cells(operator.targets(r.variant), r, by_key[case_key(r) + (operator.baseline,)])
+            table.append("| " + " | ".join([r.shape, r.variant, r.dtype, r.provider, *cells]) + " |")
+            holds += held
+    header = ["shape", "variant", "dtype", "provider", *TARGET_COLUMNS]
+    return ["## Targets (forward+backward)", "",
+            f"{sum(holds)} of {len(holds)} hold (✓; ✗: missed). Memory: eager's peak extra memory minus "
+            f"fusedops', in input-sized tensors (with a slack of {MEMORY_SLACK:g} input for per-channel tensors).",
+            "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *table]
 
 
 def plot(rows, op, path, about):
-    """Speed-up against eager per case, one bar per provider, one panel per mode (log scale)."""
+    """Speed-up against the baseline per case, one bar per provider, one panel per mode and variant (log
+    scale), the operator's speed-up target as a dashed line."""
     import matplotlib
     import matplotlib.ticker
 
@@ -408,27 +513,30 @@ def plot(rows, op, path, about):
     import matplotlib.pyplot as plt
 
     baseline = TABLES[op].baseline
-    modes = unique(r.mode for r in rows)
+    targets = getattr(TABLES[op], "targets", None)
+    panels = unique((r.mode, r.variant) for r in rows)
     cases = unique((r.shape, r.dtype) for r in rows)
     providers = [p for p in unique(r.provider for r in rows) if p != baseline]
-    speedup = {(r.shape, r.dtype, r.mode, r.provider): r.vs_eager for r in rows}
+    speedup = {(r.shape, r.dtype, r.mode, r.variant, r.provider): r.vs_eager for r in rows}
     width = 0.8 / len(providers)
     fig_width = max(7.0, 1.3 * len(cases) + 4)
-    fig, axes = plt.subplots(len(modes), 1, figsize=(fig_width, 3.2 * len(modes) + 0.6), squeeze=False)
-    for ax, mode in zip(axes[:, 0], modes):
+    fig, axes = plt.subplots(len(panels), 1, figsize=(fig_width, 3.2 * len(panels) + 0.6), squeeze=False)
+    for ax, (mode, variant) in zip(axes[:, 0], panels):
         for j, p in enumerate(providers):
             xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(cases))]
-            ax.bar(xs, [speedup.get(case + (mode, p), math.nan) for case in cases], width, label=p)
+            ax.bar(xs, [speedup.get(case + (mode, variant, p), math.nan) for case in cases], width, label=p)
         ax.axhline(1, color="black", linewidth=0.8)
+        if targets is not None:
+            ax.axhline(targets(variant).vs_eager, color="black", linewidth=0.8, linestyle="--", label="target")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(range(len(cases)), [f"{shape}\n{dtype}" for shape, dtype in cases])
         ax.set_ylabel(f"speed-up against {baseline}")
-        ax.set_title(f"{TABLES[op].title}: {mode}", fontsize="medium")
+        ax.set_title(f"{variant or TABLES[op].title}: {mode}", fontsize="medium")
     axes[0, 0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle(textwrap.fill(about, int(fig_width * 15)), fontsize="small")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the suptitle's lines
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -459,7 +567,6 @@ def run(ops=OPS, *, out_dir=None, quick=False, device=None, min_run_time=None, d
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = out_dir or default_out_dir(device, quick)
     cfg = QUICK if quick else FULL
-    min_run_time = cfg["min_run_time"] if min_run_time is None else min_run_time
     bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
     dtypes = [d for d in cfg["dtypes"] if d != torch.bfloat16 or bf16]
     results = {}
@@ -469,10 +576,15 @@ def run(ops=OPS, *, out_dir=None, quick=False, device=None, min_run_time=None, d
             rows = run_train(data_path, device, steps=cfg["train_steps"], repeats=cfg["train_repeats"],
                              skip=cfg["skip"], log=log)
             settings = f"median of {cfg['train_repeats']} runs of {cfg['train_steps']} steps"
+        elif op == "resnet":
+            run_time = cfg["resnet_run_time"] if min_run_time is None else min_run_time
+            rows = run_resnet(device, **cfg["resnet"], min_run_time=run_time, log=log)
+            settings = f"width {cfg['resnet']['width']}, SGD with momentum, {run_time:g} s per measurement"
         else:
+            run_time = cfg["min_run_time"] if min_run_time is None else min_run_time
             rows = run_op(op, getattr(OPERATORS[op], cfg["shapes"]), dtypes, device, modes=cfg["modes"],
-                          skip=cfg["skip"], min_run_time=min_run_time, log=log)
-            settings = f"{min_run_time:g} s per measurement"
+                          skip=cfg["skip"], min_run_time=run_time, log=log)
+            settings = f"{run_time:g} s per measurement"
         # others' work on the machine skews the times (the run itself adds about its threads): say how busy it was
         about = (f"{machine(device)}, load average {load_before} → {load_average()} (start → end); "
                  f"`python bench/run.py --op {op}{' --quick' if quick else ''} --device {device.type}`, {settings}.")

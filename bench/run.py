@@ -1,13 +1,14 @@
 """The benchmark suite: fusedops against PyTorch eager, torch.compile of the same eager code, the
 chunked reference and the copy floor (forward, backward, forward+backward; median, spread, peak
-memory), and the makemore training step. What runs is declared in bench/cases.py; how it is timed,
-in bench/harness.py.
+memory); BatchNorm2d at ResNet shapes alone and fused with ReLU and the residual add, against its
+targets; the makemore training step; a ResNet-18 training step with torch's and fusedops' batch norm.
+What runs is declared in bench/cases.py; how it is timed, in bench/harness.py.
 
-    python bench/run.py [--op ce bn train] [--quick] [--out DIR] [--device cpu|cuda] [--threads N]
-                        [--min-run-time S] [--data PATH|URL]
+    python bench/run.py [--op ce bn bn2d train resnet] [--quick] [--out DIR] [--device cpu|cuda]
+                        [--threads N] [--min-run-time S] [--data PATH|URL]
 
-Writes {cross_entropy,batch_norm,train}.{md,csv,png} to bench/results/ (CPU), bench/results/cuda/
-(CUDA), or a quick/ folder inside with --quick. Runs from any directory.
+Writes {cross_entropy,batch_norm,batch_norm2d,train,resnet}.{md,csv,png} to bench/results/ (CPU),
+bench/results/cuda/ (CUDA), or a quick/ folder inside with --quick. Runs from any directory.
 
 On a machine with a GPU, one command runs the test suite on CUDA (the Triton kernels natively) and then
 this benchmark with --device cuda, writing the results, pytest's log and the fidelity table to
@@ -39,7 +40,7 @@ def build_parser():
     parser.add_argument("--device", default=None, help="(default: cuda if available, else cpu)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="(default: %(default)s)")
     parser.add_argument("--min-run-time", type=float, default=None,
-                        help="seconds per measurement (default: 0.5, 0.05 with --quick)")
+                        help="seconds per measurement (default: 0.5, 0.05 with --quick; resnet: 3, 0.2)")
     parser.add_argument("--data", default=None,
                         help="names for --op train: a path or an http(s) URL (default: names.txt here, at "
                              "the repository's root or in the cache, else downloaded)")

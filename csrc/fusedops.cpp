@@ -19,19 +19,23 @@ TORCH_LIBRARY(fusedops, m) {
   // the same, the gradient written over the logits
   m.def("cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, int reduction, int ignore_index, "
         "float label_smoothing) -> Tensor");
-  // batch norm over (N, C) or (N, C, L): out, mean (fp64), invstd, unbiased var
+  // batch norm over (N, C, *), contiguous or channels-last: out = act(bn(input) + residual) in the
+  // input's layout (activation 0: none, 1: relu), mean (fp64), invstd, unbiased var
   m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
-        "Tensor? running_var, bool training, bool unbiased, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  // grad_input, grad_weight, grad_bias
+        "Tensor? running_var, bool training, bool unbiased, float eps, Tensor? residual=None, int activation=0) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // grad_input, grad_weight, grad_bias and grad_residual; given the forward's relu output, grad_out is
+  // first masked by output > 0, and grad_residual is that masked grad_out (else an empty tensor)
   m.def("batch_norm_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
-        "bool training, bool unbiased) -> (Tensor, Tensor, Tensor)");
+        "bool training, bool unbiased, Tensor? output=None, bool grad_residual=False) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // a batch split over processes: this share's mean and m2 (fp64) ...
   m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
   // ... its sum(dy) and sum(dy * (x - mean)) (fp64) ...
   m.def("batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean) -> (Tensor, Tensor)");
-  // ... and its grad_input from the sums over every process
+  // ... and its grad_input from the sums and the count (a one-element fp64 tensor) over every process
   m.def("batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
-        "Tensor sum_dy, Tensor sum_dy_xmu, int count, bool unbiased) -> Tensor");
+        "Tensor sum_dy, Tensor sum_dy_xmu, Tensor count, bool unbiased) -> Tensor");
   // the running statistics' update (and the batch count), in place
   m.def("batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
         "Tensor mean, Tensor var, float? momentum) -> ()");

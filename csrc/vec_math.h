@@ -1,5 +1,6 @@
 // Vector lane helpers of the CPU kernels: loads and stores that convert the stored dtype to the
-// compute one, and lane math cheaper than at::vec's where a kernel can give up what it does not need.
+// compute one, the widening of fp32 lanes to fp64 ones, and lane math cheaper than at::vec's where a
+// kernel can give up what it does not need.
 // exp_nonpositive: exp of x <= 0, cheaper than Vectorized::exp (Sleef's u10):
 //   exp(x) = 2^n * exp(r),  n = round(x / ln 2),  r = x - n ln 2 in [-ln2/2, ln2/2]
 //   exp(r) = 1 + r + r^2 q(r),  q a degree-4 fit to (exp(r) - 1 - r) / r^2: within 1.01 ulp in fp32
@@ -9,6 +10,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <array>
 #include <cstdint>
 #include <type_traits>
 
@@ -44,8 +46,14 @@ inline void store_acc(scalar_t* p, const at::vec::Vectorized<acc_t>& v,
     v.store(p, n);
   } else {
     if constexpr (at::vec::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_t, float>) {
-      if (n == Vec::size()) {  // v packed twice into one vector of 2n lanes: its first n are v's
+      if (n == Vec::size()) {
+#if defined(CPU_CAPABILITY_AVX2)  // the 8 lanes rounded to 16 bits, stored as one 128-bit vector
+        const __m128i packed =
+            std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(v) : at::vec::cvtfp32_fp16(v);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+#else  // v packed twice into one vector of 2n lanes: its first n are v's
         at::vec::convert_from_float<scalar_t>(v, v).store(p, Vec::size());
+#endif
         return;
       }
     }
@@ -53,6 +61,55 @@ inline void store_acc(scalar_t* p, const at::vec::Vectorized<acc_t>& v,
     v.store(buf);
     for (int64_t k = 0; k < n; ++k) p[k] = static_cast<scalar_t>(buf[k]);
   }
+}
+
+// store_acc of two whole vectors, a then b, to p: fp16/bf16 rounded in one conversion of both
+template <typename acc_t, typename scalar_t>
+inline void store_acc2(scalar_t* p, const at::vec::Vectorized<acc_t>& a, const at::vec::Vectorized<acc_t>& b) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_t, float>) {
+    at::vec::convert_from_float<scalar_t>(a, b).store(p);
+  } else {
+    store_acc<acc_t>(p, a);
+    store_acc<acc_t>(p + at::vec::Vectorized<acc_t>::size(), b);
+  }
+}
+
+// The lanes of a Vectorized<acc_t> as fp64 vectors, in order (exact): one vector for fp64, two for fp32.
+template <typename acc_t>
+using Fp64Lanes =
+    std::array<at::vec::Vectorized<double>, at::vec::Vectorized<acc_t>::size() / at::vec::Vectorized<double>::size()>;
+
+template <typename acc_t>
+inline Fp64Lanes<acc_t> to_fp64(const at::vec::Vectorized<acc_t>& v) {
+  using VecD = at::vec::Vectorized<double>;
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return {v};
+  } else {
+    static_assert(at::vec::Vectorized<acc_t>::size() == 2 * VecD::size(), "fp32 lanes fill two fp64 vectors");
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m256 x = v;
+    return {VecD(_mm256_cvtps_pd(_mm256_castps256_ps128(x))), VecD(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)))};
+#else
+    alignas(64) acc_t in[2 * VecD::size()];
+    alignas(64) double out[2 * VecD::size()];
+    v.store(in);
+    for (int64_t k = 0; k < 2 * VecD::size(); ++k) out[k] = static_cast<double>(in[k]);
+    return {VecD::loadu(out), VecD::loadu(out + VecD::size())};
+#endif
+  }
+}
+
+// to_fp64(load_acc<acc_t>(p)): a whole vector of scalar_t from p as fp64 vectors; fp32 converted
+// straight from memory, 4 lanes at a time (no shuffle between the halves)
+template <typename acc_t, typename scalar_t>
+inline Fp64Lanes<acc_t> load_fp64(const scalar_t* p) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return {at::vec::Vectorized<double>(_mm256_cvtps_pd(_mm_loadu_ps(p))),
+            at::vec::Vectorized<double>(_mm256_cvtps_pd(_mm_loadu_ps(p + 4)))};
+  }
+#endif
+  return to_fp64(load_acc<acc_t>(p));
 }
 
 template <typename T>

@@ -1,8 +1,10 @@
 """fusedops: fused cross-entropy and batch norm for PyTorch, C++ kernels on CPU, Triton on CUDA."""
 from . import errors
-from .batch_norm import BatchNorm1d, BatchNormFunction, batch_norm
+from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormFunction, batch_norm
+from .convert import convert_batchnorm
 from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss, cross_entropy
 from .sync_batch_norm import SyncBatchNorm, SyncBatchNormFunction, convert_sync_batchnorm
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "CrossEntropyFunction", "batch_norm", "BatchNorm1d",
-           "BatchNormFunction", "SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "errors"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "CrossEntropyFunction", "batch_norm", "BatchNorm1d", "BatchNorm2d",
+           "BatchNorm3d", "BatchNormFunction", "SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "convert_batchnorm",
+           "errors"]

@@ -1,8 +1,10 @@
-"""Fused batch norm. Forward: one reduction pass for the per-channel statistics (training), then one
-elementwise pass y = (x - mean) * gamma * invstd + beta. Backward: one reduction pass for sum(dy) and
-sum(dy*xhat), which are dbeta and dgamma, then one elementwise pass for
+"""Fused batch norm of (N, C, *) input, contiguous or channels-last, with an optional residual and
+activation. Forward: one reduction pass for the per-channel statistics (training), then one elementwise
+pass out = act((x - mean) * gamma * invstd + beta + residual). Backward: one reduction pass for sum(dz)
+and sum(dz*xhat), which are dbeta and dgamma (dz = dy, masked by out > 0 after a relu; it is also the
+residual's gradient), then one elementwise pass for
 
-    dx = gamma * invstd / n * (n*dy - sum(dy) - f * xhat * sum(dy*xhat)),   f = n/(n-1) if unbiased else 1
+    dx = gamma * invstd / n * (n*dz - sum(dz) - f * xhat * sum(dz*xhat)),   f = n/(n-1) if unbiased else 1
 
 `unbiased=True` normalises with the Bessel-corrected variance (as the makemore notebooks do),
 `unbiased=False` with the biased one (as PyTorch); running_var always takes the unbiased one. In eval
@@ -10,7 +12,7 @@ mode the statistics are constants and dx = dy * gamma * invstd.
 """
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules import batchnorm
 
 from ._ops import acc_dtype, batched_first, check_backend, fast_apply, kernels, register
 from .errors import ArgumentDtypeError, ArgumentTypeError, ArgumentValueError
@@ -18,26 +20,36 @@ from .errors import ArgumentDtypeError, ArgumentTypeError, ArgumentValueError
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def as_ncl(t):
-    """(N, C, *) as the (N, C) or (N, C, L) the kernels take: the one place the shape is flattened."""
-    return t if t.dim() <= 3 else t.flatten(2)
+def is_channels_last(t):
+    """Whether the kernels read (N, C, *) `t` as channels-last (a (rows, C) matrix with C contiguous):
+    stored so and not also contiguous. Every other tensor they read as contiguous (N, C, L) runs."""
+    return t.dim() > 2 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous()
 
 
-def _forward_fake(input, weight, bias, running_mean, running_var, training, unbiased, eps):
+def empty_like_input(t, dtype=None):
+    """An empty tensor shaped like `t` in the layout the kernels write for input `t`: channels-last
+    when `t` is, else contiguous (as torch's batch norm, which keeps the input's memory format)."""
+    if is_channels_last(t):
+        return torch.empty_like(t.movedim(1, -1), dtype=dtype, memory_format=torch.contiguous_format).movedim(-1, 1)
+    return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _forward_fake(input, weight, bias, running_mean, running_var, training, unbiased, eps, residual=None,
+                  activation=0):
     """out, mean (fp64), invstd, var: the last two per channel in the compute dtype."""
     channels = input.shape[1]
     acc = acc_dtype(input.dtype)
-    return (torch.empty_like(input, memory_format=torch.contiguous_format),
-            input.new_empty(channels, dtype=torch.float64), input.new_empty(channels, dtype=acc),
-            input.new_empty(channels, dtype=acc))
+    return (empty_like_input(input), input.new_empty(channels, dtype=torch.float64),
+            input.new_empty(channels, dtype=acc), input.new_empty(channels, dtype=acc))
 
 
-def _backward_fake(grad_out, input, mean, invstd, weight, training, unbiased):
-    """grad_input, and grad_weight, grad_bias per channel in the compute dtype."""
+def _backward_fake(grad_out, input, mean, invstd, weight, training, unbiased, output=None, grad_residual=False):
+    """grad_input, grad_weight and grad_bias per channel in the compute dtype, grad_residual (empty unless
+    the relu output is given and grad_residual is set)."""
     channels = input.shape[1]
     acc = acc_dtype(input.dtype)
-    return (torch.empty_like(input, memory_format=torch.contiguous_format),
-            input.new_empty(channels, dtype=acc), input.new_empty(channels, dtype=acc))
+    return (empty_like_input(input), input.new_empty(channels, dtype=acc), input.new_empty(channels, dtype=acc),
+            empty_like_input(input) if output is not None and grad_residual else input.new_empty(0))
 
 
 def _per_channel_sums_fake(input, *_):
@@ -46,7 +58,7 @@ def _per_channel_sums_fake(input, *_):
 
 
 def _backward_elemt_fake(grad_out, input, *_):
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
+    return empty_like_input(input)
 
 
 def _cuda(step):
@@ -67,52 +79,61 @@ for _step, _fake in {"forward": _forward_fake, "backward": _backward_fake, "stat
 register("batch_norm_update_stats", lambda *args: None, None)
 
 
+ACTIVATIONS = {None: 0, "relu": 1}  # the activation's code in the ops' schemas
+
+
 class BatchNormFunction(torch.autograd.Function):
     """out, mean, invstd, var = BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-    training, unbiased, eps, backend): batch norm of (N, C, *) input with the batch's statistics
-    (training) or the running ones, which it does not update. mean (fp64), invstd and var (the unbiased
-    batch variance, or the running one) are per channel and not differentiable: mean and var are what
-    the running statistics' update takes.
-    weight and bias may be None. backward runs the fused backward op; under create_graph=True it
-    differentiates the same batch norm written in torch ops, so double backward is exact."""
+    training, unbiased, eps, backend, residual, activation): act(batch_norm(input) + residual) of (N, C, *)
+    input with the batch's statistics (training) or the running ones, which it does not update.
+    residual may be None; activation is a code of ACTIVATIONS (0: none, 1: relu). mean (fp64), invstd and
+    var (the unbiased batch variance, or the running one) are per channel and not differentiable: mean and
+    var are what the running statistics' update takes.
+    weight and bias may be None. backward runs the fused backward op (relu's mask from the saved output, no
+    other tensor saved than batch norm's); under create_graph=True it differentiates the same function
+    written in torch ops, so double backward is exact."""
 
     @staticmethod
-    def forward(input, weight, bias, running_mean, running_var, training, unbiased, eps, backend):
-        x = as_ncl(input)
+    def forward(input, weight, bias, running_mean, running_var, training, unbiased, eps, backend, residual,
+                activation):
         out, mean, invstd, var = kernels(backend, input).batch_norm_forward(
-            x, weight, bias, None if training else running_mean, None if training else running_var, training,
-            unbiased, eps)
-        return out.view(input.shape), mean, invstd, var
+            input, weight, bias, None if training else running_mean, None if training else running_var, training,
+            unbiased, eps, residual, activation)
+        return out, mean, invstd, var
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, running_mean, running_var, training, unbiased, eps, backend = inputs
-        _, mean, invstd, _ = output
-        ctx.save_for_backward(input, weight, bias, mean, invstd)
-        ctx.save_for_forward(input, weight, mean, invstd)
+        input, weight, bias, running_mean, running_var, training, unbiased, eps, backend, residual, activation = inputs
+        out, mean, invstd, _ = output
+        relu_out = out if activation else None  # relu's mask: out > 0
+        ctx.save_for_backward(input, weight, bias, mean, invstd, relu_out)
+        ctx.save_for_forward(input, weight, mean, invstd, relu_out)
         ctx.options = training, unbiased, eps, backend
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        input, weight, bias, mean, invstd = ctx.saved_tensors
+        input, weight, bias, mean, invstd, relu_out = ctx.saved_tensors
         training, unbiased, eps, backend = ctx.options
-        needs = ctx.needs_input_grad[:3]
+        needs = ctx.needs_input_grad[:3] + ctx.needs_input_grad[9:10]
         if grad_out is None:
-            return None, None, None, None, None, None, None, None, None
-        if torch.is_grad_enabled():  # create_graph: the backward of batch norm in torch ops, differentiable
-            grads = _composite_grads(grad_out, input, weight, bias, mean, invstd, training, unbiased, eps, needs)
+            return (None,) * 11
+        if torch.is_grad_enabled():  # create_graph: the backward in torch ops, differentiable
+            grads = _composite_grads(grad_out, input, weight, bias, mean, invstd, relu_out, training, unbiased, eps,
+                                     needs)
         else:
-            dx, dw, db = kernels(backend, input).batch_norm_backward(as_ncl(grad_out), as_ncl(input), mean, invstd,
-                                                                     weight, training, unbiased)
-            grads = (dx.view(input.shape) if needs[0] else None,
-                     dw.to(weight.dtype) if needs[1] else None, db.to(bias.dtype) if needs[2] else None)
-        return *grads, None, None, None, None, None, None
+            dx, dw, db, dz = kernels(backend, input).batch_norm_backward(grad_out, input, mean, invstd, weight,
+                                                                         training, unbiased, relu_out, needs[3])
+            grads = (dx if needs[0] else None, dw.to(weight.dtype) if needs[1] else None,
+                     db.to(bias.dtype) if needs[2] else None,
+                     (grad_out if relu_out is None else dz) if needs[3] else None)
+        return *grads[:3], None, None, None, None, None, None, grads[3], None
 
     @staticmethod
-    def jvp(ctx, input_t, weight_t, bias_t, *_):
-        input, weight, mean, invstd = ctx.saved_tensors
+    def jvp(ctx, input_t, weight_t, bias_t, running_mean_t, running_var_t, training_t, unbiased_t, eps_t, backend_t,
+            residual_t, activation_t):
+        input, weight, mean, invstd, relu_out = ctx.saved_tensors
         training, unbiased, _, _ = ctx.options
         dims, shape = _reduced_dims(input)
         mean, invstd = mean.to(invstd.dtype).view(shape), invstd.view(shape)
@@ -128,19 +149,30 @@ class BatchNormFunction(torch.autograd.Function):
             out_t = out_t + weight_t.view(shape) * xhat
         if bias_t is not None:
             out_t = out_t + bias_t.view(shape)
-        return out_t, None, None, None  # the statistics are not differentiable
+        if residual_t is not None:
+            out_t = out_t + residual_t
+        if relu_out is not None:  # d relu(z) = dz where z > 0
+            out_t = out_t * (relu_out > 0)
+        return out_t.to(input.dtype), None, None, None  # the statistics are not differentiable
 
     @staticmethod
-    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, unbiased, eps, backend):
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, unbiased, eps, backend,
+             residual, activation):
         """Each mapped slice its own batch: (B, N, C, *) runs as (N, B*C, *), every (slice, channel)
         pair a channel of its own."""
         B = info.batch_size
-        x = input.movedim(in_dims[0], 1) if in_dims[0] is not None else input.expand(B, *input.shape).movedim(0, 1)
+
+        def batch_second(t, dim):  # (N, B, C, *)
+            return t.movedim(dim, 1) if dim is not None else t.expand(B, *t.shape).movedim(0, 1)
+
+        x = batch_second(input, in_dims[0])
         N, C = x.shape[0], x.shape[2]
         per_channel = [None if t is None else batched_first(t, dim, B).reshape(B * C)
                        for t, dim in zip((weight, bias, running_mean, running_var), in_dims[1:5])]
+        if residual is not None:
+            residual = batch_second(residual, in_dims[9]).reshape(N, B * C, *x.shape[3:])
         out, mean, invstd, var = BatchNormFunction.apply(x.reshape(N, B * C, *x.shape[3:]), *per_channel, training,
-                                                         unbiased, eps, backend)
+                                                         unbiased, eps, backend, residual, activation)
         out = out.view(N, B, C, *x.shape[3:])
         return (out, mean.view(B, C), invstd.view(B, C), var.view(B, C)), (1, 0, 0, 0)
 
@@ -150,13 +182,14 @@ def _reduced_dims(input):
     return [0, *range(2, input.dim())], (1, -1) + (1,) * (input.dim() - 2)
 
 
-def _composite_grads(grad_out, input, weight, bias, mean, invstd, training, unbiased, eps, needs):
-    """The gradients of batch norm in closed form, in torch ops on the inputs (in training the statistics
-    recomputed from the input), so differentiable again; no nested autograd.grad, which torch.func's
-    vjp/jacrev/hessian cannot run."""
+def _composite_grads(grad_out, input, weight, bias, mean, invstd, relu_out, training, unbiased, eps, needs):
+    """The gradients of input, weight, bias and residual in closed form, in torch ops on the inputs (in
+    training the statistics recomputed from the input), so differentiable again; no nested autograd.grad,
+    which torch.func's vjp/jacrev/hessian cannot run."""
     dims, shape = _reduced_dims(input)
     acc = invstd.dtype
-    x, dy = input.to(acc), grad_out.to(acc)
+    dz = grad_out if relu_out is None else grad_out * (relu_out > 0)  # relu: dz = dy where out > 0
+    x, dy = input.to(acc), dz.to(acc)
     if training:  # the statistics as functions of the input
         d = x.numel() // x.shape[1] - (1 if unbiased else 0)
         centred = x - x.mean(dims, keepdim=True)
@@ -174,44 +207,54 @@ def _composite_grads(grad_out, input, weight, bias, mean, invstd, training, unbi
         dw = (dy * xhat).sum(dims).to(weight.dtype)
     if needs[2]:  # db = sum(dy)
         db = dy.sum(dims).to(bias.dtype)
-    return dx, dw, db
+    return dx, dw, db, dz if needs[3] else None
 
 
 _apply = fast_apply(BatchNormFunction)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-               eps=1e-5, *, unbiased=False, backend=None):
-    """Like `torch.nn.functional.batch_norm` for (N, C) and (N, C, L) input, fused.
+               eps=1e-5, *, residual=None, activation=None, unbiased=False, backend=None):
+    """Like `torch.nn.functional.batch_norm` for (N, C, *) input, contiguous or channels-last, fused with
+    an optional residual and activation: act(batch_norm(input) + residual) in one elementwise pass.
 
     training: normalise with the batch statistics and, if running_mean/running_var are given,
     update them in place: running = (1 - momentum) * running + momentum * batch (running_var with
-    the unbiased batch variance). Otherwise normalise with running_mean and running_var.
+    the unbiased batch variance). Otherwise normalise with running_mean and running_var (momentum unused).
+    residual: None or a tensor like input, added before the activation. activation: None or "relu".
     unbiased: normalise with the Bessel-corrected batch variance (the makemore notebooks) instead
     of the biased one (PyTorch). backend: None (C++ on CPU, Triton on CUDA), "cpp" or "triton".
     """
-    if momentum is None:
+    if training and momentum is None:
         raise ArgumentTypeError("batch_norm: momentum must be a float, got None (momentum=None, the cumulative "
-                                "average, needs the batch count that BatchNorm1d keeps)")
-    _check_args(input, running_mean, running_var, weight, bias, training, eps, momentum=momentum, backend=backend)
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend)
+                                "average, needs the batch count that the BatchNorm modules keep)")
+    _check_args(input, running_mean, running_var, weight, bias, training, eps, momentum=momentum, backend=backend,
+                residual=residual, activation=activation)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend,
+                       residual=residual, activation=activation)
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend,
-                num_batches_tracked=None):
+                num_batches_tracked=None, residual=None, activation=None):
     """batch_norm on checked arguments. In training with running statistics, counts the batch in
     num_batches_tracked when given, and momentum=None then takes the cumulative average over the
-    counted batches."""
-    out, mean, _, var = _apply(input, weight, bias, running_mean, running_var, training, unbiased, eps, backend)
+    counted batches. An empty batch is counted and leaves the statistics as they are, as in torch."""
+    if residual is input:  # relu(bn(x) + x): torch.compile traces no Function given one tensor twice
+        residual = input.view_as(input)
+    out, mean, _, var = _apply(input, weight, bias, running_mean, running_var, training, unbiased, eps, backend,
+                               residual, ACTIVATIONS[activation])
     if training and running_mean is not None:
-        torch.ops.fusedops.batch_norm_update_stats(running_mean, running_var, num_batches_tracked, mean, var,
-                                                   momentum)
+        if input.numel():
+            torch.ops.fusedops.batch_norm_update_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                                       momentum)
+        elif num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
     return out
 
 
 def update_running_stats(module, mean, var):
-    """Counts a training batch of `module` (a BatchNorm1d) and updates its running statistics with the
-    batch mean and unbiased variance, as its forward does (fusedops::batch_norm_update_stats), for
+    """Counts a training batch of `module` (a fusedops batch-norm layer) and updates its running statistics
+    with the batch mean and unbiased variance, as its forward does (fusedops::batch_norm_update_stats), for
     callers that run the forward op themselves."""
     if module.track_running_stats:
         torch.ops.fusedops.batch_norm_update_stats(module.running_mean, module.running_var,
@@ -219,16 +262,17 @@ def update_running_stats(module, mean, var):
 
 
 def _check_args(input, running_mean, running_var, weight, bias, training, eps, min_values=2, momentum=None,
-                backend=None):
+                backend=None, residual=None, activation=None):
     """Every argument check of batch norm, one message each. min_values: the values per channel that
-    training needs here (SyncBatchNorm counts all processes'). momentum: a float in [0, 1], or None (the
-    cumulative average)."""
+    training needs here (SyncBatchNorm counts all processes'); an empty batch passes, as in torch.
+    momentum: checked in training only, a float in [0, 1] or None (the cumulative average)."""
     if not isinstance(input, Tensor) or input.dtype not in FLOAT_DTYPES:
-        raise (ArgumentDtypeError if isinstance(input, Tensor) else ArgumentTypeError)(f"batch_norm: input must be a float16, bfloat16, float32 or float64 tensor, got "
-                                f"{getattr(input, 'dtype', type(input))}")
-    if input.dim() not in (2, 3):
-        raise ArgumentValueError(f"batch_norm: input must be (N, C) or (N, C, L), got {input.dim()}-D input of "
-                                 f"shape {tuple(input.shape)}")
+        raise (ArgumentDtypeError if isinstance(input, Tensor) else ArgumentTypeError)(
+            f"batch_norm: input must be a float16, bfloat16, float32 or float64 tensor, got "
+            f"{getattr(input, 'dtype', type(input))}")
+    if input.dim() < 2:
+        raise ArgumentValueError(f"batch_norm: input must be (N, C, *), got {input.dim()}-D input of shape "
+                                 f"{tuple(input.shape)}")
     channels = input.shape[1]
     if channels == 0:
         raise ArgumentValueError(f"batch_norm: input must have at least one channel, got shape "
@@ -257,7 +301,7 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps, m
     if not training and running_mean is None:
         raise ArgumentValueError("batch_norm: training=False normalises with running_mean and running_var, "
                                  "got None")
-    if training and input.numel() // channels < min_values:
+    if training and 0 < input.numel() // channels < min_values:
         raise ArgumentValueError("batch_norm: expected more than 1 value per channel when training, got input "
                                  f"of shape {tuple(input.shape)}")
     if not isinstance(training, bool):
@@ -266,31 +310,46 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps, m
         raise ArgumentTypeError(f"batch_norm: eps must be a float, got {eps!r}")
     if not eps >= 0:
         raise ArgumentValueError(f"batch_norm: eps must be a non-negative number, got {eps!r}")
-    if momentum is not None:
+    if training and eps == 0:  # the variance of a constant channel is 0: invstd would be inf
+        raise ArgumentValueError(f"batch_norm: eps must be positive when training, got {eps!r}")
+    if training and momentum is not None:
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
             raise ArgumentTypeError(f"batch_norm: momentum must be a float, got {momentum!r}")
         if not 0 <= momentum <= 1:  # running = (1 - momentum) * running + momentum * batch
             raise ArgumentValueError(f"batch_norm: momentum must be in [0, 1], got {momentum!r}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise ArgumentTypeError(f"batch_norm: residual must be a tensor or None, got {type(residual).__name__}")
+        if residual.dtype != input.dtype:
+            raise ArgumentTypeError(f"batch_norm: residual has dtype {residual.dtype} but input has {input.dtype}")
+        if residual.device != device:
+            raise ArgumentValueError(f"batch_norm: residual is on {residual.device} but input is on {device}")
+        if residual.shape != input.shape:
+            raise ArgumentValueError(f"batch_norm: residual has shape {tuple(residual.shape)} but input has "
+                                     f"{tuple(input.shape)}")
+    _check_activation(activation)
     check_backend(backend, input)
 
 
-class BatchNorm1d(_BatchNorm):
-    """Drop-in for `torch.nn.BatchNorm1d`: the same parameters, buffers and state_dict, fused.
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ArgumentValueError(f"batch_norm: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+
+
+class _BatchNorm(batchnorm._BatchNorm):
+    """The fusedops batch-norm layers: torch's parameters, buffers and state_dict, fused, with an optional
+    activation after an optional residual: forward(input, residual=None) = act(bn(input) + residual).
 
     unbiased=True normalises with the Bessel-corrected batch variance (the makemore notebooks).
-    backend: as `batch_norm`.
-    """
+    backend: as `batch_norm`. Subclasses name the input ranks they take."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, unbiased=False, backend=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.unbiased, self.backend = unbiased, backend
+                 device=None, dtype=None, *, bias=True, activation=None, unbiased=False, backend=None):
+        _check_activation(activation)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.activation, self.unbiased, self.backend = activation, unbiased, backend
 
-    def _check_input_dim(self, input):
-        if input.dim() not in (2, 3):
-            raise ArgumentValueError(f"BatchNorm1d: expected 2D or 3D input, got {input.dim()}D input")
-
-    def forward(self, input):
+    def forward(self, input, residual=None):
         self._check_input_dim(input)
         weight, bias, running_mean, running_var, counter = self._tensors()
         training = self.training
@@ -298,10 +357,11 @@ class BatchNorm1d(_BatchNorm):
         if training and not self.track_running_stats:  # batch statistics, nothing to update
             running_mean = running_var = None
         _check_args(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps,
-                    momentum=self.momentum, backend=self.backend)
+                    momentum=self.momentum if training else None, backend=self.backend, residual=residual,
+                    activation=self.activation)
         counter = counter if training and running_mean is not None else None
         return _batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, self.momentum,
-                           self.eps, self.unbiased, self.backend, counter)
+                           self.eps, self.unbiased, self.backend, counter, residual, self.activation)
 
     def _tensors(self):
         """weight, bias, running_mean, running_var, num_batches_tracked. Read from the module's dicts:
@@ -315,4 +375,42 @@ class BatchNorm1d(_BatchNorm):
             return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
 
     def extra_repr(self):
-        return super().extra_repr() + f", unbiased={self.unbiased}, backend={self.backend!r}"
+        activation = f", activation={self.activation!r}" if self.activation else ""
+        return super().extra_repr() + f"{activation}, unbiased={self.unbiased}, backend={self.backend!r}"
+
+
+def adopt_state(new, module):
+    """`new`, a batch-norm layer built on the meta device, holding `module`'s own parameters and buffers
+    (the same tensors) and in its mode: how the conversions swap one layer for another."""
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, name, getattr(module, name))
+    return new.train(module.training)
+
+
+def _rank_error(layer, expected, input):
+    return ArgumentValueError(f"{layer}: expected {expected} input (got {input.dim()}D input)")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Drop-in for `torch.nn.BatchNorm1d` on (N, C) or (N, C, L) input (see _BatchNorm)."""
+
+    def _check_input_dim(self, input):
+        if input.dim() not in (2, 3):
+            raise _rank_error("BatchNorm1d", "2D or 3D", input)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Drop-in for `torch.nn.BatchNorm2d` on (N, C, H, W) input, contiguous or channels_last (see _BatchNorm)."""
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise _rank_error("BatchNorm2d", "4D", input)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Drop-in for `torch.nn.BatchNorm3d` on (N, C, D, H, W) input, contiguous or channels_last_3d
+    (see _BatchNorm)."""
+
+    def _check_input_dim(self, input):
+        if input.dim() != 5:
+            raise _rank_error("BatchNorm3d", "5D", input)

@@ -1,92 +1,85 @@
 """Batch norm over a batch split across processes (torch.distributed: gloo on CPU, NCCL on CUDA), with
-the fused kernels and one collective each way.
+the fused kernels, all-reduces of O(C) values whatever the number of processes, and no host sync.
 
-forward:  every process's count n_r, mean_r and m2_r = sum((x - mean_r)^2) per channel, all-gathered
-          and merged exactly (Chan et al., any n_r): n = sum(n_r), mean = sum(n_r * mean_r) / n,
-          m2 = sum(m2_r) + sum(n_r * (mean_r - mean)^2); then each normalises its rows with them.
+forward:  each process r has its count n_r, mean_r and m2_r = sum((x - mean_r)^2) per channel; two
+          all-reduces merge them exactly (any n_r, 0 included):
+            [n, s] = sum_r [n_r, n_r * mean_r]                   (fp64)  ->  mean = s / n
+            m2     = sum_r (m2_r + n_r * (mean_r - mean)^2)      (fp64)
+          then each normalises its own values with them.
 backward: every process's sum(dy) and sum(dy * (x - mean)), all-reduced; then each computes
           dx = gamma*invstd/n * (n*dy - sum(dy) - f * xhat * sum(dy*xhat)) with the global n and sums.
+The collectives are torch.distributed's functional ones, which torch.compile traces (fullgraph=True).
 As in torch.nn.SyncBatchNorm, each process's weight and bias gradients are its own share (summed by
 DistributedDataParallel's gradient all-reduce).
 """
 import torch
 import torch.distributed as dist
 from torch import nn
-
 from torch.autograd.function import once_differentiable
 
-from ._ops import kernels
-from .batch_norm import BatchNorm1d, _check_args, as_ncl, update_running_stats
+from ._ops import fast_apply, kernels
+from .batch_norm import _BatchNorm, _check_args, _rank_error, adopt_state, update_running_stats
 from .errors import ArgumentValueError
 
 
-def _collective(name, fn, tensor_args, group):
-    """fn(*tensor_args, group=group), turning a failed peer into an error that says so."""
+def all_reduce(tensor, group):
+    """sum(tensor) over the processes of `group` (a new tensor), turning a failed peer into an error that
+    says so."""
     try:
-        fn(*tensor_args, group=group)
+        reduced = torch.ops._c10d_functional.all_reduce(tensor, "sum", group.group_name)
+        return torch.ops._c10d_functional.wait_tensor(reduced)
     except RuntimeError as e:
-        raise RuntimeError(f"SyncBatchNorm: {name} over the process group failed: a peer process may have "
+        raise RuntimeError(f"SyncBatchNorm: all_reduce over the process group failed: a peer process may have "
                            f"exited or stalled past the group's timeout ({e})") from e
 
 
-def global_stats(mean, m2, count, group):
-    """(n, mean, m2) over the processes of `group` from each one's count, mean and m2 (fp64)."""
-    channels = mean.shape[0]
-    local = torch.cat((mean.new_full((1,), float(count)), mean, m2))
-    gathered = local.new_empty(dist.get_world_size(group) * local.numel())
-    _collective("all_gather", dist.all_gather_single, (gathered, local), group)
-    gathered = gathered.view(-1, local.numel())
-    counts, means, m2s = gathered[:, :1], gathered[:, 1:channels + 1], gathered[:, channels + 1:]
-    n = counts.sum()
-    mean = (counts * means).sum(0) / n  # mean = sum(n_r * mean_r) / n
-    m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)  # m2 = sum(m2_r) + sum(n_r * (mean_r - mean)^2)
-    return int(n.item()), mean, m2
+def global_stats(count, mean, m2, group):
+    """n (a one-element fp64 tensor), mean and m2 over the processes of `group` from this one's count (an
+    int), mean and m2 (fp64)."""
+    sums = all_reduce(torch.cat((mean.new_full((1,), count), count * mean)), group)  # [n, sum(n_r * mean_r)]
+    n, mean_all = sums[:1], sums[1:] / sums[:1]
+    m2_all = all_reduce(m2 + count * (mean - mean_all).square(), group)  # sum(m2_r + n_r * (mean_r - mean)^2)
+    return n, mean_all, m2_all
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """out, mean, var = SyncBatchNormFunction.apply(input, weight, bias, unbiased, eps, group, backend):
-    training-mode batch norm of this process's rows with the statistics of every process's rows.
-    mean and var (the global mean and unbiased variance) are not differentiable. Its backward is
-    once differentiable: asking for a second derivative raises."""
+    """out, mean, invstd, var, count = SyncBatchNormFunction.apply(input, weight, bias, unbiased, eps, group,
+    backend): training-mode batch norm of this process's (N, C, *) input with the statistics of every
+    process's in `group`. mean (fp64), invstd, var (the global unbiased variance, fp64) and count (the
+    global values per channel, a one-element fp64 tensor) are not differentiable. Its backward is once
+    differentiable: asking for a second derivative raises."""
 
     @staticmethod
     def forward(input, weight, bias, unbiased, eps, group, backend):
         ops = kernels(backend, input)
-        x = as_ncl(input)
-        mean, m2 = ops.batch_norm_stats(x)
-        count, mean, m2 = global_stats(mean, m2, x.numel() // max(x.shape[1], 1), group)
-        if count < 2:
-            raise ArgumentValueError(f"SyncBatchNorm: expected more than 1 value per channel over all processes, "
-                                     f"got {count}")
+        mean, m2 = ops.batch_norm_stats(input)
+        count, mean, m2 = global_stats(input.numel() // input.shape[1], mean, m2, group)
         var = m2 / (count - 1)  # running_var always takes the unbiased variance
         # the batch's statistics given as running ones: the forward kernel normalises with them as they are
-        out, mean, invstd, _ = ops.batch_norm_forward(x, weight, bias, mean, m2 / (count - 1 if unbiased else count),
-                                                      False, unbiased, eps)
-        return out.view(input.shape), mean, invstd, var, count
+        out, mean, invstd, _ = ops.batch_norm_forward(input, weight, bias, mean,
+                                                      m2 / (count - 1 if unbiased else count), False, unbiased, eps)
+        return out, mean, invstd, var, count
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, weight, bias, unbiased, _, group, backend = inputs
         _, mean, invstd, _, count = output
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.options = count, unbiased, group, backend, None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(*output[1:4])
+        ctx.save_for_backward(input, weight, mean, invstd, count)
+        ctx.options = unbiased, group, backend, None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, *_):
-        input, weight, mean, invstd = ctx.saved_tensors
-        count, unbiased, group, backend, bias_dtype = ctx.options
+        input, weight, mean, invstd, count = ctx.saved_tensors
+        unbiased, group, backend, bias_dtype = ctx.options
         ops = kernels(backend, input)
-        x, dy = as_ncl(input), as_ncl(grad_out)
-        sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(dy, x, mean)
+        sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(grad_out, input, mean)
         grad_input = None
         if ctx.needs_input_grad[0]:
-            sums = torch.cat((sum_dy, sum_dy_xmu))
-            _collective("all_reduce", dist.all_reduce, (sums,), group)
-            total_dy, total_dy_xmu = sums.view(2, -1)
-            grad_input = ops.batch_norm_backward_elemt(dy, x, mean, invstd, weight, total_dy, total_dy_xmu, count,
-                                                       unbiased).view(input.shape)
+            total_dy, total_dy_xmu = all_reduce(torch.cat((sum_dy, sum_dy_xmu)), group).view(2, -1)
+            grad_input = ops.batch_norm_backward_elemt(grad_out, input, mean, invstd, weight, total_dy,
+                                                       total_dy_xmu, count, unbiased)
         need_weight, need_bias = ctx.needs_input_grad[1:3]
         return (grad_input,
                 (sum_dy_xmu * invstd).to(weight.dtype) if need_weight else None,  # sum(dy * xhat), this share
@@ -94,44 +87,71 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 None, None, None, None)
 
 
-def _distributed(group):
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+_apply = fast_apply(SyncBatchNormFunction)
 
 
-class SyncBatchNorm(BatchNorm1d):
-    """fusedops.BatchNorm1d whose training statistics cover the batch of every process in
-    `process_group` (default: the whole world), on CPU (gloo) and CUDA (NCCL). In eval mode, in a
-    single process, or without an initialised process group it is exactly BatchNorm1d.
-    Arguments as torch.nn.SyncBatchNorm, plus fusedops.BatchNorm1d's unbiased and backend."""
+def sync_group(process_group):
+    """The group whose processes share the training statistics (process_group, or the whole world when
+    None), or None when there is nothing to share: torch.distributed not initialised, or one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = dist.group.WORLD if process_group is None else process_group
+    return group if dist.get_world_size(group) > 1 else None
+
+
+class SyncBatchNorm(_BatchNorm):
+    """A fusedops batch norm on (N, C, *) input whose training statistics cover the batch of every process
+    in `process_group` (default: the whole world), on CPU (gloo) and CUDA (NCCL). In eval mode, in a
+    single process, or without an initialised process group it is the plain fused batch norm.
+    Arguments as torch.nn.SyncBatchNorm, plus the fusedops layers' unbiased and backend.
+
+    Fewer than 2 values per channel in training is refused only when there is no other process to count
+    with, as in torch.nn.SyncBatchNorm: the count over all processes is known only on the device, and
+    reading it would stall every step. With one value over all processes the variance is 0 (unbiased:
+    NaN) and running_var takes NaN; with none at all the running statistics stay as they are."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None, *, unbiased=False, backend=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                 process_group=None, device=None, dtype=None, *, bias=True, unbiased=False, backend=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          unbiased=unbiased, backend=backend)
         self.process_group = process_group
 
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise _rank_error("SyncBatchNorm", "at least 2D", input)
+
     def forward(self, input):
-        if not (self.training and _distributed(self.process_group)):
+        group = sync_group(self.process_group) if self.training else None
+        if group is None:
             return super().forward(input)
         self._check_input_dim(input)
-        _check_args(input, self.running_mean, self.running_var, self.weight, self.bias, True, self.eps,
-                    min_values=0, momentum=self.momentum, backend=self.backend)  # the global count matters
-        out, mean, _, var, _ = SyncBatchNormFunction.apply(input, self.weight, self.bias, self.unbiased, self.eps,
-                                                           self.process_group, self.backend)
-        update_running_stats(self, mean, var)  # the same global statistics, the same update in every process
+        weight, bias, running_mean, running_var, _ = self._tensors()
+        _check_args(input, running_mean, running_var, weight, bias, True, self.eps, min_values=0,
+                    momentum=self.momentum, backend=self.backend)  # the count over all processes is not known here
+        out, mean, _, var, count = _apply(input, weight, bias, self.unbiased, self.eps, group, self.backend)
+        if self.track_running_stats:  # an empty batch everywhere (count 0) leaves them as they are
+            update_running_stats(self, torch.where(count > 0, mean, running_mean),
+                                 torch.where(count > 0, var, running_var))
         return out
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, _BatchNorm)
+
+
 def convert_sync_batchnorm(module, process_group=None):
-    """Every BatchNorm1d in `module` (fusedops' or torch's) replaced by a SyncBatchNorm that keeps its
-    parameters, buffers, options and mode; returns the module, itself replaced if it is one."""
-    if isinstance(module, (BatchNorm1d, nn.BatchNorm1d)) and not isinstance(module, SyncBatchNorm):
+    """Every batch norm in `module` (torch's BatchNorm1d/2d/3d and SyncBatchNorm, fusedops' layers) replaced
+    by a SyncBatchNorm over `process_group` (when None, a torch SyncBatchNorm's own group, else the whole
+    world) that keeps its parameters and buffers (the same tensors), options and mode; returns the module,
+    itself replaced if it is one."""
+    if isinstance(module, BATCH_NORMS) and not isinstance(module, SyncBatchNorm):
+        if getattr(module, "activation", None) is not None:
+            raise ArgumentValueError(f"convert_sync_batchnorm: SyncBatchNorm has no fused activation, got a "
+                                     f"{type(module).__name__} with activation={module.activation!r}")
+        group = getattr(module, "process_group", None) if process_group is None else process_group
         sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                             module.track_running_stats, process_group, device="meta",
+                             module.track_running_stats, group, device="meta", bias=module.bias is not None,
                              unbiased=getattr(module, "unbiased", False), backend=getattr(module, "backend", None))
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            setattr(sync, name, getattr(module, name))
-        return sync.train(module.training)
+        return adopt_state(sync, module)
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, process_group))
     return module

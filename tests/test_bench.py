@@ -1,7 +1,8 @@
-"""The benchmark suite (bench/) on tiny shapes: it runs, every provider appears in every mode, the
-ratios and µs differences come from the measured times, the files are written, `python bench/run.py`
-exits 0 from any directory, and bench/gpu.sh refuses to run without a CUDA device. No test asserts a
-speed."""
+"""The benchmark suite (bench/) on tiny shapes: it runs, every provider appears in every mode (and
+variant), the ratios and µs differences come from the measured times, the targets' table judges them
+as stated, the files are written, `python bench/run.py` exits 0 from any directory, and bench/gpu.sh
+refuses to run without a CUDA device. No test asserts a speed."""
+import copy
 import csv
 import io
 import os
@@ -10,9 +11,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+import fusedops
 
 from bench import cases
 from bench import harness as bench
+from bench import resnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -41,16 +46,33 @@ def train_rows():
                            log=io.StringIO())
 
 
+@pytest.fixture(scope="module")
+def bn2d_rows():
+    """Every BatchNorm2d variant (form and layout) in fp32 and bf16, but torch.compile's (one compile per
+    case); fusedops with its 4-D kernels."""
+    return bench.run_op("bn2d", [(4, 6, 3, 5)], [torch.float32, torch.bfloat16], CPU, skip=(cases.COMPILE,), **QUIET)
+
+
+@pytest.fixture(scope="module")
+def resnet_rows():
+    """The ResNet training step at a tiny width, batch and image, every variant in both layouts."""
+    return bench.run_resnet(CPU, batch=2, image_size=16, width=4, min_run_time=0.01, log=io.StringIO())
+
+
 def check_rows(rows, providers, modes):
     """Every (mode, provider) once per case; times measured; ratios and µs differences from those times."""
     assert sorted((r.mode, r.provider) for r in rows) == sorted((m, p) for m in modes for p in providers)
-    by_key = {(r.shape, r.dtype, r.mode, r.provider): r for r in rows}
+    by_key = {bench.case_key(r) + (r.provider,): r for r in rows}
     for r in rows:
-        case = (r.shape, r.dtype, r.mode)
+        case = bench.case_key(r)
         assert r.median_ms > 0 and r.iqr_ms >= 0
         baseline = by_key[case + (cases.TABLES[r.op].baseline,)].median_ms
         assert r.vs_eager == pytest.approx(baseline / r.median_ms)
         assert r.over_eager_us == pytest.approx((r.median_ms - baseline) * 1e3)
+        if cases.COMPILE in providers:
+            assert r.vs_compile == pytest.approx(by_key[case + (cases.COMPILE,)].median_ms / r.median_ms)
+        else:
+            assert r.vs_compile != r.vs_compile  # NaN
         if cases.FLOOR in providers:
             assert r.vs_floor == pytest.approx(r.median_ms / by_key[case + (cases.FLOOR,)].median_ms)
 
@@ -67,6 +89,40 @@ def test_cases_declare_the_issue_shapes():
         assert set(op.quick_shapes) <= set(op.shapes)
     assert "fusedops cpp in-place" in bench.provider_names("ce", CPU)
     assert {cases.TORCH_LAYERS, cases.COMPILE, "fusedops layers"} <= set(bench.provider_names("train", CPU))
+
+
+def test_bn2d_declares_the_issue_cases():
+    """ResNet's four shapes, each form in both layouts, forward+backward only, and the targets: 1.5x eager
+    alone, 1.75x with ReLU (and the add), faster than torch.compile, the fused forms one input-sized
+    tensor below eager's peak memory."""
+    bn2d = cases.OPERATORS["bn2d"]
+    assert bn2d.shapes == ((32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7))
+    assert sorted(bn2d.variants) == sorted(f"{form}, {layout}" for form in ("BN", "BN + ReLU", "BN + add + ReLU")
+                                           for layout in ("NCHW", "channels_last"))
+    assert bn2d.modes == (bench.FWD_BWD,)
+    assert bench.provider_names("bn2d", CPU) == [cases.FLOOR, cases.EAGER, cases.COMPILE, "fusedops cpp"]
+    targets = {v: bn2d.targets(v) for v in bn2d.variants}
+    assert {(v.split(",")[0], t) for v, t in targets.items()} == {
+        ("BN", cases.Targets(1.5)), ("BN + ReLU", cases.Targets(1.75, memory_saved=1)),
+        ("BN + add + ReLU", cases.Targets(1.75, memory_saved=1))}
+
+
+@pytest.mark.parametrize("variant", cases.BN2D_VARIANTS)
+def test_bn2d_providers_compute_the_same(variant):
+    """Each variant's providers compute its form (eager code against fusedops' one call), outputs and the
+    gradients the harness takes (input, parameters, the residual), on inputs in the variant's layout."""
+    form, layout = cases.bn2d_form(variant)
+    x, args, grad_out = cases.batch_norm2d_inputs((4, 6, 3, 5), torch.float32, CPU, variant)
+    assert x.is_contiguous(memory_format=cases.LAYOUTS[layout]) and grad_out.is_contiguous(
+        memory_format=cases.LAYOUTS[layout])
+    assert [a.requires_grad for a in args] == ([True] if form == cases.BN_ADD_RELU else [])
+    results = {}
+    for name, (fn, params) in cases.batch_norm2d_providers(x.shape, CPU, variant).items():
+        xi = x.clone().requires_grad_()
+        out = fn(xi, *args)
+        results[name] = (out, *torch.autograd.grad(out, [xi, *params, *args], grad_out))
+    for got, expected in zip(results["fusedops cpp"], results[cases.EAGER]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_cross_entropy_every_provider_and_mode(ce_rows):
@@ -100,6 +156,84 @@ def test_batch_norm_fp32_and_bf16_at_the_per_call_shape(tmp_path):
     with open(md) as f:
         line = next(line for line in f if line.startswith("| 32x64 | fp32 |"))
     assert f"({bench.fmt_ratio(fused.vs_eager)}, {fused.over_eager_us:+.3g} µs)" in line
+
+
+def test_bn2d_every_variant_and_provider(bn2d_rows, tmp_path):
+    """Every variant in both dtypes, forward+backward only; the peak memory measured; the table, CSV and
+    plot written, with a targets' row per case."""
+    providers = [p for p in bench.provider_names("bn2d", CPU) if p != cases.COMPILE]
+    assert sorted({(r.variant, r.dtype) for r in bn2d_rows}) == sorted(
+        (v, d) for v in cases.BN2D_VARIANTS for d in ("fp32", "bf16"))
+    for variant in cases.BN2D_VARIANTS:
+        for dtype in ("fp32", "bf16"):
+            check_rows([r for r in bn2d_rows if (r.variant, r.dtype) == (variant, dtype)], providers, [bench.FWD_BWD])
+    assert all(r.peak_mb > 0 for r in bn2d_rows if r.provider != cases.FLOOR)
+    md, csv_path, png = bench.write_results(bn2d_rows, "bn2d", str(tmp_path), "about the machine")
+    assert os.path.basename(md) == "batch_norm2d.md"
+    text = (tmp_path / "batch_norm2d.md").read_text()
+    assert "| shape | variant | dtype |" in text and "## Targets (forward+backward)" in text
+    targets = text.split("## Targets")[1]
+    assert targets.count("| 4x6x3x5 |") == 12 and "not run" in targets  # torch.compile was skipped
+    with open(csv_path) as f:
+        assert {row["variant"] for row in csv.DictReader(f)} == set(cases.BN2D_VARIANTS)
+
+
+def result(provider, median_ms, peak_mb, variant):
+    return bench.Result("bn2d", "8x4x2x2", variant, "fp32", bench.FWD_BWD, provider, median_ms, 0.0,
+                        peak_mb=peak_mb, input_mb=1.0)
+
+
+def test_targets_are_judged_as_stated():
+    """The targets' table: speed-up against eager at least the form's, strictly faster than torch.compile,
+    the fused forms' peak memory at least one input below eager's (up to the per-channel slack); a
+    target whose peer did not run is not counted."""
+    def judged(fused_ms, fused_peak, variant="BN + ReLU, NCHW", compile_ms=None):
+        rows = [result(cases.EAGER, 1.75, 3.0, variant), result("fusedops cpp", fused_ms, fused_peak, variant)]
+        if compile_ms is not None:
+            rows.append(result(cases.COMPILE, compile_ms, 2.0, variant))
+        lines = bench.target_lines("bn2d", bench.add_ratios(rows, cases.EAGER), ["fusedops cpp"])
+        return lines[2], lines[-1]
+
+    count, row = judged(1.0, 2.0, compile_ms=1.01)
+    assert count.startswith("3 of 3 hold") and "1.75× ≥ 1.75× ✓" in row and "1.01× ✓" in row
+    assert "1.00 ≥ 1 input ✓" in row
+    count, row = judged(1.01, 2.0 + 0.02, compile_ms=1.01)  # slower than compile; memory beyond the slack
+    assert count.startswith("0 of 3 hold") and "1.73× < 1.75× ✗" in row and "1.00× ✗" in row
+    assert "0.98 < 1 input ✗" in row
+    count, row = judged(1.0, 2.008)  # within the slack; torch.compile did not run
+    assert count.startswith("2 of 2 hold") and "not run" in row and "0.99 ≥ 1 input ✓" in row
+    count, row = judged(1.2, 3.0, variant="BN, channels_last")  # batch norm alone: no memory target
+    assert count.startswith("0 of 1 hold") and "1.46× < 1.50× ✗" in row and "0.00 input (no target)" in row
+
+
+def test_resnet_step(resnet_rows, tmp_path):
+    """Every variant in both layouts, from the same initial weights; its peak memory; the files."""
+    assert sorted({r.variant for r in resnet_rows}) == sorted(cases.LAYOUTS)
+    for layout in cases.LAYOUTS:
+        check_rows([r for r in resnet_rows if r.variant == layout], bench.provider_names("resnet", CPU), [bench.STEP])
+    assert all(r.peak_mb > 0 for r in resnet_rows)
+    md, _, _ = bench.write_results(resnet_rows, "resnet", str(tmp_path), "about the machine")
+    assert "## Peak extra memory of step" in (tmp_path / "resnet.md").read_text()
+
+
+def test_resnet_variants_convert_and_fuse():
+    """The fused variant runs ResNet-18's 20 batch norms as fusedops', the 17 followed by a ReLU fused with
+    it (stem, and both of each block), and gives the torch model's loss and gradients (in float64: at 16x16
+    the last stage normalises 2 values per channel, where float32 rounding shows)."""
+    torch.manual_seed(0)
+    model = resnet.ResNet(width=4).double()
+    x, y = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([1, 7])
+    variants = {name: convert(copy.deepcopy(model)) for name, convert in cases.RESNET_VARIANTS.items()}
+    fused = variants["fusedops converted and fused"]
+    bns = [m for m in fused.modules() if isinstance(m, fusedops.BatchNorm2d)]
+    assert len(bns) == 20 and sum(m.activation == "relu" for m in bns) == 17
+    grads = {}
+    for name, m in variants.items():
+        names, params = zip(*m.named_parameters())
+        loss = F.cross_entropy(m(x), y)
+        grads[name] = {"loss": loss, **dict(zip(names, torch.autograd.grad(loss, params)))}
+    for name in variants:
+        torch.testing.assert_close(grads[name], grads[cases.TORCH_BN])
 
 
 def test_train_step(train_rows):

@@ -1,4 +1,4 @@
-"""Both layers in one model: training steps under torch.compile(fullgraph=True, dynamic=True) as eager,
+"""Every layer in one model (BatchNorm2d with its fused residual and relu): training steps under torch.compile(fullgraph=True, dynamic=True) as eager,
 in one graph; the ops called from two Python threads at once give each thread its own results."""
 import threading
 
@@ -12,12 +12,14 @@ import fusedops
 class Model(nn.Module):
     def __init__(self, backend):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(6, 16), fusedops.BatchNorm1d(16, backend=backend), nn.Tanh(),
-                                 nn.Linear(16, 9))
+        self.input = nn.Linear(6, 16)
+        self.bn2d = fusedops.BatchNorm2d(4, activation="relu", backend=backend)  # relu(bn(h) + h) on (n, 4, 2, 2)
+        self.net = nn.Sequential(fusedops.BatchNorm1d(16, backend=backend), nn.Tanh(), nn.Linear(16, 9))
         self.loss = fusedops.CrossEntropyLoss(label_smoothing=0.1, inplace_backward=True, backend=backend)
 
     def forward(self, x, y):
-        return self.loss(self.net(x), y)
+        h = self.input(x).view(-1, 4, 2, 2)
+        return self.loss(self.net(self.bn2d(h, h).flatten(1)), y)
 
 
 def train(model, step, batches):
@@ -47,7 +49,7 @@ def test_compiled_training_with_dynamic_shapes_is_one_graph_and_matches_eager(ba
     compiled.load_state_dict(eager.state_dict())  # explain ran a training-mode forward
     step = torch.compile(compiled, fullgraph=True, dynamic=True, backend=compiler)
     for ours, theirs in zip(train(compiled, step, batches), train(eager, eager, batches), strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)  # fp32 sums in other orders
 
 
 def test_two_threads_at_once():

@@ -49,6 +49,32 @@ def test_batch_norm_module_matches_torch(shape, training):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(32, 64, 56, 56), (8, 40, 7, 9, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_norm_nd_fused_matches_torch(shape, channels_last, dtype):
+    """BatchNorm2d/3d with the residual and relu fused, against nn.BatchNorm2d/3d, +, relu."""
+    cls, torch_cls = ((fusedops.BatchNorm2d, torch.nn.BatchNorm2d) if len(shape) == 4
+                      else (fusedops.BatchNorm3d, torch.nn.BatchNorm3d))
+    ours, theirs = cls(shape[1], activation="relu").to(CUDA), torch_cls(shape[1]).to(CUDA)
+    layout = (torch.channels_last if len(shape) == 4 else torch.channels_last_3d) if channels_last \
+        else torch.contiguous_format
+    x, r, dy = [(torch.randn(shape, device=CUDA) * 2 + 1).to(dtype).contiguous(memory_format=layout)
+                for _ in range(3)]
+    results = []
+    for module, fn in ((ours, lambda x, r: ours(x, r)), (theirs, lambda x, r: torch.relu(theirs(x) + r))):
+        leaf, res = x.clone().requires_grad_(), r.clone().requires_grad_()
+        y = fn(leaf, res)
+        y.backward(dy)
+        results.append([y.detach(), leaf.grad, res.grad, module.weight.grad, module.bias.grad])
+        assert y.is_contiguous(memory_format=layout)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, **tol)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+
+
 def test_gradcheck_and_gradgradcheck():
     x = torch.randn(6, 9, dtype=torch.float64, device=CUDA, requires_grad=True)
     t = torch.tensor([0, 8, -100, 3, 3, 1], device=CUDA)
@@ -58,6 +84,11 @@ def test_gradcheck_and_gradgradcheck():
     w, b = (torch.randn(3, dtype=torch.float64, device=CUDA, requires_grad=True) for _ in range(2))
     bn = lambda h, w, b: fusedops.batch_norm(h, None, None, w, b, training=True, unbiased=True)  # noqa: E731
     assert torch.autograd.gradcheck(bn, (h, w, b)) and torch.autograd.gradgradcheck(bn, (h, w, b))
+    h4 = torch.randn(3, 3, 2, 2, dtype=torch.float64, device=CUDA).to(memory_format=torch.channels_last)
+    h4, r = h4.requires_grad_(), torch.randn(3, 3, 2, 2, dtype=torch.float64, device=CUDA, requires_grad=True)
+    fused = lambda h, w, b, r: fusedops.batch_norm(h, None, None, w, b, True, residual=r,  # noqa: E731
+                                                    activation="relu")
+    assert torch.autograd.gradcheck(fused, (h4, w, b, r)) and torch.autograd.gradgradcheck(fused, (h4, w, b, r))
 
 
 @pytest.mark.parametrize("operator", [cross_entropy, batch_norm])
@@ -71,20 +102,23 @@ def test_opcheck(operator):
 def test_compile_fullgraph(compiler):
     torch._dynamo.reset()
     bn, head = fusedops.BatchNorm1d(16).to(CUDA), torch.nn.Linear(16, 40).to(CUDA)
+    bn2d = fusedops.BatchNorm2d(16, activation="relu").to(CUDA)
 
     def step(x, t):
-        return fusedops.cross_entropy(head(torch.tanh(bn(x))), t, label_smoothing=0.1)
+        h = bn2d(x.view(8, 8, 16, 1).movedim(-2, 1), x.view(8, 16, 8, 1)).reshape(64, 16)  # NCHW, relu(bn + x)
+        return fusedops.cross_entropy(head(torch.tanh(bn(h))), t, label_smoothing=0.1)
 
     x, t = torch.randn(64, 16, device=CUDA), torch.randint(0, 40, (64,), device=CUDA)
     compiled = torch.compile(step, fullgraph=True, backend=compiler)
     loss = compiled(x, t)
     loss.backward()
-    grads = [p.grad.clone() for p in (*bn.parameters(), *head.parameters())]
-    for p in (*bn.parameters(), *head.parameters()):
+    params = (*bn.parameters(), *bn2d.parameters(), *head.parameters())
+    grads = [p.grad.clone() for p in params]
+    for p in params:
         p.grad = None
     step(x, t).backward()
     torch.testing.assert_close(loss, step(x, t))
-    for got, want in zip(grads, [p.grad for p in (*bn.parameters(), *head.parameters())]):
+    for got, want in zip(grads, [p.grad for p in params]):
         torch.testing.assert_close(got, want)
 
 

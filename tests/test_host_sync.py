@@ -122,3 +122,21 @@ def test_cross_entropy_triton_target_out_of_range_reads_nothing(host_reads):
     torch.testing.assert_close(loss[[0, 2]], loss_t[[0, 2]].detach())
     torch.testing.assert_close(logits.grad[[0, 2]], g_t[[0, 2]])
     assert mean.isnan()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_2d_fused_triton_reads_nothing_on_the_host(host_reads, channels_last):
+    module = fusedops.BatchNorm2d(3, activation="relu", momentum=None, backend="triton")
+    x = torch.randn(2, 3, 2, 3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x, r = x.requires_grad_(), torch.randn(2, 3, 2, 3, requires_grad=True)
+    with host_reads:
+        y = module(x, r)
+        y.square().sum().backward()
+        module(torch.randn(0, 3, 2, 3))  # an empty batch: counted, nothing normalised
+    assert host_reads.reads == []
+    reference = torch.nn.BatchNorm2d(3, momentum=None)
+    torch.testing.assert_close(y, F.relu(reference(x) + r))
+    reference(torch.randn(0, 3, 2, 3))
+    torch.testing.assert_close(list(module.buffers()), list(reference.buffers()))

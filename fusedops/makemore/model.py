@@ -149,7 +149,7 @@ def manual_step(model, Xb, Yb):
     loss, dlogits = ops.cross_entropy_forward(logits, Yb, MEAN, -100, 0.0)  # (softmax - one_hot) / n
     dh, dW2, db2 = dlogits @ W2, dlogits.T @ h, dlogits.sum(0)  # logits = h @ W2^T + b2
     dhpreact = (1.0 - h**2) * dh  # tanh' = 1 - tanh^2
-    dhprebn, dgamma, dbeta = ops.batch_norm_backward(dhpreact, hprebn, mean, invstd, bn.weight, True, bn.unbiased)
+    dhprebn, dgamma, dbeta, _ = ops.batch_norm_backward(dhpreact, hprebn, mean, invstd, bn.weight, True, bn.unbiased)
     dembcat, dW1, db1 = dhprebn @ W1, dhprebn.T @ embcat, dhprebn.sum(0)  # hprebn = embcat @ W1^T + b1
     dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), dembcat.view(-1, C.shape[1]))  # emb = C[Xb]
     return loss, [dC, dW1, db1, dgamma.to(bn.weight.dtype), dbeta.to(bn.bias.dtype), dW2, db2]

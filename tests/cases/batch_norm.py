@@ -9,11 +9,10 @@ NAN = float("nan")
 BAD_INPUTS = {
     "one_value_per_channel": ({"input": torch.randn(1, 4)}, ValueError, "more than 1 value per channel .*input"),
     "one_value_per_channel_3d": ({"input": torch.randn(1, 4, 1)}, ValueError, "more than 1 value per channel"),
-    "empty_batch_training": ({"input": torch.randn(0, 4)}, ValueError, "more than 1 value per channel .*input"),
+    "one_value_per_channel_4d": ({"input": torch.randn(1, 4, 1, 1)}, ValueError, "more than 1 value per channel"),
     "no_channels": ({"input": torch.randn(8, 0), "running_mean": None, "running_var": None, "weight": None,
                      "bias": None}, ValueError, r"input must have at least one channel, got shape \(8, 0\)"),
-    "1d_input": ({"input": torch.randn(4)}, ValueError, "input must be .N, C. or .N, C, L., got 1-D"),
-    "4d_input": ({"input": torch.randn(8, 4, 2, 2)}, ValueError, "input must be .N, C. or .N, C, L., got 4-D"),
+    "1d_input": ({"input": torch.randn(4)}, ValueError, r"input must be \(N, C, \*\), got 1-D"),
     "integer_input": ({"input": torch.ones(8, 4, dtype=torch.int64)}, TypeError, "input must be a float"),
     "bool_input": ({"input": torch.ones(8, 4, dtype=torch.bool)}, TypeError, "input must be a float"),
     "input_not_a_tensor": ({"input": [[0.0] * 4] * 8}, TypeError, "input must be a float"),
@@ -41,6 +40,18 @@ BAD_INPUTS = {
     "negative_eps": ({"eps": -1.0}, ValueError, "eps must be a non-negative number, got -1.0"),
     "eps_nan": ({"eps": NAN}, ValueError, "eps must be a non-negative number, got nan"),
     "eps_string": ({"eps": "1e-5"}, TypeError, "eps must be a float, got '1e-5'"),
+    "eps_zero_training": ({"eps": 0.0}, ValueError, "eps must be positive when training, got 0.0"),
+    "eps_zero_4d_training": ({"input": torch.randn(2, 4, 3, 3), "eps": 0}, ValueError, "eps must be positive"),
+    # fusedops' own arguments: torch has no residual or activation
+    "residual_shape": ({"residual": torch.randn(8, 5)}, ValueError,
+                       r"residual has shape \(8, 5\) but input has \(8, 4\)"),
+    "residual_broadcastable": ({"residual": torch.randn(1, 4)}, ValueError, r"residual has shape \(1, 4\)"),
+    "residual_dtype": ({"residual": torch.randn(8, 4).double()}, TypeError,
+                       "residual has dtype torch.float64 but input has torch.float32"),
+    "residual_device": ({"residual": torch.randn(8, 4, device="meta")}, ValueError,
+                        "residual is on meta but input is on cpu"),
+    "residual_not_a_tensor": ({"residual": 1.0}, TypeError, "residual must be a tensor or None, got float"),
+    "unknown_activation": ({"activation": "tanh"}, ValueError, r"activation must be one of \[None, 'relu'\], got 'tanh'"),
     "unknown_backend": ({"backend": "cuda"}, ValueError, "backend must be one of"),
 }
 
@@ -76,16 +87,23 @@ LAYOUTS = {
 
 
 def op_samples():
-    """(op name, args) of every batch-norm op: shapes, affine or not, training and eval, dtypes, layouts."""
+    """(op name, args) of every batch-norm op: ranks 2 to 5, contiguous and channels-last, affine or not,
+    training and eval, dtypes, the fused residual and relu."""
     g = torch.Generator().manual_seed(10)
     f32 = torch.float32
     ops = torch.ops.fusedops
-    # (shape, affine, training, input dtype, per-channel dtype, input stored channels-last)
-    for shape, affine, training, dtype, pdtype, channels_last in [
-            ((6, 5), True, True, f32, f32, False), ((4, 3, 2), False, True, f32, f32, False),
-            ((5, 3), True, False, f32, f32, False), ((4, 3, 5), True, True, torch.float16, f32, True),
-            ((7, 2), True, False, torch.bfloat16, torch.bfloat16, False),
-            ((3, 4, 2), True, False, torch.float64, torch.float64, True)]:
+    # (shape, affine, training, input dtype, per-channel dtype, input stored channels-last, residual, relu)
+    for shape, affine, training, dtype, pdtype, channels_last, residual, relu in [
+            ((6, 5), True, True, f32, f32, False, False, False), ((4, 3, 2), False, True, f32, f32, False, False, False),
+            ((5, 3), True, False, f32, f32, False, False, False),
+            ((4, 3, 5), True, True, torch.float16, f32, True, False, False),
+            ((7, 2), True, False, torch.bfloat16, torch.bfloat16, False, False, False),
+            ((3, 4, 2), True, False, torch.float64, torch.float64, True, False, False),
+            ((2, 3, 4, 5), True, True, f32, f32, False, True, True),
+            ((2, 3, 4, 5), True, True, f32, f32, True, True, True),
+            ((2, 4, 3, 2), False, False, torch.bfloat16, f32, True, False, True),
+            ((2, 3, 2, 3, 2), True, True, f32, f32, False, True, False),
+            ((2, 3, 2, 3, 2), True, True, torch.float64, torch.float64, True, False, True)]:
         C = shape[1]
         x, dy = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
         if channels_last:
@@ -93,16 +111,17 @@ def op_samples():
         w, b = [torch.randn(C, generator=g).to(pdtype) for _ in range(2)] if affine else (None, None)
         rm, rv = (None, None) if training else (torch.randn(C, generator=g).to(pdtype),
                                                 (torch.rand(C, generator=g) + 0.5).to(pdtype))
-        forward_args = (x, w, b, rm, rv, training, False, 1e-5)
+        r = torch.randn(shape, generator=g).to(dtype) if residual else None
+        forward_args = (x, w, b, rm, rv, training, False, 1e-5, r, int(relu))
         yield "batch_norm_forward", forward_args
-        _, mean, invstd, var = ops.batch_norm_forward(*forward_args)
-        yield "batch_norm_backward", (dy, x, mean, invstd, w, training, True)
+        out, mean, invstd, var = ops.batch_norm_forward(*forward_args)
+        yield "batch_norm_backward", (dy, x, mean, invstd, w, training, True, out if relu else None, residual)
         if training:
             stats = ops.batch_norm_stats(x)
             yield "batch_norm_stats", (x,)
             yield "batch_norm_backward_reduce", (dy, x, stats[0])
             sums = ops.batch_norm_backward_reduce(dy, x, stats[0])
-            count = x.numel() // C
+            count = torch.tensor([x.numel() // C], dtype=torch.float64)
             yield "batch_norm_backward_elemt", (dy, x, mean, invstd, w, *sums, count, True)
             yield "batch_norm_update_stats", (torch.zeros(C, dtype=pdtype), torch.ones(C, dtype=pdtype),
                                               torch.zeros((), dtype=torch.int64), mean, var, None)
