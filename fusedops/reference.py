@@ -152,21 +152,24 @@ def format_row(row):
     return f"{s:15s} | exact: {str(ex):5s} | approximate: {str(app):5s} | maxdiff: {maxdiff}"
 
 
-def cross_entropy(logits, target, reduction="mean", ignore_index=-100, label_smoothing=0.0):
-    """F.cross_entropy for (N, V) logits and (N,) class indices, in the notebooks' steps.
+def cross_entropy(logits, target, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+    """F.cross_entropy for (N, V) logits and (N,) class indices or (N, V) class probabilities, with
+    optional class weights (V,), in the notebooks' steps.
 
     Computed in float32 for float16/bfloat16 logits. Like the notebooks it takes log(probs), so a
     probability that underflows to 0 (logits ~90 below the row's max in float32) gives -inf.
     """
-    if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"cross_entropy: need logits (N, V) and target (N,), got "
+    prob = target.is_floating_point()
+    if logits.dim() != 2 or target.shape != (logits.shape if prob else logits.shape[:1]):
+        raise ValueError(f"cross_entropy: need logits (N, V) and target (N,) or (N, V), got "
                          f"{tuple(logits.shape)} and {tuple(target.shape)}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     n, V = x.shape
-    keep = target != ignore_index  # rows that count
-    if ((target[keep] < 0) | (target[keep] >= V)).any():
+    w = torch.ones(V, dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
+    keep = torch.ones(n, dtype=torch.bool, device=x.device) if prob else target != ignore_index  # rows that count
+    if not prob and ((target[keep] < 0) | (target[keep] >= V)).any():
         raise ValueError(f"cross_entropy: target values must be in [0, {V}) or ignore_index={ignore_index}")
     logit_maxes = x.max(1, keepdim=True).values
     norm_logits = x - logit_maxes  # subtract the max so that exp cannot overflow
@@ -175,16 +178,22 @@ def cross_entropy(logits, target, reduction="mean", ignore_index=-100, label_smo
     counts_sum_inv = counts_sum**-1
     probs = counts * counts_sum_inv
     logprobs = probs.log()
-    picked = logprobs[torch.arange(n, device=x.device), torch.where(keep, target, 0)]  # log p[i, target_i]
-    row_loss = -(1 - label_smoothing) * picked
-    if label_smoothing:  # the target is (1 - eps) one_hot + eps / V everywhere
-        row_loss = row_loss - label_smoothing / V * logprobs.sum(1)
+    if prob:  # -sum_j w_j q_ij log p_ij
+        row_loss = -(1 - label_smoothing) * (w * target.to(x.dtype) * logprobs).sum(1)
+        divisor = torch.tensor(float(n), dtype=x.dtype)
+    else:
+        kept_target = torch.where(keep, target, 0)
+        picked = logprobs[torch.arange(n, device=x.device), kept_target]  # log p[i, target_i]
+        row_loss = -(1 - label_smoothing) * w[kept_target] * picked
+        divisor = (w[kept_target] * keep).sum()  # the kept targets' weight: their count without weights
+    if label_smoothing:  # the target is (1 - eps) q + eps / V everywhere
+        row_loss = row_loss - label_smoothing / V * (w * logprobs).sum(1)
     row_loss = torch.where(keep, row_loss, 0.0)  # ignored rows contribute 0
     if reduction == "none":
         return row_loss.to(logits.dtype)
     loss = row_loss.sum()
     if reduction == "mean":
-        loss = loss / keep.sum()  # over the targets that count: 0/0 = nan when none does
+        loss = loss / divisor  # 0/0 = nan when no target counts
     return loss.to(logits.dtype)
 
 

@@ -85,6 +85,24 @@ def test_cross_entropy_matches_torch(dtype, reduction, label_smoothing, ignored)
     torch.testing.assert_close(grad, expected_grad)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("targets", ["classes", "probabilities"])
+def test_cross_entropy_weights_and_probability_targets_match_torch(reduction, label_smoothing, targets):
+    logits, target = logits_and_target(dtype=torch.float64)
+    if targets == "probabilities":
+        target = torch.softmax(torch.randn_like(logits), 1)
+    else:
+        target[::3] = -100
+    weight = torch.rand(logits.shape[1], dtype=torch.float64) + 0.5
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
+    loss, grad = loss_and_grad(lambda x, t, **kw: reference.cross_entropy(x, t, weight, **kw), logits, target, **kwargs)
+    expected_loss, expected_grad = loss_and_grad(lambda x, t, **kw: F.cross_entropy(x, t, weight, **kw), logits,
+                                                 target, **kwargs)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+
+
 def test_cross_entropy_other_ignore_index_and_int32_target():
     logits, target = logits_and_target()
     target[1::2] = 3
