@@ -13,12 +13,14 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fusedops, m) {
-  // cross-entropy: the loss (per row, or reduced) and its gradient with respect to the logits
-  m.def("cross_entropy_forward(Tensor logits, Tensor target, int reduction, int ignore_index, "
-        "float label_smoothing) -> (Tensor, Tensor)");
-  // the same, the gradient written over the logits
-  m.def("cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, int reduction, int ignore_index, "
-        "float label_smoothing) -> Tensor");
+  // cross-entropy of (N, V) logits and class indices (N,) or probabilities (N, V), with optional class
+  // weights, label smoothing, z-loss and softcap: the loss (per row, or reduced), its gradient with
+  // respect to the logits, and each row's logsumexp (acc dtype)
+  m.def("cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int reduction, int ignore_index, "
+        "float label_smoothing, float z_loss, float? softcap) -> (Tensor, Tensor, Tensor)");
+  // the same, the gradient written over the logits: the loss and lse
+  m.def("cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, int reduction, "
+        "int ignore_index, float label_smoothing, float z_loss, float? softcap) -> (Tensor, Tensor)");
   // batch norm over (N, C, *), contiguous or channels-last: out = act(bn(input) + residual) in the
   // input's layout (activation 0: none, 1: relu), mean (fp64), invstd, unbiased var
   m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "

@@ -5,7 +5,11 @@
 //   exp(x) = 2^n * exp(r),  n = round(x / ln 2),  r = x - n ln 2 in [-ln2/2, ln2/2]
 //   exp(r) = 1 + r + r^2 q(r),  q a degree-4 fit to (exp(r) - 1 - r) / r^2: within 1.01 ulp in fp32
 //   over every x <= 0 (checked exhaustively), subnormal results included
-// fp32 lanes under AVX2 only; other types and builds use Vectorized::exp.
+// tanh_lanes: tanh, cheaper than Vectorized::tanh (Sleef's u10: 5.6 ns a float here, against 0.3):
+//   |u| < 0.55:  tanh(u) = u + u^3 P(u^2),  P a degree-4 fit to (tanh(u) - u) / u^3 (minimax in the
+//                relative error of tanh; 0.82 ulp in fp32 on [0, 0.55])
+//   else:        tanh(|u|) = (1 - e) / (1 + e),  e = exp(-2|u|) <= 1/3 (exp_nonpositive), u's sign
+// fp32 lanes under AVX2 only; other types and builds use Vectorized::exp and Vectorized::tanh.
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -117,6 +121,11 @@ inline at::vec::Vectorized<T> exp_nonpositive(const at::vec::Vectorized<T>& x) {
   return x.exp();
 }
 
+template <typename T>
+inline at::vec::Vectorized<T> tanh_lanes(const at::vec::Vectorized<T>& x) {
+  return x.tanh();
+}
+
 // max(a, b) per lane; a NaN may or may not propagate (for callers whose result turns NaN anyway)
 template <typename T>
 inline at::vec::Vectorized<T> max_lanes(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
@@ -160,6 +169,24 @@ inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<floa
   const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
   const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
   return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+// NaN lanes stay NaN (through exp_nonpositive); +-inf give +-1.
+template <>
+inline at::vec::Vectorized<float> tanh_lanes(const at::vec::Vectorized<float>& x) {
+  const __m256 u = x, sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+  const __m256 a = _mm256_andnot_ps(sign, u);  // |u|
+  const __m256 e = exp_nonpositive(at::vec::Vectorized<float>(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f))));
+  const __m256 large = _mm256_or_ps(_mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e)),
+                                    _mm256_and_ps(sign, u));  // (1 - e) / (1 + e) with u's sign
+  const __m256 s = _mm256_mul_ps(u, u);
+  __m256 p = _mm256_set1_ps(-0.006274238228797913f);
+  p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(0.021071678027510643f));
+  p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(-0.05385230854153633f));
+  p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(0.13332585990428925f));
+  p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(-0.33333316445350647f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(u, s), p, u);  // u + u^3 P(u^2)
+  return _mm256_blendv_ps(large, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.55f), _CMP_LT_OQ));
 }
 #endif
 

@@ -1,7 +1,9 @@
 """Triton kernels of the fused cross-entropy (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
-One program per row: an online max and sum of exp over the row in blocks, then the gradient.
-Math in fp32 (fp64 for fp64 logits), offsets in int64.
+One program per row: an online max and sum of exp over the row in blocks, then a second pass that writes
+the gradient and sums the loss terms that need the final max. Math in fp32 (fp64 for fp64 logits), offsets
+in int64. Each option (class weights, probability targets, label smoothing, z-loss, soft-capping) is a
+constexpr flag, so the plain case compiles to the plain kernel.
 """
 import torch
 import triton
@@ -13,83 +15,222 @@ from .cross_entropy import MEAN, NONE
 MAX_BLOCK = 4096
 
 
+@triton.jit
+def _tanh(a):
+    """tanh(a) and its derivative 1 - tanh(a)^2 (no tl.tanh here, and libdevice's does not run in the
+    interpreter). |a| >= 1/8: (1 - e) / (1 + e) and 4e / (1 + e)^2, e = exp(-2|a|), which never overflow.
+    |a| < 1/8, where 1 - e cancels: tanh's Taylor series through a^15 (the next term is 2e-18 relative)."""
+    e = tl.exp(-2.0 * tl.abs(a))
+    big = (1.0 - e) / (1.0 + e)
+    s = a * a
+    series = a * (1.0 + s * (-1 / 3 + s * (2 / 15 + s * (-17 / 315 + s * (62 / 2835 + s * (
+        -1382 / 155925 + s * (21844 / 6081075 + s * (-929569 / 638512875))))))))
+    small = tl.abs(a) < 0.125
+    th = tl.where(small, series, tl.where(a < 0, -big, big))
+    return th, tl.where(small, 1.0 - th * th, 4.0 * e / ((1.0 + e) * (1.0 + e)))
+
+
+@triton.jit
+def _capped(x, cap, HAS_SOFTCAP: tl.constexpr):
+    """y = cap * tanh(x / cap) (Gemma 2 soft-capping) and dy/dx = 1 - tanh^2; x and 1 without it."""
+    if HAS_SOFTCAP:
+        th, d = _tanh(x / cap)
+        return cap * th, d
+    else:
+        return x, 1.0
+
+
+@triton.jit
+def _target_weight(t_row, w_ptr, offs, mask, eps, V, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                   SMOOTH: tl.constexpr, ACC: tl.constexpr):
+    """w_j q'_j at columns offs (0 off the row), without the one-hot part of a class target:
+    q' = (1-eps) q + eps/V for a probability target q, eps/V for a class target."""
+    if PROB_TARGET:
+        wq = tl.load(t_row + offs, mask=mask, other=0.0).to(ACC)
+        if SMOOTH:
+            wq = (1.0 - eps) * wq + eps / V
+    else:
+        wq = tl.full(offs.shape, 0.0, ACC) + eps / V  # only called with SMOOTH
+    if HAS_WEIGHT:
+        wq *= tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC)
+    return tl.where(mask, wq, 0.0)
+
+
 @triton.jit(debug=True)  # keeps the device-side assert on the targets' range
-def _forward_kernel(x_ptr, x_stride, t_ptr, g_ptr, g_stride, loss_ptr, count_ptr, V, ignore_index,
-                    eps_ptr, IS_MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _forward_kernel(x_ptr, x_stride, t_ptr, t_stride, w_ptr, g_ptr, g_stride, loss_ptr, lse_ptr, div_ptr,
+                    sum_w_ptr, eps_ptr, z_ptr, cap_ptr, V, ignore_index,
+                    IS_MEAN: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    eps = tl.load(eps_ptr)  # label smoothing, in ACC (a float argument would be fp32)
     x_row = x_ptr + row * x_stride
     g_row = g_ptr + row * g_stride
-    t = tl.load(t_ptr + row).to(tl.int64)
-    ignored = t == ignore_index
-    # a target out of range stops the kernel on the device, as PyTorch's CUDA kernel (no host read);
-    # where asserts are compiled out (the interpreter) its row's loss and gradient are NaN, never an
-    # out-of-bounds access
-    bad = ~ignored & ((t < 0) | (t >= V))
-    tl.device_assert(~bad, "cross_entropy: target out of range (argument 'target')")
-    no_target = ignored | bad
-    t_col = tl.where(no_target, -1, t)  # the target's column, -1 (none) in an ignored row
-    xt = tl.load(x_row + t_col, mask=~no_target, other=0.0).to(ACC)  # read before an in-place write
+    t_row = t_ptr + row * t_stride
+    # the options' scalars, in ACC (a float argument would be fp32)
+    eps = 0.0
+    if SMOOTH:
+        eps = tl.load(eps_ptr)
+    cap = 1.0
+    if HAS_SOFTCAP:
+        cap = tl.load(cap_ptr)
+    ignored = False
+    bad = False
+    if not PROB_TARGET:
+        t = tl.load(t_row).to(tl.int64)
+        ignored = t == ignore_index
+        # a target out of range stops the kernel on the device, as PyTorch's CUDA kernel (no host read);
+        # where asserts are compiled out (the interpreter) its row's loss and gradient are NaN, never an
+        # out-of-bounds access
+        bad = ~ignored & ((t < 0) | (t >= V))
+        tl.device_assert(~bad, "cross_entropy: target out of range (argument 'target')")
+        no_target = ignored | bad
+        t_col = tl.where(no_target, -1, t)  # the target's column, -1 (none) in an ignored row
+        x_t = tl.load(x_row + t_col, mask=~no_target, other=0.0).to(ACC)  # read before an in-place write
+        y_t, dy_t = _capped(x_t, cap, HAS_SOFTCAP)
+        w_t = 1.0
+        if HAS_WEIGHT:
+            w_t = tl.load(w_ptr + t_col, mask=~no_target, other=0.0).to(ACC)
     cols = tl.arange(0, BLOCK)
-    # online max and sum of exp: s = s * exp(m - m') + sum(exp(x - m'))
+
+    # pass 1: online max and sum of exp, s = s * exp(m - m') + sum(exp(y - m'));
+    # W = sum_j w_j q'_j for a probability target
     m = tl.full((), float("-inf"), ACC)
     s = tl.zeros((), ACC)
-    sx = tl.zeros((), ACC)
+    W = tl.zeros((), ACC)
     for start in range(0, V, BLOCK):
         offs = start + cols
         mask = offs < V
-        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(ACC)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        e = tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new))  # -inf - -inf would be NaN
+        y, _ = _capped(tl.load(x_row + offs, mask=mask, other=float("-inf")).to(ACC), cap, HAS_SOFTCAP)
+        y = tl.where(mask, y, float("-inf"))  # soft-capping maps the padding's -inf to -cap
+        m_new = tl.maximum(m, tl.max(y, 0))
+        e = tl.where(y == float("-inf"), 0.0, tl.exp(y - m_new))  # -inf - -inf would be NaN
         s = s * tl.where(m == m_new, 1.0, tl.exp(m - m_new)) + tl.sum(e, 0)
-        sx += tl.sum(tl.where(mask, x, 0.0), 0)
         m = m_new
-    smooth = eps / V
-    keep = 1.0 - eps
-    # loss = logsumexp(x) - (1-eps) * x[t] - eps/V * sum(x)   (the last term skipped when eps = 0)
-    #      = (1-eps) * (m - x[t]) + log(s) + eps/V * (V*m - sum(x)): m - x[t] exact near the max
-    loss = keep * (m - xt) + tl.log(s) + tl.where(eps > 0, smooth * (V * m - sx), 0.0)
-    tl.store(loss_ptr + row, tl.where(bad, float("nan"), tl.where(ignored, 0.0, loss)))
+        if PROB_TARGET:
+            W += tl.sum(_target_weight(t_row, w_ptr, offs, mask, eps, V, PROB_TARGET, HAS_WEIGHT, SMOOTH, ACC), 0)
+    log_s = tl.log(s)
+    lse = m + log_s  # lse = M + log S
+    tl.store(lse_ptr + row, lse)
+    if not PROB_TARGET:
+        # W = (1-eps) w_t + eps/V sum(w): 1 without weights
+        W = 1.0
+        if HAS_WEIGHT:
+            W = w_t
+            if SMOOTH:
+                W = (1.0 - eps) * w_t + eps / V * tl.load(sum_w_ptr).to(ACC)
+    if HAS_Z:
+        z = tl.load(z_ptr)
+        zz = 2.0 * z * lse  # added to W after W p - w q' (which may cancel), not to W
     scale = 1.0
     if IS_MEAN:
-        count = tl.load(count_ptr)
-        scale = tl.where(count > 0, 1.0 / tl.maximum(count, 1).to(ACC), 0.0)
+        # 1/0 = inf when the divisor is 0: every row ignored (G = 0 below) or the kept weights sum to 0 (NaN, as torch)
+        scale = 1.0 / tl.load(div_ptr).to(ACC)
     inv = 1.0 / s
-    # grad = (softmax(x) - eps/V) * scale off the target column
-    others = tl.zeros((), ACC)
+
+    # pass 2: G_j = scale * ((W + 2 z lse) p_j - w_j q'_j) * dy_j/dx_j (the target column of a class
+    # target after the loop); with M final, sum_j w_j q'_j (M - y_j) (for a class target: its eps/V part)
+    others = tl.zeros((), ACC)  # sum of p off the target column
+    wq_gap = tl.zeros((), ACC)  # sum_j w_j q'_j (M - y_j)
     for start in range(0, V, BLOCK):
         offs = start + cols
         mask = offs < V
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-        p = tl.exp(x - m) * inv
-        off_target = mask & (offs != t_col)
-        others += tl.sum(tl.where(off_target, p, 0.0), 0)
-        g = tl.where(bad, float("nan"), tl.where(ignored, 0.0, (p - smooth) * scale))
-        tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=off_target)
-    # target column: softmax_t - 1, as -(sum of the others) when softmax_t > 1/2 (exact even when
-    # softmax_t rounds to 1), else directly (where the sum of the others would cancel)
-    p_t = tl.exp(xt - m) * inv
-    g_t = tl.where(p_t > 0.5, eps - smooth - others, p_t - smooth - keep) * scale
-    tl.store(g_row + t_col, g_t.to(g_ptr.dtype.element_ty), mask=~no_target)
+        y, dy = _capped(tl.load(x_row + offs, mask=mask, other=0.0).to(ACC), cap, HAS_SOFTCAP)
+        p = tl.exp(y - m) * inv
+        g = W * p
+        if PROB_TARGET or SMOOTH:
+            wq = _target_weight(t_row, w_ptr, offs, mask, eps, V, PROB_TARGET, HAS_WEIGHT, SMOOTH, ACC)
+            wq_gap += tl.sum(tl.where(mask, wq * (m - y), 0.0), 0)
+            g -= wq
+        if HAS_Z:
+            g += zz * p
+        g *= scale
+        if HAS_SOFTCAP:
+            g *= dy
+        if PROB_TARGET:
+            store = mask
+        else:
+            store = mask & (offs != t_col)
+            others += tl.sum(tl.where(store, p, 0.0), 0)
+            g = tl.where(bad, float("nan"), tl.where(ignored, 0.0, g))
+        tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=store)
+
+    # loss = sum_j w_j q'_j (M - y_j) + W log S + z lse^2: M - y_j exact near the max
+    loss = wq_gap + W * log_s
+    if not PROB_TARGET:
+        keep = 1.0
+        if SMOOTH:
+            keep = 1.0 - eps
+        loss += keep * w_t * (m - y_t)  # the one-hot part of a class target
+    if HAS_Z:
+        loss += z * lse * lse
+    tl.store(loss_ptr + row, tl.where(bad, float("nan"), tl.where(ignored, 0.0, loss)))
+
+    if not PROB_TARGET:
+        # target column: (1-eps) w_t (p_t - 1) + eps/V (sum(w) p_t - w_t) + 2 z lse p_t, with p_t - 1 as
+        # -(sum of the others) when p_t > 1/2 (exact even when p_t rounds to 1), else directly (where the
+        # sum of the others would cancel)
+        p_t = tl.exp(y_t - m) * inv
+        g_t = keep * w_t * tl.where(p_t > 0.5, -others, p_t - 1.0)
+        if SMOOTH:
+            sum_w = tl.zeros((), ACC) + V
+            if HAS_WEIGHT:
+                sum_w = tl.load(sum_w_ptr).to(ACC)
+            g_t += eps / V * (sum_w * p_t - w_t)
+        if HAS_Z:
+            g_t += zz * p_t
+        g_t *= scale
+        if HAS_SOFTCAP:
+            g_t *= dy_t
+        tl.store(g_row + t_col, tl.where(bad, float("nan"), g_t).to(g_ptr.dtype.element_ty), mask=~no_target)
 
 
 def _block(V):
     return min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
 
 
-def forward(logits, target, grad, reduction, ignore_index, label_smoothing):
-    """Writes the gradient into `grad` (may be `logits` itself) and returns the loss."""
+def _divisor(target, weight, ignore_index):
+    """The mean's divisor, fp64 on the device: N for probability targets; for class targets the kept rows'
+    weights summed (their count without weights)."""
+    if target.is_floating_point():
+        return torch.full((), target.shape[0], device=target.device, dtype=torch.float64)
+    target = target.long()  # a uint8 target compared with a negative ignore_index
+    kept = target != ignore_index
+    if weight is None:
+        return kept.sum(dtype=torch.float64)
+    w_t = weight.index_select(0, target.clamp(0, weight.shape[0] - 1))  # out-of-range rows are NaN anyway
+    return torch.where(kept, w_t, 0).sum(dtype=torch.float64)
+
+
+def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothing, z_loss, softcap):
+    """Writes the gradient into `grad` (may be `logits` itself) and returns (loss, lse).
+
+    logits (N, V) with unit stride along V; target (N,) class indices (int64, int32, uint8) or (N, V)
+    probabilities (contiguous, logits' dtype); weight None or (V,) contiguous; reduction 0 none, 1 mean,
+    2 sum; softcap None or > 0. loss: (N,) for none, () otherwise, logits' dtype; lse (N,) in the acc dtype.
+    Nothing is read on the host."""
     N, V = logits.shape
     acc = acc_dtype(logits.dtype)
-    row_loss = torch.empty(N, device=logits.device, dtype=acc)
-    eps = torch.full((), label_smoothing, device=logits.device, dtype=acc)
-    count = (target != ignore_index).sum()
+    device = logits.device
+    prob = target.is_floating_point()
+    smooth = label_smoothing > 0
+
+    def scalar(value):  # an option's value, read by the kernel in acc
+        return torch.full((), value, device=device, dtype=acc)
+
+    row_loss = torch.empty(N, device=device, dtype=acc)
+    lse = torch.empty(N, device=device, dtype=acc)
+    divisor = _divisor(target, weight, ignore_index) if reduction == MEAN else None
+    sum_w = weight.sum(dtype=torch.float64) if weight is not None and smooth and not prob else None
     if N > 0:
         _forward_kernel[(N,)](
-            logits, logits.stride(0), target, grad, grad.stride(0), row_loss, count, V, ignore_index, eps,
-            IS_MEAN=reduction == MEAN, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-            BLOCK=_block(V), num_warps=8 if V >= 2048 else 4)
+            logits, logits.stride(0), target, target.stride(0), weight, grad, grad.stride(0), row_loss, lse,
+            divisor, sum_w, scalar(label_smoothing) if smooth else None, scalar(z_loss) if z_loss > 0 else None,
+            scalar(softcap) if softcap is not None else None, V, ignore_index,
+            IS_MEAN=reduction == MEAN, PROB_TARGET=prob, HAS_WEIGHT=weight is not None, SMOOTH=smooth,
+            HAS_Z=z_loss > 0, HAS_SOFTCAP=softcap is not None,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=_block(V),
+            num_warps=8 if V >= 2048 else 4)
     if reduction == NONE:
-        return row_loss.to(logits.dtype)
-    total = row_loss.sum()
-    return (total / count if reduction == MEAN else total).to(logits.dtype)
+        return row_loss.to(logits.dtype), lse
+    total = row_loss.sum(dtype=torch.float64)
+    return (total / divisor if reduction == MEAN else total).to(logits.dtype), lse

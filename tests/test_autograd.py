@@ -15,6 +15,7 @@ from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 import fusedops
 from cases import batch_norm as bn_cases
 from cases import cross_entropy as ce_cases
+from cases.cross_entropy import composite
 from fusedops import errors
 
 # PyTorch's own jacfwd/jacrev warn so on first use
@@ -189,6 +190,29 @@ def test_cross_entropy_autocast_dtypes(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["class", "probs"])
+def test_cross_entropy_options_autocast(backend, kind):
+    """bf16 logits, class weights and probability targets under autocast: fp32 loss and lse, as torch's loss."""
+    target = CE_PROBS.bfloat16() if kind == "probs" else torch.tensor(TARGETS["some_ignored"])
+    weight = CE_WEIGHT.bfloat16()
+    results = []
+    for fn in (lambda x: fusedops.cross_entropy(x, target, weight, label_smoothing=0.1, backend=backend),
+               lambda x: F.cross_entropy(x, target, weight, label_smoothing=0.1)):
+        (x,) = fresh(LOGITS.bfloat16())
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = fn(x)
+        (g,) = torch.autograd.grad(loss, x)
+        results.append((loss, g))
+    (loss, g), (loss_t, g_t) = results
+    assert (loss.dtype, g.dtype) == (loss_t.dtype, g_t.dtype) == (torch.float32, torch.bfloat16)
+    torch.testing.assert_close(loss, loss_t)
+    torch.testing.assert_close(g, g_t)
+    with torch.autocast("cpu", torch.bfloat16):
+        _, lse = fusedops.cross_entropy(LOGITS.bfloat16(), target, weight, return_lse=True, backend=backend)
+    assert lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("upstream", [1.0, 2.5])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cross_entropy_gradients_are_never_aliased(backend, reduction, upstream):
@@ -215,6 +239,13 @@ def test_cross_entropy_gradients_are_never_aliased(backend, reduction, upstream)
 CODES = {0: "none", 1: "mean", 2: "sum"}  # CrossEntropyFunction's reduction argument
 
 
+def ce_function(x, target, code, backend, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                softcap=None, return_lse=False):
+    """CrossEntropyFunction.apply: (loss, G, lse) of 2-D logits, not in place."""
+    return fusedops.CrossEntropyFunction.apply(x, target, weight, code, ignore_index, label_smoothing, z_loss,
+                                               softcap, return_lse, False, backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("code", list(CODES))
 def test_cross_entropy_function_output_not_changed_by_backward(backend, code):
@@ -222,7 +253,9 @@ def test_cross_entropy_function_output_not_changed_by_backward(backend, code):
     gradient that is not 1, leaves the G the caller holds as it was, and x.grad is not G."""
     target = torch.tensor([1, 2, 4, 0])
     (x,) = fresh(LOGITS)
-    loss, G = fusedops.CrossEntropyFunction.apply(x, target, code, -100, 0.0, False, backend)
+    loss, G, lse = ce_function(x, target, code, backend)
+    assert lse.dtype == F64 and lse.shape == (4,)
+    torch.testing.assert_close(lse, torch.logsumexp(LOGITS, 1))
     G_before = G.detach().clone()
     loss.backward(torch.full_like(loss, 2.5))
     torch.testing.assert_close(G.detach(), G_before, rtol=0, atol=0)
@@ -237,13 +270,176 @@ def test_cross_entropy_function_both_outputs_differentiated(backend, code):
     target = torch.tensor([1, 2, 4, 0])
     weights = randn(4, 5, seed=7)
     (x,) = fresh(LOGITS)
-    loss, G = fusedops.CrossEntropyFunction.apply(x, target, code, -100, 0.0, False, backend)
+    loss, G, _ = ce_function(x, target, code, backend)
     (2.5 * loss.sum() + (G * weights).sum()).backward()
     (x_t,) = fresh(LOGITS)
     loss_t = F.cross_entropy(x_t, target, reduction=CODES[code])
     (G_t,) = torch.autograd.grad(loss_t.sum(), x_t, create_graph=True)
     (2.5 * loss_t.sum() + (G_t * weights).sum()).backward()
     torch.testing.assert_close(x.grad, x_t.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", ["weight_probs", "z_loss_softcap"])
+def test_cross_entropy_function_options(backend, option):
+    """CrossEntropyFunction with the new options: G is the loss's gradient (times nothing), lse the rows'
+    logsumexp of the soft-capped logits in the accumulation dtype, and both differentiate as the composite."""
+    target, kw = (CE_PROBS, dict(weight=CE_WEIGHT, label_smoothing=0.1)) if option == "weight_probs" else (
+        torch.tensor(TARGETS["some_ignored"]), dict(z_loss=0.1, softcap=1.5, label_smoothing=0.1))
+    weights = randn(4, 5, seed=7)
+    (x,) = fresh(LOGITS)
+    loss, G, lse = ce_function(x, target, 1, backend, return_lse=True, **kw)
+    (x_t,) = fresh(LOGITS)
+    loss_t, lse_t = composite(x_t, target, return_lse=True, **kw)
+    (G_t,) = torch.autograd.grad(loss_t, x_t, create_graph=True)
+    assert_close_all((loss, G, lse), (loss_t, G_t, lse_t))
+    (2.5 * loss + (G * weights).sum() + lse.square().sum()).backward()
+    (2.5 * loss_t + (G_t * weights).sum() + lse_t.square().sum()).backward()
+    torch.testing.assert_close(x.grad, x_t.grad)
+
+
+# the new options (class weights, probability targets, z-loss, soft-capping, the logsumexp output) against the
+# composite of torch ops, on the 4 x 5 float64 logits
+CE_WEIGHT = torch.rand(5, generator=torch.Generator().manual_seed(60), dtype=F64) + 0.5
+CE_PROBS = torch.softmax(randn(4, 5, seed=61) * 2, 1)
+CE_OPTIONS = {
+    "weight": dict(weight=True, label_smoothing=0.1),
+    "probs": dict(kind="probs", weight=True, label_smoothing=0.1),
+    "z_loss": dict(z_loss=0.1),
+    "softcap": dict(softcap=1.5, weight=True),
+    "all": dict(weight=True, label_smoothing=0.1, z_loss=0.1, softcap=1.5),
+    "probs_all": dict(kind="probs", label_smoothing=0.1, z_loss=0.1, softcap=1.5),
+}
+
+
+def ce_options(option, backend, reduction, return_lse=False):
+    """(fusedops' x -> output, the composite's) for one of CE_OPTIONS; with return_lse the output is the loss
+    (flattened) and the lse concatenated, so that one tensor holds both."""
+    kw = dict(CE_OPTIONS[option])
+    target = CE_PROBS if kw.pop("kind", "class") == "probs" else torch.tensor(TARGETS["some_ignored"])
+    if kw.pop("weight", False):
+        kw["weight"] = CE_WEIGHT
+
+    def of(fn):
+        def output(x, target=target):
+            out = fn(x, target, reduction=reduction, return_lse=return_lse, **kw)
+            return torch.cat([out[0].reshape(-1), out[1].reshape(-1)]) if return_lse else out
+        return output
+
+    return of(lambda *a, **k: fusedops.cross_entropy(*a, **k, backend=backend)), of(composite)
+
+
+# the C++ kernels: every option, reduction and lse; the interpreter: a spread
+CE_GRID = [(b, o, r, lse) for o in CE_OPTIONS for r in REDUCTIONS for lse in (False, True)
+           for b in BACKENDS if b == "cpp" or (list(CE_OPTIONS).index(o) + REDUCTIONS.index(r) + lse) % 4 == 0]
+
+
+@pytest.mark.parametrize("backend,option,reduction,return_lse", CE_GRID)
+def test_cross_entropy_options_double_backward(backend, option, reduction, return_lse):
+    fused, oracle = ce_options(option, backend, reduction, return_lse)
+    results = []
+    for fn in (fused, oracle):
+        (x,) = fresh(LOGITS)
+        out = fn(x)
+        (g,) = fresh(randn(*out.shape, seed=2) + 1.5)
+        results.append((out.detach(), *second_derivatives(out, [x], g, [randn(4, 5, seed=3)])))
+    (out, first, second), (out_t, first_t, second_t) = results
+    assert_close_all([out, *first, *second], [out_t, *first_t, *second_t])
+    assert second[0].abs().amax() > 1e-3 and second[1].abs().amax() > 1e-3  # never a silent zero
+    (x,) = fresh(LOGITS)
+    assert gradcheck(fused, (x,), **numerical_options(backend))
+    assert gradgradcheck(fused, (x,), **numerical_options(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", list(CE_OPTIONS))
+def test_cross_entropy_options_forward_mode(backend, option):
+    """jvp, jacfwd and dual tensors of the loss and the lse."""
+    tangent = randn(4, 5, seed=4)
+    for reduction in ("mean", "none"):
+        fused, oracle = ce_options(option, backend, reduction, return_lse=True)
+        assert_close_all(jvp(fused, (LOGITS,), (tangent,)), jvp(oracle, (LOGITS,), (tangent,)))
+        jacobian = jacfwd(fused)(LOGITS)
+        assert jacobian.abs().amax() > 1e-3
+        torch.testing.assert_close(jacobian, jacfwd(oracle)(LOGITS))
+        duals = []
+        for fn in (fused, oracle):
+            with fwAD.dual_level():
+                out = fwAD.unpack_dual(fn(fwAD.make_dual(LOGITS, tangent)))
+                duals.append((out.primal.clone(), out.tangent.clone()))
+        assert_close_all(*duals)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", list(CE_OPTIONS))
+def test_cross_entropy_options_torch_func(backend, option):
+    """grad and hessian of a scalar of the loss and the lse, jacrev and vjp."""
+    for reduction in ("mean", "none"):
+        fused, oracle = ce_options(option, backend, reduction, return_lse=True)
+        n = 5 if reduction == "mean" else 8
+        scalar = lambda fn: (lambda x: (fn(x) * torch.linspace(1, 2, n, dtype=F64)).sum())  # noqa: E731
+        for transform in (grad, hessian):
+            torch.testing.assert_close(transform(scalar(fused))(LOGITS), transform(scalar(oracle))(LOGITS))
+        torch.testing.assert_close(jacrev(fused)(LOGITS), jacrev(oracle)(LOGITS))
+        cotangent = randn(n, seed=5)
+        out, pullback = vjp(fused, LOGITS)
+        out_t, pullback_t = vjp(oracle, LOGITS)
+        assert_close_all((out, *pullback(cotangent)), (out_t, *pullback_t(cotangent)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", list(CE_OPTIONS))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_options_vmap_each_slice_its_own_batch(backend, option, reduction):
+    """Per-slice losses, lse and gradients (the weighted mean over each slice's own kept targets), against a
+    loop; probability targets mapped with the logits."""
+    fused, oracle = ce_options(option, backend, reduction, return_lse=True)
+    logits = randn(3, 4, 5, seed=6)
+    if CE_OPTIONS[option].get("kind") == "probs":
+        target = torch.softmax(randn(3, 4, 5, seed=62), 2)
+    else:
+        target = torch.tensor([[1, 2, -100, 0], [3, 4, 0, 1], [-100, -100, 2, 2]])
+    n = 5 if reduction == "mean" else 8  # the loss (flattened) and the lse
+    scalar = lambda fn: (lambda x, t: (fn(x, t) * torch.linspace(1, 2, n, dtype=F64)).sum())  # noqa: E731
+    torch.testing.assert_close(vmap(fused)(logits, target), torch.stack([oracle(*s) for s in zip(logits, target)]))
+    torch.testing.assert_close(vmap(grad(scalar(fused)))(logits, target),
+                               torch.stack([grad(scalar(oracle))(*s) for s in zip(logits, target)]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_vmap_over_class_weights(backend):
+    """A batched weight: each slice its own class weights."""
+    logits, target = randn(2, 4, 5, seed=63), torch.tensor([[1, 2, -100, 0], [3, 4, 0, 1]])
+    weights = torch.rand(2, 5, generator=torch.Generator().manual_seed(64), dtype=F64) + 0.5
+    kw = dict(label_smoothing=0.1, z_loss=0.1)
+    fused = lambda x, t, w: fusedops.cross_entropy(x, t, w, **kw, backend=backend)  # noqa: E731
+    oracle = lambda x, t, w: composite(x, t, w, **kw)  # noqa: E731
+    torch.testing.assert_close(vmap(fused)(logits, target, weights),
+                               torch.stack([oracle(*s) for s in zip(logits, target, weights)]))
+    torch.testing.assert_close(vmap(grad(fused))(logits, target, weights),
+                               torch.stack([grad(oracle)(*s) for s in zip(logits, target, weights)]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_probability_target_gradient(backend, reduction):
+    """Probability targets that require grad get PyTorch's gradient (d loss / d q = -(1-eps) w log p), to the
+    second derivative."""
+    kw = dict(weight=CE_WEIGHT, label_smoothing=0.1, reduction=reduction, z_loss=0.1, softcap=1.5)
+    results = []
+    for fn in (lambda x, q: fusedops.cross_entropy(x, q, backend=backend, **kw), lambda x, q: composite(x, q, **kw)):
+        x, q = fresh(LOGITS, CE_PROBS)
+        out = fn(x, q)
+        (g,) = fresh(randn(*out.shape, seed=2) + 1.5)
+        results.append((out.detach(), *second_derivatives(out, [x, q], g, [randn(4, 5, seed=3), randn(4, 5, seed=8)])))
+    (out, first, second), (out_t, first_t, second_t) = results
+    assert_close_all([out, *first, *second], [out_t, *first_t, *second_t])
+    assert first[1].abs().amax() > 1e-3
+    x, q = fresh(LOGITS, CE_PROBS)
+    fn = lambda x, q: fusedops.cross_entropy(x, q, backend=backend, **kw)  # noqa: E731
+    assert gradcheck(fn, (x, q), **numerical_options(backend))
+    if backend == "cpp":
+        assert gradgradcheck(fn, (x, q))
 
 
 # --- batch norm ------------------------------------------------------------------------------------
@@ -486,7 +682,8 @@ def test_cross_entropy_errors_catchable_like_torch(case, backend, api):
     logits, target = kw.pop("logits"), kw.pop("target")
     if isinstance(logits, torch.Tensor) and logits.is_floating_point():
         logits = logits.detach().requires_grad_()  # so that in place is really asked for (strides kept)
-    torch_kw = {k: v for k, v in kw.items() if k not in ("backend", "inplace_backward")}
+    torch_kw = {k: v for k, v in kw.items() if k not in ("backend", "inplace_backward", "z_loss", "softcap",
+                                                          "return_lse")}
     torch_error = None
     if torch_kw.keys() == kw.keys():  # only arguments torch has
         torch_error = raised(lambda: F.cross_entropy(logits, target, **torch_kw) if api == "function" else

@@ -70,7 +70,7 @@ def test_cross_entropy_triton_gives_nan_rows_for_targets_out_of_range(case):
     grad = x.grad.movedim(1, -1).reshape(-1, V)
     assert loss[bad].isnan().all() and grad[bad].isnan().all()
     safe = torch.where(bad, 0, flat_target).view(target.shape).long()
-    expected = F.cross_entropy(logits, safe, reduction="none", ignore_index=ignore_index).reshape(-1)
+    expected = F.cross_entropy(logits, safe, kw.get("weight"), reduction="none", ignore_index=ignore_index).reshape(-1)
     torch.testing.assert_close(loss[~bad], expected[~bad].detach())
 
 
@@ -78,7 +78,8 @@ def test_cross_entropy_ops_refuse_overlapping_rows():
     fusedops._ops.load()
     with pytest.raises(RuntimeError, match="single memory location"):
         torch.ops.fusedops.cross_entropy_forward_inplace(torch.zeros(1, 6).expand(4, 6),
-                                                         torch.zeros(4, dtype=torch.long), 1, -100, 0.0)
+                                                         torch.zeros(4, dtype=torch.long), None, 1, -100, 0.0, 0.0,
+                                                         None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -32,6 +32,34 @@ def test_cross_entropy_matches_torch(dtype, reduction):
     torch.testing.assert_close(grad.float(), grad_t, **tol)
 
 
+@pytest.mark.parametrize("option", ["weight", "probabilities", "z_loss_softcap"])
+@pytest.mark.parametrize("V", [50257, 131072])
+def test_cross_entropy_options_match_torch(option, V):
+    """Class weights, probability targets, z-loss with softcap, at language-model vocabularies, against
+    PyTorch's composition in float64."""
+    logits = torch.randn(64, V, device=CUDA) * 3
+    target = torch.randint(0, V, (64,), device=CUDA)
+    target[::5] = -100
+    weight = torch.rand(V, device=CUDA) + 0.5
+    ours = dict(weight=dict(weight=weight, label_smoothing=0.1), z_loss_softcap=dict(z_loss=1e-4, softcap=30.0),
+                probabilities=dict(label_smoothing=0.1))[option]
+    if option == "probabilities":
+        target = torch.softmax(torch.randn(64, V, device=CUDA), 1)
+
+    def oracle(x, t):
+        if option == "z_loss_softcap":
+            y = 30.0 * torch.tanh(x / 30.0)
+            lse, kept = torch.logsumexp(y, 1), t != -100
+            return (F.cross_entropy(y, t, reduction="sum") + 1e-4 * (lse**2 * kept).sum()) / kept.sum()
+        kw = dict(ours)
+        return F.cross_entropy(x, t, kw.pop("weight", None).double() if "weight" in kw else None, **kw)
+
+    loss, grad = loss_and_grad(lambda x, t: fusedops.cross_entropy(x, t, **ours), logits, target)
+    loss_64, grad_64 = loss_and_grad(oracle, logits.double(), target.double() if option == "probabilities" else target)
+    torch.testing.assert_close(loss.double(), loss_64, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad.double(), grad_64, rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize("shape", [(4096, 256), (64, 96, 33)])
 @pytest.mark.parametrize("training", [True, False])
 def test_batch_norm_module_matches_torch(shape, training):

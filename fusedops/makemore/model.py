@@ -146,7 +146,7 @@ def manual_step(model, Xb, Yb):
     update_running_stats(bn, mean, var)
     h = torch.tanh(hpreact)
     logits = F.linear(h, W2, b2)
-    loss, dlogits = ops.cross_entropy_forward(logits, Yb, MEAN, -100, 0.0)  # (softmax - one_hot) / n
+    loss, dlogits, _ = ops.cross_entropy_forward(logits, Yb, None, MEAN, -100, 0.0, 0.0, None)  # (softmax - one_hot) / n
     dh, dW2, db2 = dlogits @ W2, dlogits.T @ h, dlogits.sum(0)  # logits = h @ W2^T + b2
     dhpreact = (1.0 - h**2) * dh  # tanh' = 1 - tanh^2
     dhprebn, dgamma, dbeta, _ = ops.batch_norm_backward(dhpreact, hprebn, mean, invstd, bn.weight, True, bn.unbiased)

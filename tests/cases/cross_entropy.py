@@ -1,9 +1,34 @@
 """The cross-entropy's test tables, declared once: bad inputs, targets out of range, strided layouts,
 and the samples of its registered ops (opcheck). The contract tests (test_bad_input.py, test_ops.py)
-read them."""
+read them, and the oracle of the options PyTorch lacks (z-loss, soft-capping, the logsumexp output)."""
 import torch
+import torch.nn.functional as F
 
 NAN = float("nan")
+
+
+def softcapped(x, softcap):
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+
+def composite(x, target, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+              softcap=None, return_lse=False):
+    """The spec's math in torch ops: F.cross_entropy of y = softcap * tanh(x / softcap), plus z_loss * lse^2
+    for each kept row, reduced like the loss (the mean over the same divisor: the kept targets' summed weight,
+    or the row count for probability targets); with return_lse, also lse = logsumexp(y) in the loss's dtype."""
+    y = softcapped(x, softcap)
+    lse = torch.logsumexp(y, 1 if x.dim() > 1 else 0)
+    loss = F.cross_entropy(y, target, weight, reduction=reduction, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing)
+    if z_loss:
+        if target.is_floating_point():
+            kept, w_t = torch.ones_like(lse, dtype=torch.bool), torch.ones_like(lse)
+        else:
+            kept = target != ignore_index
+            w_t = torch.ones_like(lse) if weight is None else weight[torch.where(kept, target, 0).long()]
+        rows = torch.where(kept, z_loss * lse.square(), 0)
+        loss = loss + {"none": rows, "sum": rows.sum(), "mean": rows.sum() / (w_t * kept).sum()}[reduction]
+    return (loss, lse.to(loss.dtype)) if return_lse else loss
 
 # (what replaces the good logits (4, 5) / target / options, the exception, a pattern naming the argument)
 BAD_INPUTS = {
@@ -15,9 +40,39 @@ BAD_INPUTS = {
     "no_classes": ({"logits": torch.randn(4, 0)}, ValueError, "logits must have at least one class"),
     "no_rows_no_classes": ({"logits": torch.randn(0, 0), "target": torch.zeros(0, dtype=torch.long)}, ValueError,
                            "logits must have at least one class"),
-    "float_target": ({"target": torch.zeros(4)}, TypeError, "target must be an int64 or int32 tensor"),
-    "bool_target": ({"target": torch.zeros(4, dtype=torch.bool)}, TypeError, "target must be an int64 or int32"),
-    "uint8_target": ({"target": torch.zeros(4, dtype=torch.uint8)}, TypeError, "target must be an int64 or int32"),
+    # a float target is one of class probabilities, shaped like the logits
+    "float_target": ({"target": torch.zeros(4)}, ValueError, r"target has shape \(4,\) but logits of shape \(4, 5\)"),
+    "probability_target_wrong_shape": ({"target": torch.full((4, 4), 0.25)}, ValueError,
+                                       r"target has shape \(4, 4\) but logits of shape \(4, 5\)"),
+    "probability_target_wrong_dtype": ({"target": torch.full((4, 5), 0.2, dtype=torch.float64)}, TypeError,
+                                       "probability target must have the logits' dtype torch.float32, got "
+                                       "torch.float64"),
+    "probability_target_with_ignore_index": ({"target": torch.full((4, 5), 0.2), "ignore_index": 3}, ValueError,
+                                             "ignore_index=3 is not supported with class-probability targets"),
+    "bool_target": ({"target": torch.zeros(4, dtype=torch.bool)}, TypeError, "target must be class indices"),
+    "int16_target": ({"target": torch.zeros(4, dtype=torch.int16)}, TypeError, "target must be class indices"),
+    "complex_target": ({"target": torch.zeros(4, 5, dtype=torch.complex64)}, TypeError,
+                       "target must be class indices .* got torch.complex64"),
+    "target_not_a_tensor": ({"target": [0, 4, 1, 2]}, TypeError, "target must be a tensor"),
+    "weight_wrong_size": ({"weight": torch.ones(4)}, ValueError, r"weight must have shape \(5,\).* got \(4,\)"),
+    "weight_2d": ({"weight": torch.ones(1, 5)}, ValueError, r"weight must have shape \(5,\).* got \(1, 5\)"),
+    "weight_wrong_dtype": ({"weight": torch.ones(5, dtype=torch.float64)}, TypeError,
+                           "weight must have the logits' dtype torch.float32, got torch.float64"),
+    "weight_on_another_device": ({"weight": torch.ones(5, device="meta")}, ValueError,
+                                 "weight is on meta but logits on cpu"),
+    "weight_not_a_tensor": ({"weight": [1.0] * 5}, TypeError, "weight must be a tensor or None"),
+    "softcap_zero": ({"softcap": 0.0}, ValueError, "softcap must be a finite number > 0"),
+    "softcap_negative": ({"softcap": -30.0}, ValueError, "softcap must be a finite number > 0"),
+    "softcap_nan": ({"softcap": NAN}, ValueError, "softcap must be a finite number > 0.*got nan"),
+    "softcap_inf": ({"softcap": float("inf")}, ValueError, "softcap must be a finite number > 0.*got inf"),
+    "softcap_string": ({"softcap": "30"}, TypeError, "softcap must be a float"),
+    "softcap_tensor": ({"softcap": torch.tensor(30.0)}, TypeError, "softcap must be a float"),
+    "z_loss_negative": ({"z_loss": -1e-4}, ValueError, "z_loss must be a finite number >= 0"),
+    "z_loss_nan": ({"z_loss": NAN}, ValueError, "z_loss must be a finite number >= 0.*got nan"),
+    "z_loss_inf": ({"z_loss": float("inf")}, ValueError, "z_loss must be a finite number >= 0.*got inf"),
+    "z_loss_none": ({"z_loss": None}, TypeError, "z_loss must be a float"),
+    "return_lse_int": ({"return_lse": 1}, TypeError, "return_lse must be a bool, got 1"),
+    "return_lse_string": ({"return_lse": "yes"}, TypeError, "return_lse must be a bool"),
     "integer_logits": ({"logits": torch.ones(4, 5, dtype=torch.int64)}, TypeError,
                        "logits must be a floating-point tensor, got torch.int64"),
     "bool_logits": ({"logits": torch.ones(4, 5, dtype=torch.bool)}, TypeError, "logits must be a floating-point"),
@@ -68,22 +123,37 @@ TARGETS_OUT_OF_RANGE = {
                                                 r"target\[3\] = -100 is out of range"),
     "target_out_of_range_in_place": ({"target": torch.tensor([0, 7, 1, 2]), "inplace_backward": True},
                                      r"target\[1\] = 7 is out of range"),
+    "target_uint8_out_of_range": ({"target": torch.tensor([0, 1, 255, 2], dtype=torch.uint8)},
+                                  r"target\[2\] = 255 is out of range"),
+    "target_out_of_range_weighted": ({"target": torch.tensor([0, 1, 2, 5]), "weight": torch.ones(5)},
+                                     r"target\[3\] = 5 is out of range"),
     "target_out_of_range_spatial": ({"logits": torch.randn(2, 5, 3), "target": torch.tensor([[0, 1, 2], [3, 9, 4]])},
                                     r"target\[4\] = 9 is out of range"),
 }
 
 
 def op_samples():
-    """(op name, args) of every cross-entropy op: dtypes, reductions, ignored rows, label smoothing, sizes."""
+    """(op name, args) of every cross-entropy op: dtypes, reductions, ignored rows, label smoothing, sizes, class
+    weights, probability targets, z-loss, soft-capping, index dtypes."""
     g = torch.Generator().manual_seed(0)
     f32, i64 = torch.float32, torch.int64
-    for N, V, reduction, smoothing, dtype, index_dtype in [
-            (6, 9, 1, 0.1, f32, i64), (1, 1, 0, 0.0, f32, i64), (5, 300, 2, 0.0, f32, i64), (0, 4, 2, 0.0, f32, i64),
-            (7, 70, 0, 0.2, torch.float16, torch.int32), (3, 65, 1, 0.0, torch.bfloat16, i64),
-            (4, 33, 1, 0.3, torch.float64, torch.int32)]:
-        target = torch.randint(0, V, (N,), generator=g, dtype=index_dtype)
-        target[::2] = -100
+    # (N, V, reduction, label smoothing, dtype, target: an index dtype or "probs", weighted, z_loss, softcap)
+    for N, V, reduction, smoothing, dtype, kind, weighted, z_loss, softcap in [
+            (6, 9, 1, 0.1, f32, i64, False, 0.0, None), (1, 1, 0, 0.0, f32, i64, False, 0.0, None),
+            (5, 300, 2, 0.0, f32, i64, True, 0.0, None), (0, 4, 2, 0.0, f32, i64, False, 0.0, None),
+            (7, 70, 0, 0.2, torch.float16, torch.int32, True, 1e-4, None),
+            (3, 65, 1, 0.0, torch.bfloat16, i64, False, 0.0, 30.0),
+            (4, 33, 1, 0.3, torch.float64, torch.int32, True, 1e-3, 5.0),
+            (6, 17, 1, 0.0, f32, torch.uint8, True, 0.0, None), (5, 17, 0, 0.1, f32, "probs", True, 1e-2, 3.0),
+            (4, 10, 1, 0.0, torch.bfloat16, "probs", False, 0.0, None), (0, 6, 2, 0.0, f32, "probs", True, 0.0, None)]:
         logits = torch.randn(N, V, generator=g).to(dtype)
-        args = (target, reduction, -100, smoothing)
+        if kind == "probs":
+            target = torch.softmax(torch.randn(N, V, generator=g), 1).to(dtype)
+        else:
+            target = torch.randint(0, V, (N,), generator=g, dtype=kind)
+            target[::2] = -100 if kind != torch.uint8 else 3
+        weight = (torch.rand(V, generator=g) + 0.5).to(dtype) if weighted else None
+        ignore_index = 3 if kind == torch.uint8 else -100
+        args = (target, weight, reduction, ignore_index, smoothing, z_loss, softcap)
         yield "cross_entropy_forward", (logits, *args)
         yield "cross_entropy_forward_inplace", (logits.clone(), *args)
