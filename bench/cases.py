@@ -1,8 +1,8 @@
 """What the benchmark runs, declared once per table: for each operator its shapes (a full run's,
 --quick's, and the per-call ones, where the table also gives the cost over eager in µs), its variants
-(input layouts, fused forms), its inputs, its providers and the targets fusedops should reach; for the
-training steps (the makemore MLP, a ResNet-18) their variants. bench/harness.py runs them; a new
-operator is one more entry in OPERATORS."""
+(input layouts, fused forms, options) and which of them run at which shape in which modes, its inputs,
+its providers and the targets fusedops should reach; for the training steps (the makemore MLP, a
+ResNet-18) their variants. bench/harness.py runs them; a new operator is one more entry in OPERATORS."""
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -33,10 +33,12 @@ class Table:
 
 @dataclass(frozen=True)
 class Targets:
-    """What fusedops should reach in a case, against the peers of the same run (forward+backward): faster
-    than torch.compile, and these."""
-    vs_eager: float  # the least speed-up against eager
+    """What a fusedops provider should reach in a case, against the peers of the same run
+    (forward+backward): faster than torch.compile, and these."""
+    vs_eager: float = None  # the least speed-up against eager (None: none stated)
     memory_saved: float = 0.0  # the least (eager's peak extra memory - fusedops'), in input-sized tensors
+    peak_memory: float = None  # the most peak extra memory, in input-sized tensors (None: none stated)
+    peak_slack_mb: float = 0.0  # beyond peak_memory: MB of per-row values and the like
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,12 @@ class Operator(Table):
     providers: Callable  # (shape, device, variant) -> {name: (function of (x, *other arguments), its parameters)}
     variants: tuple = ("",)  # each case runs once per variant (an input layout, a fused form); "": none
     modes: tuple = MODES  # those timed (of the run's)
-    targets: Callable = None  # variant -> Targets of the fusedops providers, or None
+    variants_at: Callable = None  # shape -> {variant: its modes} run at that shape; None: every variant in `modes`
+    targets: Callable = None  # (shape, variant, fusedops provider) -> its Targets; None: no targets
+
+    def plan(self, shape):
+        """{variant: the modes it is timed in} at the shape."""
+        return self.variants_at(shape) if self.variants_at else dict.fromkeys(self.variants, self.modes)
 
 
 def fusedops_backends(device):
@@ -57,28 +64,81 @@ def fusedops_backends(device):
     return ("triton",) if device.type == "cuda" else ("cpp",)
 
 
+# Cross-entropy: plain (class targets) and each option of fusedops.cross_entropy against the eager code it replaces
+PLAIN, WEIGHTED, PROBABILITIES, Z_LOSS_SOFTCAP = "plain", "weighted", "probability targets", "z-loss + softcap"
+CE_VARIANTS = (PLAIN, WEIGHTED, PROBABILITIES, Z_LOSS_SOFTCAP)
+CE_PLAIN_ONLY = ((32, 27), (1024, 32768), (8192, 8192))  # plain alone, in every mode
+CE_LARGE_VOCABULARIES = ((2048, 50257), (512, 131072))  # GPT-2's and Llama 3's: plain and weighted, forward+backward
+CE_REFERENCE_MAX = 4096 * 1024  # logits the chunked reference runs at, at most: beyond, a call takes 0.7 s or more
+CE_OPTIONS_SHAPE = (4096, 1024)  # where the options' speed-up targets are stated
+CE_SPEEDUP = {WEIGHTED: 2.5, PROBABILITIES: 2.0, Z_LOSS_SOFTCAP: 3.0}  # the least against eager at CE_OPTIONS_SHAPE
+CE_PEAK, CE_PEAK_IN_PLACE = 1.1, 0.1  # the most peak extra memory in logits' sizes: the gradient; in place none
+CE_ROW_BYTES = 16  # and beyond it, a row's loss and logsumexp (fp32) and the like: most of it at 32x27
+SOFTCAP, Z_LOSS = 30.0, 1e-4
+
+
+def cross_entropy_variants_at(shape):
+    """{variant: its modes} at the shape: plain alone in every mode at CE_PLAIN_ONLY, plain and weighted
+    forward+backward at CE_LARGE_VOCABULARIES; elsewhere (4096x1024) plain in every mode and each option
+    forward+backward."""
+    if shape in CE_PLAIN_ONLY:
+        return {PLAIN: MODES}
+    if shape in CE_LARGE_VOCABULARIES:
+        return {PLAIN: (FWD_BWD,), WEIGHTED: (FWD_BWD,)}
+    return {PLAIN: MODES, **dict.fromkeys(CE_VARIANTS[1:], (FWD_BWD,))}
+
+
 def cross_entropy_inputs(shape, dtype, device, variant):
-    """Logits (N, V), target (N,); the loss is a scalar: its gradient is 1 (None). No variants."""
+    """Logits (N, V) and the variant's other arguments: target (N,) class indices, and the weight (V,)
+    uniform in [0.5, 1.5) (weighted), or instead the target (N, V) a softmax of random numbers
+    (probability targets), in the logits' dtype; the loss is a scalar: its gradient is 1 (None)."""
     g = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(shape, generator=g, device=device).to(dtype)
-    return logits, (torch.randint(0, shape[1], shape[:1], generator=g, device=device),), None
+    if variant == PROBABILITIES:
+        return logits, (torch.randn(shape, generator=g, device=device).softmax(-1).to(dtype),), None
+    target = torch.randint(0, shape[1], shape[:1], generator=g, device=device)
+    if variant == WEIGHTED:
+        return logits, (target, (torch.rand(shape[1], generator=g, device=device) + 0.5).to(dtype)), None
+    return logits, (target,), None
+
+
+def z_loss_softcap_eager(logits, target):
+    """Gemma 2's soft-capping, then cross-entropy plus PaLM's z-loss, in torch ops: the code that
+    fusedops.cross_entropy(logits, target, z_loss=Z_LOSS, softcap=SOFTCAP) replaces."""
+    y = SOFTCAP * torch.tanh(logits / SOFTCAP)  # y = c tanh(x / c)
+    return F.cross_entropy(y, target) + Z_LOSS * (torch.logsumexp(y, -1) ** 2).mean()  # + z mean(lse^2)
 
 
 def cross_entropy_providers(shape, device, variant):
-    """loss(logits, target) of every provider on the device. torch.compile's entry holds the eager
-    code; the harness compiles it."""
-    providers = {EAGER: F.cross_entropy, COMPILE: F.cross_entropy, REFERENCE: reference.cross_entropy}
+    """loss(logits, *other arguments) of every provider of the variant on the device: the eager code,
+    torch.compile's entry holding the same code (the harness compiles it), the chunked reference (plain
+    only, as the notebooks, up to CE_REFERENCE_MAX logits) and fusedops (its gradient also written over
+    the logits)."""
+    options = dict(z_loss=Z_LOSS, softcap=SOFTCAP) if variant == Z_LOSS_SOFTCAP else {}
+    eager = z_loss_softcap_eager if variant == Z_LOSS_SOFTCAP else F.cross_entropy
+    providers = {EAGER: eager, COMPILE: eager}
+    if variant == PLAIN and shape[0] * shape[1] <= CE_REFERENCE_MAX:
+        providers[REFERENCE] = reference.cross_entropy
     for b in fusedops_backends(device):
-        providers[f"fusedops {b}"] = partial(fusedops.cross_entropy, backend=b)
+        providers[f"fusedops {b}"] = partial(fusedops.cross_entropy, backend=b, **options)
         # writes the gradient over the logits: no N x V buffer
-        providers[f"fusedops {b} in-place"] = partial(fusedops.cross_entropy, backend=b, inplace_backward=True)
-    if device.type == "cuda":
+        providers[f"fusedops {b} in-place"] = partial(fusedops.cross_entropy, backend=b, inplace_backward=True,
+                                                      **options)
+    if device.type == "cuda" and variant == PLAIN:
         try:
             from liger_kernel.transformers import LigerCrossEntropyLoss
             providers["liger"] = LigerCrossEntropyLoss()  # also writes the gradient over the logits
         except ImportError:
             pass
     return {name: (fn, []) for name, fn in providers.items()}
+
+
+def cross_entropy_targets(shape, variant, provider):
+    """Every case: faster than torch.compile, peak extra memory at most the gradient's (CE_PEAK; in place
+    CE_PEAK_IN_PLACE) and CE_ROW_BYTES a row; the options at CE_OPTIONS_SHAPE: CE_SPEEDUP against eager."""
+    speedup = CE_SPEEDUP.get(variant) if shape == CE_OPTIONS_SHAPE else None
+    return Targets(speedup, peak_memory=CE_PEAK_IN_PLACE if provider.endswith("in-place") else CE_PEAK,
+                   peak_slack_mb=CE_ROW_BYTES * shape[0] / 2**20)
 
 
 def batch_norm_inputs(shape, dtype, device, variant):
@@ -156,10 +216,11 @@ def batch_norm2d_providers(shape, device, variant):
 
 
 OPERATORS = {
-    "ce": Operator("cross_entropy", "Cross-entropy", EAGER,
-                   shapes=((32, 27), (4096, 1024), (1024, 32768), (8192, 8192)),
+    "ce": Operator("cross_entropy", "Cross-entropy: plain, weighted, probability targets, z-loss + softcap", EAGER,
+                   shapes=((32, 27), (4096, 1024), (1024, 32768), (8192, 8192), *CE_LARGE_VOCABULARIES),
                    quick_shapes=((32, 27), (4096, 1024)), per_call_shapes=((32, 27),),
-                   inputs=cross_entropy_inputs, providers=cross_entropy_providers),
+                   inputs=cross_entropy_inputs, providers=cross_entropy_providers, variants=CE_VARIANTS,
+                   variants_at=cross_entropy_variants_at, targets=cross_entropy_targets),
     "bn": Operator("batch_norm", "Batch norm (training mode)", EAGER,
                    shapes=((32, 64), (16384, 256), (65536, 256)),
                    quick_shapes=((32, 64), (16384, 256)), per_call_shapes=((32, 64),),
@@ -168,7 +229,7 @@ OPERATORS = {
                      EAGER, shapes=((32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7)),
                      quick_shapes=((32, 512, 7, 7),), per_call_shapes=(), inputs=batch_norm2d_inputs,
                      providers=batch_norm2d_providers, variants=BN2D_VARIANTS, modes=(FWD_BWD,),
-                     targets=lambda variant: BN2D_TARGETS[bn2d_form(variant)[0]]),
+                     targets=lambda shape, variant, provider: BN2D_TARGETS[bn2d_form(variant)[0]]),
 }
 
 

@@ -2,7 +2,8 @@
 chunked reference and the copy floor, on the same inputs in one run (`python bench/run.py`). What it
 runs (shapes, dtypes, providers, the training step's variants) is declared in bench/cases.py.
 
-Each case (operator, shape, variant, dtype) is timed in three modes (or those the operator names):
+Each case (operator, shape, variant, dtype) is timed in three modes (or those the operator names for
+the variant at that shape: Operator.plan):
 - forward: with grad enabled, as in training (it builds the graph; fusedops' cross-entropy computes
   its gradient here),
 - backward: the graph's backward, timed alone (each run's forward is outside the timed region),
@@ -10,9 +11,9 @@ Each case (operator, shape, variant, dtype) is timed in three modes (or those th
 Median and IQR come from torch.utils.benchmark.Timer on CPU, triton.testing.do_bench on CUDA. The
 floor is a `copy_` of the input's bytes into an existing buffer: the least memory traffic of a pass
 that reads the input and writes a tensor of its size. Where torch.compile ran, fusedops' speed-up
-against it is given too; where the operator states targets, a table says which hold. `train` times a
-training step of the makemore MLP, `resnet` one of a ResNet-18 (bench/resnet.py) with torch's and with
-fusedops' batch norm. At the per-call shapes (and for the makemore step) the tables also give each
+against it is given too; where the operator states targets (speed-up, memory), a table says which
+hold. `train` times a training step of the makemore MLP, `resnet` one of a ResNet-18 (bench/resnet.py)
+with torch's and with fusedops' batch norm. At the per-call shapes (and for the makemore step) the tables also give each
 median minus the baseline's in µs: the cost per call over eager, where fixed costs dominate. Results
 go to <out>/{cross_entropy,batch_norm,batch_norm2d,train,resnet}.{md,csv,png}.
 """
@@ -239,19 +240,22 @@ def run_case(op, shape, variant, dtype, device, *, modes=MODES, skip=(), min_run
 
 
 def run_op(op, shapes, dtypes, device, *, modes=MODES, skip=(), min_run_time, log=sys.stderr):
-    """Rows of every (shape, variant, dtype) case of `op` (a key of OPERATORS) in the modes of `modes` it
-    has, comparisons included; a progress line per case."""
+    """Rows of every (shape, variant, dtype) case of `op` (a key of OPERATORS), each variant at the shapes
+    the operator runs it at, in the modes of `modes` it has there (Operator.plan), comparisons included;
+    a progress line per case."""
     operator = OPERATORS[op]
-    modes = [m for m in modes if m in operator.modes]
+    cases = [(shape, variant, dtype, case_modes) for shape in shapes
+             for variant, variant_modes in operator.plan(shape).items()
+             if (case_modes := [m for m in modes if m in variant_modes]) for dtype in dtypes]
     rows = []
-    cases = [(shape, variant, dtype) for shape in shapes for variant in operator.variants for dtype in dtypes]
-    for i, (shape, variant, dtype) in enumerate(cases, 1):
+    for i, (shape, variant, dtype, case_modes) in enumerate(cases, 1):
         start = time.perf_counter()
-        case_rows = run_case(op, shape, variant, dtype, device, modes=modes, skip=skip, min_run_time=min_run_time)
+        case_rows = run_case(op, shape, variant, dtype, device, modes=case_modes, skip=skip,
+                             min_run_time=min_run_time)
         rows += case_rows
-        shown = [r for r in case_rows if r.mode == modes[0]]
+        shown = [r for r in case_rows if r.mode == case_modes[0]]
         print(f"[{op} {i}/{len(cases)}] {' '.join(filter(None, (shown[0].shape, shown[0].variant, shown[0].dtype)))} "
-              f"{modes[0]}: "
+              f"{case_modes[0]}: "
               + ", ".join(f"{r.provider} {r.median_ms:.3g} ms" for r in shown)
               + f" ({time.perf_counter() - start:.0f} s)", file=log, flush=True)
     return add_ratios(rows, OPERATORS[op].baseline)
@@ -389,7 +393,6 @@ def markdown(rows, op, about):
     against torch.compile and the copy floor where they ran), then the peak extra memory with
     torch.compile's compile time, then whether the operator's targets hold."""
     baseline = TABLES[op].baseline
-    cases = unique((r.shape, r.variant, r.dtype) for r in rows)
     with_variant = any(r.variant for r in rows)
     providers = unique(r.provider for r in rows)
     by_key = {(r.shape, r.variant, r.dtype, r.mode, r.provider): r for r in rows}
@@ -420,7 +423,7 @@ def markdown(rows, op, about):
               f"{' '.join(filter(None, (spread.shape, spread.variant, spread.dtype)))} {spread.mode}); each row's "
               "IQR is in the CSV.", ""]
 
-    def table(header, cells_of):
+    def table(header, cells_of, cases):
         out = ["| " + " | ".join(["shape", *(["variant"] if with_variant else []), "dtype", *header]) + " |"]
         out += ["|" + " --- |" * (len(header) + 2 + with_variant)]
         out += ["| " + " | ".join([*(case if with_variant else case[::2]), *cells_of(case)]) + " |" for case in cases]
@@ -434,8 +437,9 @@ def markdown(rows, op, about):
             return [*column(case, mode, providers, partial(fmt_cell, baseline=baseline)),
                     *column(case, mode, compared, lambda r: fmt_ratio(r.vs_compile)),
                     *column(case, mode, floored, lambda r: fmt_ratio(r.vs_floor))]
+        timed = unique((r.shape, r.variant, r.dtype) for r in rows if r.mode == mode)
         lines += [f"## {mode}", ""] + table([*providers, *(f"{p} vs {COMPILE}" for p in compared),
-                                             *(f"{p} / {FLOOR}" for p in floored)], cells)
+                                             *(f"{p} / {FLOOR}" for p in floored)], cells, timed)
 
     measured = [r for r in rows if not math.isnan(r.peak_mb)]
     if measured:
@@ -452,7 +456,8 @@ def markdown(rows, op, about):
                   + (" Last column: the wall time of torch.compile's first forward+backward (tracing and code "
                      "generation from an empty cache; not counted in the times above; the first case's includes "
                      "the compiler's start-up)." if compiled else ""), ""]
-        lines += table(["input MB", *memory_providers, *([f"{COMPILE} s"] * compiled)], memory_cells)
+        lines += table(["input MB", *memory_providers, *([f"{COMPILE} s"] * compiled)], memory_cells,
+                       unique((r.shape, r.variant, r.dtype) for r in measured))
     else:
         lines += [f"{COMPILE}: its first run (compiling from an empty cache; not counted above) took "
                   f"{r.compile_s:.1f} s ({r.shape} {r.dtype})." for r in rows if not math.isnan(r.compile_s)]
@@ -460,15 +465,26 @@ def markdown(rows, op, about):
 
 
 MEMORY_SLACK = 0.01  # of an input's size: per-channel statistics and the like, no activation-sized tensor
-TARGET_COLUMNS = ("speed-up against eager", f"faster than {COMPILE}", "peak extra memory below eager's")
+TARGET_COLUMNS = ("speed-up against eager", f"faster than {COMPILE}", "peak extra memory below eager's",
+                  "peak extra memory")
 MARK = {True: "✓", False: "✗"}
+
+
+def shape_of(name):
+    """The shape of a shape_name."""
+    return tuple(map(int, name.split("x")))
 
 
 def target_cells(targets, r, eager):
     """fusedops' forward+backward row r against Targets, eager's row beside it: a cell per TARGET_COLUMNS
-    and [holds] of each target judged (one whose peer did not run is not)."""
-    holds = [r.vs_eager >= targets.vs_eager]
-    cells = [f"{fmt_ratio(r.vs_eager)} {'≥' if holds[-1] else '<'} {fmt_ratio(targets.vs_eager)} {MARK[holds[-1]]}"]
+    and [holds] of each target judged (none stated, or one whose peer did not run, is not)."""
+    holds = []
+    if targets.vs_eager is None:
+        cells = [f"{fmt_ratio(r.vs_eager)} (no target)"]
+    else:
+        holds.append(r.vs_eager >= targets.vs_eager)
+        cells = [f"{fmt_ratio(r.vs_eager)} {'≥' if holds[-1] else '<'} {fmt_ratio(targets.vs_eager)} "
+                 f"{MARK[holds[-1]]}"]
     if math.isnan(r.vs_compile):
         cells.append("not run")
     else:
@@ -480,6 +496,12 @@ def target_cells(targets, r, eager):
         cells.append(f"{saved:.2f} {'≥' if holds[-1] else '<'} {targets.memory_saved:g} input {MARK[holds[-1]]}")
     else:
         cells.append(f"{saved:.2f} input (no target)")
+    peak = max(r.peak_mb - targets.peak_slack_mb, 0) / r.input_mb  # fusedops' peak beyond the slack, in inputs
+    if targets.peak_memory is None:
+        cells.append(f"{peak:.2f} input (no target)")
+    else:
+        holds.append(peak <= targets.peak_memory)
+        cells.append(f"{peak:.2f} {'≤' if holds[-1] else '>'} {targets.peak_memory:g} input {MARK[holds[-1]]}")
     return cells, holds
 
 
@@ -493,19 +515,22 @@ def target_lines(op, rows, fused):
     table, holds = [], []
     for r in rows:
         if r.provider in fused and r.mode == FWD_BWD:
-            cells, held = target_cells(operator.targets(r.variant), r, by_key[case_key(r) + (operator.baseline,)])
+            targets = operator.targets(shape_of(r.shape), r.variant, r.provider)
+            cells, held = target_cells(targets, r, by_key[case_key(r) + (operator.baseline,)])
             table.append("| " + " | ".join([r.shape, r.variant, r.dtype, r.provider, *cells]) + " |")
             holds += held
     header = ["shape", "variant", "dtype", "provider", *TARGET_COLUMNS]
     return ["## Targets (forward+backward)", "",
             f"{sum(holds)} of {len(holds)} hold (✓; ✗: missed). Memory: eager's peak extra memory minus "
-            f"fusedops', in input-sized tensors (with a slack of {MEMORY_SLACK:g} input for per-channel tensors).",
+            f"fusedops', in input-sized tensors (with a slack of {MEMORY_SLACK:g} input for per-channel tensors); "
+            "then fusedops' own peak extra memory, in input-sized tensors, beyond the slack its target allows for "
+            "per-row values.",
             "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *table]
 
 
 def plot(rows, op, path, about):
     """Speed-up against the baseline per case, one bar per provider, one panel per mode and variant (log
-    scale), the operator's speed-up target as a dashed line."""
+    scale, the cases timed in it), the operator's speed-up target of each case as a dashed line over it."""
     import matplotlib
     import matplotlib.ticker
 
@@ -515,26 +540,35 @@ def plot(rows, op, path, about):
     baseline = TABLES[op].baseline
     targets = getattr(TABLES[op], "targets", None)
     panels = unique((r.mode, r.variant) for r in rows)
-    cases = unique((r.shape, r.dtype) for r in rows)
     providers = [p for p in unique(r.provider for r in rows) if p != baseline]
+    fused = [p for p in providers if p.startswith("fusedops")]
     speedup = {(r.shape, r.dtype, r.mode, r.variant, r.provider): r.vs_eager for r in rows}
     width = 0.8 / len(providers)
-    fig_width = max(7.0, 1.3 * len(cases) + 4)
+    most_cases = max(len(unique((r.shape, r.dtype) for r in rows if (r.mode, r.variant) == panel)) for panel in panels)
+    fig_width = max(7.0, 1.3 * most_cases + 4)
     fig, axes = plt.subplots(len(panels), 1, figsize=(fig_width, 3.2 * len(panels) + 0.6), squeeze=False)
     for ax, (mode, variant) in zip(axes[:, 0], panels):
+        cases = unique((r.shape, r.dtype) for r in rows if (r.mode, r.variant) == (mode, variant))
         for j, p in enumerate(providers):
             xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(cases))]
             ax.bar(xs, [speedup.get(case + (mode, variant, p), math.nan) for case in cases], width, label=p)
         ax.axhline(1, color="black", linewidth=0.8)
-        if targets is not None:
-            ax.axhline(targets(variant).vs_eager, color="black", linewidth=0.8, linestyle="--", label="target")
+        if targets is not None and fused:
+            for i, (shape, _) in enumerate(cases):
+                target = targets(shape_of(shape), variant, fused[0]).vs_eager
+                if target is not None:
+                    ax.hlines(target, i - 0.45, i + 0.45, color="black", linewidth=0.8, linestyle="--", label="target")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(range(len(cases)), [f"{shape}\n{dtype}" for shape, dtype in cases])
         ax.set_ylabel(f"speed-up against {baseline}")
         ax.set_title(f"{variant or TABLES[op].title}: {mode}", fontsize="medium")
-    axes[0, 0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    legend = {}  # label -> handle, over every panel (a provider or the target may be in some only)
+    for ax in axes[:, 0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    axes[0, 0].legend(legend.values(), legend.keys(), fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle(textwrap.fill(about, int(fig_width * 15)), fontsize="small")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the suptitle's lines
     fig.savefig(path, dpi=100)

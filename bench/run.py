@@ -1,7 +1,9 @@
 """The benchmark suite: fusedops against PyTorch eager, torch.compile of the same eager code, the
 chunked reference and the copy floor (forward, backward, forward+backward; median, spread, peak
-memory); BatchNorm2d at ResNet shapes alone and fused with ReLU and the residual add, against its
-targets; the makemore training step; a ResNet-18 training step with torch's and fusedops' batch norm.
+memory); cross-entropy plain and with its options (class weights, probability targets, z-loss with
+soft-capping) against the eager code each replaces, up to 128k-class vocabularies, against its targets;
+BatchNorm2d at ResNet shapes alone and fused with ReLU and the residual add, against its targets; the
+makemore training step; a ResNet-18 training step with torch's and fusedops' batch norm.
 What runs is declared in bench/cases.py; how it is timed, in bench/harness.py.
 
     python bench/run.py [--op ce bn bn2d train resnet] [--quick] [--out DIR] [--device cpu|cuda]

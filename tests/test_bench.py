@@ -35,7 +35,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ce_rows():
-    """Every cross-entropy provider, torch.compile included (the suite's one compiled case here)."""
+    """Every cross-entropy variant and provider, torch.compile included (the suite's compiled cases here:
+    one per variant, the eager compositions compiled too)."""
     return bench.run_op("ce", [(64, 100)], [torch.float32], CPU, **QUIET)
 
 
@@ -81,7 +82,7 @@ def test_cases_declare_the_issue_shapes():
     """The per-operator tables: the shapes the performance targets name are in a full run, and the
     per-call shapes in both a full and a quick run."""
     ce, bn = cases.OPERATORS["ce"], cases.OPERATORS["bn"]
-    assert {(32, 27), (4096, 1024), (1024, 32768), (8192, 8192)} <= set(ce.shapes)
+    assert {(32, 27), (4096, 1024), (1024, 32768), (8192, 8192), (2048, 50257), (512, 131072)} <= set(ce.shapes)
     assert {(32, 64), (65536, 256)} <= set(bn.shapes)
     assert ce.per_call_shapes == ((32, 27),) and bn.per_call_shapes == ((32, 64),)
     for op in cases.OPERATORS.values():
@@ -101,7 +102,7 @@ def test_bn2d_declares_the_issue_cases():
                                            for layout in ("NCHW", "channels_last"))
     assert bn2d.modes == (bench.FWD_BWD,)
     assert bench.provider_names("bn2d", CPU) == [cases.FLOOR, cases.EAGER, cases.COMPILE, "fusedops cpp"]
-    targets = {v: bn2d.targets(v) for v in bn2d.variants}
+    targets = {v: bn2d.targets((32, 64, 56, 56), v, "fusedops cpp") for v in bn2d.variants}
     assert {(v.split(",")[0], t) for v, t in targets.items()} == {
         ("BN", cases.Targets(1.5)), ("BN + ReLU", cases.Targets(1.75, memory_saved=1)),
         ("BN + add + ReLU", cases.Targets(1.75, memory_saved=1))}
@@ -125,15 +126,67 @@ def test_bn2d_providers_compute_the_same(variant):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_cross_entropy_declares_the_issue_cases():
+    """Plain cross-entropy at every shape (in every mode but at the large vocabularies), weighted also at
+    4096x1024 and the large vocabularies, probability targets and z-loss + softcap at 4096x1024, each
+    option forward+backward; the reference with plain alone, up to 4096x1024; the targets:
+    2.5x, 2x and 3x eager at 4096x1024, faster than torch.compile (every case), peak extra memory at most
+    1.1 logits (in place 0.1) and 16 bytes a row."""
+    ce = cases.OPERATORS["ce"]
+    plain, weighted, probabilities, z_softcap = cases.CE_VARIANTS
+    only_fwd_bwd = (bench.FWD_BWD,)
+    assert ce.variants == ("plain", "weighted", "probability targets", "z-loss + softcap")
+    assert ce.plan((4096, 1024)) == {plain: bench.MODES, weighted: only_fwd_bwd, probabilities: only_fwd_bwd,
+                                     z_softcap: only_fwd_bwd}
+    for shape in ((32, 27), (1024, 32768), (8192, 8192)):
+        assert ce.plan(shape) == {plain: bench.MODES}
+    for shape in ((2048, 50257), (512, 131072)):
+        assert ce.plan(shape) == {plain: only_fwd_bwd, weighted: only_fwd_bwd}
+    for shape in ce.shapes:
+        for variant in ce.plan(shape):
+            names = cases.cross_entropy_providers(shape, CPU, variant)
+            assert (cases.REFERENCE in names) == (variant == plain and shape in ((32, 27), (4096, 1024)))
+            assert {cases.EAGER, cases.COMPILE, "fusedops cpp", "fusedops cpp in-place"} <= set(names)
+            for provider in ("fusedops cpp", "fusedops cpp in-place"):
+                speedup = {weighted: 2.5, probabilities: 2.0, z_softcap: 3.0}.get(variant)
+                peak = 0.1 if provider.endswith("in-place") else 1.1
+                assert ce.targets(shape, variant, provider) == cases.Targets(
+                    speedup if shape == (4096, 1024) else None, peak_memory=peak, peak_slack_mb=16 * shape[0] / 2**20)
+
+
+@pytest.mark.parametrize("variant", cases.CE_VARIANTS)
+def test_cross_entropy_providers_compute_the_same(variant):
+    """Each variant's providers compute the same loss and gradient as its eager code (the weighted
+    loss, probability targets, soft-capped logits with the z-loss), on the variant's inputs."""
+    x, args, grad_out = cases.cross_entropy_inputs((64, 100), torch.float32, CPU, variant)
+    assert [a.dtype for a in args] == {"weighted": [torch.int64, torch.float32],
+                                       "probability targets": [torch.float32]}.get(variant, [torch.int64])
+    assert grad_out is None and all(not a.requires_grad for a in args)
+    results = {}
+    for name, (fn, params) in cases.cross_entropy_providers(x.shape, CPU, variant).items():
+        xi = x.clone().requires_grad_()
+        loss = fn(xi, *args)
+        results[name] = (loss.detach(), *torch.autograd.grad(loss, [xi, *params]))
+    for name, got in results.items():
+        torch.testing.assert_close(got, results[cases.EAGER], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_cross_entropy_every_provider_and_mode(ce_rows):
+    """Plain cross-entropy: every provider in every mode; each option: every provider but the reference,
+    forward+backward."""
     providers = bench.provider_names("ce", CPU)
     assert {cases.FLOOR, cases.EAGER, cases.COMPILE, cases.REFERENCE, "fusedops cpp",
             "fusedops cpp in-place"} <= set(providers)
-    check_rows(ce_rows, providers, bench.MODES)
+    assert [v for v in cases.CE_VARIANTS if any(r.variant == v for r in ce_rows)] == list(cases.CE_VARIANTS)
+    check_rows([r for r in ce_rows if r.variant == cases.PLAIN], providers, bench.MODES)
+    for variant in cases.CE_VARIANTS[1:]:
+        check_rows([r for r in ce_rows if r.variant == variant], [p for p in providers if p != cases.REFERENCE],
+                   [bench.FWD_BWD])
 
 
 def test_cross_entropy_memory_and_compile_time(ce_rows):
-    """forward+backward allocates at least the gradient (N x V), except when it is written in place."""
+    """forward+backward allocates at least the gradient (N x V), except when it is written in place, in
+    every variant."""
     measured = [r for r in ce_rows if r.mode == bench.FWD_BWD and r.provider != cases.FLOOR]
     for r in measured:
         assert r.input_mb == pytest.approx(64 * 100 * 4 / 2**20)
@@ -204,6 +257,33 @@ def test_targets_are_judged_as_stated():
     assert count.startswith("2 of 2 hold") and "not run" in row and "0.99 ≥ 1 input ✓" in row
     count, row = judged(1.2, 3.0, variant="BN, channels_last")  # batch norm alone: no memory target
     assert count.startswith("0 of 1 hold") and "1.46× < 1.50× ✗" in row and "0.00 input (no target)" in row
+    assert "3.00 input (no target)" in row  # its own peak, stated without a target
+
+
+def test_cross_entropy_targets_are_judged_as_stated():
+    """Cross-entropy's targets: the speed-up where stated (weighted at 4096x1024), faster than torch.compile,
+    fusedops' own peak extra memory at most 1.1 logits (in place 0.1) beyond 16 bytes a row; no speed-up
+    target elsewhere."""
+    def judged(shape, provider, fused_ms, fused_peak, variant="weighted", input_mb=1.0):
+        rows = [bench.Result("ce", shape, variant, "bf16", bench.FWD_BWD, name, ms, 0.0, peak_mb=peak,
+                             input_mb=input_mb)
+                for name, ms, peak in ((cases.EAGER, 5.0, 3.0 * input_mb), (cases.COMPILE, 2.2, input_mb),
+                                       (provider, fused_ms, fused_peak))]
+        lines = bench.target_lines("ce", bench.add_ratios(rows, cases.EAGER), [provider])
+        return lines[2], lines[-1]
+
+    slack = 16 * 4096 / 2**20  # MB: 16 bytes a row
+    count, row = judged("4096x1024", "fusedops cpp", 2.0, 1.1 + slack - 1e-3)
+    assert count.startswith("3 of 3 hold") and "2.50× ≥ 2.50× ✓" in row and "1.10× ✓" in row
+    assert "1.84 input (no target)" in row and "1.10 ≤ 1.1 input ✓" in row
+    count, row = judged("4096x1024", "fusedops cpp in-place", 2.1, 0.2 + slack)
+    assert count.startswith("1 of 3 hold") and "2.38× < 2.50× ✗" in row and "0.20 > 0.1 input ✗" in row
+    count, row = judged("2048x50257", "fusedops cpp", 2.5, 1.0)  # no speed-up target here
+    assert count.startswith("1 of 2 hold") and "2.00× (no target)" in row and "0.88× ✗" in row
+    assert "0.97 ≤ 1.1 input ✓" in row
+    # 32x27: a row's loss and logsumexp are a tenth of an fp32 row of 27 logits, within the slack
+    count, row = judged("32x27", "fusedops cpp in-place", 1.0, 12 * 32 / 2**20, "plain", input_mb=32 * 27 * 4 / 2**20)
+    assert count.startswith("2 of 2 hold") and "0.00 ≤ 0.1 input ✓" in row
 
 
 def test_resnet_step(resnet_rows, tmp_path):
