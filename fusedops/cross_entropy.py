@@ -115,12 +115,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         if create_graph and ctx.inplace:
             raise RuntimeError("cross_entropy: inplace_backward=True has no double backward (the logits it "
                                "needs are overwritten by their gradient)")
-        rows = _Rows(grad, target, weight, lse, logits, *ctx.options) if grad_grad is not None or (
-            grad_lse is not None or ctx.needs_input_grad[1]) else None
+        grad_lse = grad_lse if ctx.lse_differentiable else None  # (zeros, not None, while compiled)
+        needs_rows = grad_grad is not None or grad_lse is not None or ctx.needs_input_grad[1]
+        rows = _Rows(grad, target, weight, lse, logits, *ctx.options) if needs_rows else None
         dlogits = dtarget = None
         if grad_grad is not None:  # through G's dependence on the logits, before G is scaled in place
             dlogits = rows.hessian_vp(grad_grad)
-        if grad_lse is not None and ctx.lse_differentiable:  # d lse / dx = p * dy/dx
+        if grad_lse is not None:  # d lse / dx = p * dy/dx
             dlogits = _add(dlogits, (rows.p * rows.dy_dx * grad_lse.unsqueeze(1)).to(grad.dtype))
         if ctx.needs_input_grad[1] and grad_loss is not None:  # d loss_i / dq_ij = scale (1-eps) w_j (lse_i - y_ij)
             dtarget = (rows.target_grad() * _per_row(grad_loss, reduction)).to(target.dtype)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, jvp, vmap
+from conftest import assert_all_close
 
 import fusedops
 
@@ -63,14 +64,6 @@ def step(module, x, dy, residual=None, activation=None):
     return [y.detach(), x.grad, None if r is None else r.grad, *params]
 
 
-def assert_same(ours, theirs, **tol):
-    for a, e in zip(ours, theirs, strict=True):
-        if e is None:
-            assert a is None
-        else:
-            torch.testing.assert_close(a, e, **tol)
-
-
 def run_against_torch(shape, memory_format, dtype, backend, steps=3, residual=False, activation=None,
                       view=None, **kwargs):
     """Several training steps, then eval, of fusedops' layer and torch's: outputs, gradients, running
@@ -87,12 +80,12 @@ def run_against_torch(shape, memory_format, dtype, backend, steps=3, residual=Fa
             x, dy, r = view(x), view(dy), view(r)
         r = r if residual else None
         got, want = step(ours, x, dy, r), step(theirs, x, dy, r, activation)
-        assert_same(got, want, **tol)
+        assert_all_close(got, want, **tol)
         expected_format = CHANNELS_LAST.get(len(shape)) if memory_format == "channels_last" else None
         if expected_format is not None and view is None:
             assert got[0].is_contiguous(memory_format=expected_format) and got[1].is_contiguous(
                 memory_format=expected_format)
-        assert_same([ours.running_mean, ours.running_var, ours.num_batches_tracked],
+        assert_all_close([ours.running_mean, ours.running_var, ours.num_batches_tracked],
                     [theirs.running_mean, theirs.running_var, theirs.num_batches_tracked], **tol)
 
 
@@ -158,7 +151,7 @@ def test_residual_in_the_other_memory_format(backend):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last)
     r, dy = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)
-    assert_same(step(ours, x, dy, r), step(theirs, x, dy, r, "relu"), rtol=1e-5, atol=1e-5)
+    assert_all_close(step(ours, x, dy, r), step(theirs, x, dy, r, "relu"), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend,training,memory_format",
@@ -190,11 +183,11 @@ def test_forward_mode_and_vmap_match_torch():
     def theirs(x, r):
         return F.relu(F.batch_norm(x, None, None, w, b, True) + r)
 
-    assert_same(jvp(ours, (x, r), (tx, r)), jvp(theirs, (x, r), (tx, r)))
-    assert_same(jacrev(ours, argnums=(0, 1))(x, r), jacrev(theirs, argnums=(0, 1))(x, r))
+    assert_all_close(jvp(ours, (x, r), (tx, r)), jvp(theirs, (x, r), (tx, r)))
+    assert_all_close(jacrev(ours, argnums=(0, 1))(x, r), jacrev(theirs, argnums=(0, 1))(x, r))
     xs, rs = torch.stack([x, 2 * x - 1]), torch.stack([r, -r])
-    assert_same([vmap(ours)(xs, rs)], [vmap(theirs)(xs, rs)])
-    assert_same([vmap(ours, in_dims=(0, None))(xs, r)], [vmap(theirs, in_dims=(0, None))(xs, r)])
+    assert_all_close([vmap(ours)(xs, rs)], [vmap(theirs)(xs, rs)])
+    assert_all_close([vmap(ours, in_dims=(0, None))(xs, r)], [vmap(theirs, in_dims=(0, None))(xs, r)])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -253,8 +246,8 @@ def test_empty_batch_in_training_like_torch(backend, shape, momentum):
     x, dy = torch.randn(shape), torch.randn(shape)
     got, want = step(ours, x, dy), step(theirs, x, dy)
     assert got[0].shape == shape
-    assert_same(got, want)
-    assert_same([ours.running_mean, ours.running_var, ours.num_batches_tracked],
+    assert_all_close(got, want)
+    assert_all_close([ours.running_mean, ours.running_var, ours.num_batches_tracked],
                 [theirs.running_mean, theirs.running_var, theirs.num_batches_tracked])
 
 
@@ -291,7 +284,7 @@ def test_functional_fused_forms_match_f_batch_norm(backend):
     stats = {"ours": (rm.clone(), rv.clone()), "theirs": (rm.clone(), rv.clone())}
     got = fusedops.batch_norm(x, *stats["ours"], w, b, True, 0.2, residual=r, activation="relu", backend=backend)
     want = F.relu(F.batch_norm(x, *stats["theirs"], w, b, True, 0.2) + r)
-    assert_same([got, *stats["ours"]], [want, *stats["theirs"]], rtol=1e-5, atol=1e-5)
+    assert_all_close([got, *stats["ours"]], [want, *stats["theirs"]], rtol=1e-5, atol=1e-5)
 
 
 def test_module_deepcopy_and_train_eval_keep_the_activation():
@@ -328,6 +321,6 @@ def test_compile_fullgraph_of_a_residual_block(compiler, memory_format):
             results.append([y.detach(), leaf.grad] + [p.grad.clone() for p in conv1.parameters()])
             for p in conv1.parameters():
                 p.grad = None
-        assert_same(*results, rtol=1e-4, atol=1e-4)
+        assert_all_close(*results, rtol=1e-4, atol=1e-4)
         for ours, theirs in ((ours1, theirs1), (ours2, theirs2)):
-            assert_same(list(ours.state_dict().values()), list(theirs.state_dict().values()), rtol=1e-5, atol=1e-5)
+            assert_all_close(list(ours.state_dict().values()), list(theirs.state_dict().values()), rtol=1e-5, atol=1e-5)

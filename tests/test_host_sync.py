@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import triton
 
 import fusedops
+from cases.cross_entropy import composite
 
 # Tensor methods that read a value into Python
 READS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"]
@@ -140,3 +141,22 @@ def test_batch_norm_2d_fused_triton_reads_nothing_on_the_host(host_reads, channe
     torch.testing.assert_close(y, F.relu(reference(x) + r))
     reference(torch.randn(0, 3, 2, 3))
     torch.testing.assert_close(list(module.buffers()), list(reference.buffers()))
+
+
+def test_cross_entropy_triton_options_read_nothing_on_the_host(host_reads):
+    """Class weights (the weighted mean's divisor), probability targets, z-loss, softcap and lse on the Triton
+    path: no value read into Python, and the numbers of the torch composite."""
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(4, 5, generator=g, requires_grad=True)
+    weight = torch.rand(5, generator=g) + 0.5
+    for target in (torch.tensor([1, -100, 4, 0]), torch.softmax(torch.randn(4, 5, generator=g), 1)):
+        kw = dict(weight=weight, label_smoothing=0.1, z_loss=0.01, softcap=3.0)
+        with host_reads:
+            loss, lse = fusedops.cross_entropy(logits, target, return_lse=True, backend="triton", **kw)
+            (loss + lse.sum()).backward()
+        assert host_reads.reads == []
+        loss_c, lse_c = composite(logits, target, return_lse=True, **kw)
+        (g_c,) = torch.autograd.grad(loss_c + lse_c.sum(), logits)
+        torch.testing.assert_close(loss, loss_c.detach())
+        torch.testing.assert_close(logits.grad, g_c)
+        logits.grad = None
