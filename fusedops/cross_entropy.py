@@ -15,6 +15,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ._collectives import sync_group
 from ._ops import acc_dtype, batched_first, check_backend, fast_apply, kernels, register
 from .errors import ArgumentDtypeError, ArgumentEmptyError, ArgumentTypeError, ArgumentValueError
 
@@ -274,7 +275,8 @@ _apply = fast_apply(CrossEntropyFunction)
 
 
 def cross_entropy(input, target, weight=None, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-                  z_loss=0.0, softcap=None, return_lse=False, inplace_backward=False, backend=None):
+                  z_loss=0.0, softcap=None, return_lse=False, inplace_backward=False, backend=None,
+                  process_group=None, vocab_size=None):
     """Like `torch.nn.functional.cross_entropy`, fused: loss and gradient from one pass over the logits.
 
     input: (N, V), (V,) or (N, V, d1, ...) logits. target: class indices shaped (N,), () or (N, d1, ...)
@@ -288,9 +290,19 @@ def cross_entropy(input, target, weight=None, *, reduction="mean", ignore_index=
     inplace_backward: write the gradient over `input` (2-D or 1-D) instead of a new buffer; its values
     are gone after the call. backend: None (C++ on CPU, Triton on CUDA), "cpp" or "triton". Under
     torch.autocast the loss is computed and returned in float32, as PyTorch's.
+    process_group: a torch.distributed group over which the classes are split (fusedops/vocab_parallel.py):
+    each process holds a contiguous shard of them, in rank order: input's columns, weight's and, for
+    probability targets, target's; class indices stay global, the same on every rank. The loss (and lse) is
+    the whole vocabulary's on every rank, each rank's gradient its shard's; the upstream gradient must be
+    the same on every rank (loss.backward() on each). With one process, or torch.distributed not
+    initialised, it is the plain call. No inplace_backward then. vocab_size: the number of classes of the
+    whole vocabulary, checked against the shards' sizes (without a split, the logits' V).
     """
     _check_args(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse,
-                backend)
+                backend, split=process_group is not None)
+    group = None
+    if process_group is not None or vocab_size is not None:
+        group = _vocab_group(input, process_group, vocab_size, inplace_backward)
     logits = input
     if torch.is_autocast_enabled(logits.device.type) and logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # cross_entropy is on autocast's float32 list
@@ -317,11 +329,41 @@ def cross_entropy(input, target, weight=None, *, reduction="mean", ignore_index=
         target = target.contiguous()
     if weight is not None:
         weight = weight.contiguous()
-    loss, _, lse = _apply(logits, target, weight, code, ignore_index, label_smoothing, z_loss, softcap, return_lse,
-                          inplace, backend)
+    if group is None:
+        loss, _, lse = _apply(logits, target, weight, code, ignore_index, label_smoothing, z_loss, softcap,
+                              return_lse, inplace, backend)
+    else:
+        from . import vocab_parallel
+
+        loss, lse = vocab_parallel.cross_entropy(logits, target, weight, code, ignore_index, label_smoothing, z_loss,
+                                                 softcap, return_lse, group, vocab_size)
+    return shaped(loss, lse, code, out_shape, return_lse)
+
+
+def shaped(loss, lse, code, out_shape, return_lse):
+    """What cross_entropy returns from the rows' results: the loss (reshaped to out_shape for reduction
+    none), and the lse shaped alike, in the loss's dtype, when return_lse."""
     if code == NONE:
         loss = loss.reshape(out_shape)
     return (loss, lse.reshape(out_shape).to(loss.dtype)) if return_lse else loss
+
+
+def _vocab_group(logits, process_group, vocab_size, inplace_backward):
+    """The group the classes are split over, or None (one process: the logits hold all vocab_size classes)."""
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
+        raise ArgumentTypeError(f"cross_entropy: vocab_size must be an int or None, got {vocab_size!r}")
+    group = None if process_group is None else sync_group(process_group)
+    V = logits.shape[1 if logits.dim() > 1 else 0]
+    if group is None and V == 0:  # only a shard of a split may be empty
+        raise ArgumentEmptyError(f"cross_entropy: logits must have at least one class when the classes are not split "
+                                 f"across processes, got shape {tuple(logits.shape)}")
+    if group is None and vocab_size is not None and vocab_size != V:
+        raise ArgumentValueError(f"cross_entropy: vocab_size={vocab_size} but the logits have {V} classes, not split "
+                                 "across processes")
+    if group is not None and inplace_backward:
+        raise ArgumentValueError("cross_entropy: inplace_backward=True cannot be used with a process_group that "
+                                 "splits the classes (the gradient comes from autograd there)")
+    return group
 
 
 def _check_inplace(logits, return_lse):
@@ -371,37 +413,38 @@ def _check_target(logits, target, ignore_index):
                                  f"{tuple(logits.shape)} need {tuple(expected)}")
 
 
-def _check_weight(logits, weight):
+def _check_weight(logits, weight, name):
     if weight is None:
         return
     if not isinstance(weight, Tensor):
-        raise ArgumentTypeError(f"cross_entropy: weight must be a tensor or None, got {type(weight)}")
+        raise ArgumentTypeError(f"cross_entropy: {name} must be a tensor or None, got {type(weight)}")
     V = logits.shape[1 if logits.dim() > 1 else 0]
     if weight.shape != (V,):
-        raise ArgumentValueError(f"cross_entropy: weight must have shape ({V},), one per class, got "
+        raise ArgumentValueError(f"cross_entropy: {name} must have shape ({V},), one per class, got "
                                  f"{tuple(weight.shape)}")
     if weight.dtype != logits.dtype:
-        raise ArgumentTypeError(f"cross_entropy: weight must have the logits' dtype {logits.dtype}, got "
+        raise ArgumentTypeError(f"cross_entropy: {name} must have the logits' dtype {logits.dtype}, got "
                                 f"{weight.dtype}")
     if weight.device != logits.device:
-        raise ArgumentValueError(f"cross_entropy: weight is on {weight.device} but logits on {logits.device}")
+        raise ArgumentValueError(f"cross_entropy: {name} is on {weight.device} but logits on {logits.device}")
 
 
 def _check_args(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse,
-                backend):
+                backend, weight_name="weight", split=False):
     """Every argument check of cross_entropy, one message each. The kernels check the targets' range:
     the C++ kernel before it writes anything, the Triton kernel by a device-side assert (as PyTorch's
-    CUDA kernel), so that no value is read on the host."""
+    CUDA kernel), so that no value is read on the host. split: the classes are split across processes,
+    and this one's shard may hold none."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise (ArgumentDtypeError if isinstance(logits, Tensor) else ArgumentTypeError)(
             f"cross_entropy: logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
-    if logits.dim() == 0 or logits.shape[1 if logits.dim() > 1 else 0] == 0:
+    if logits.dim() == 0 or (logits.shape[1 if logits.dim() > 1 else 0] == 0 and not split):
         raise ArgumentEmptyError(f"cross_entropy: logits must have at least one class, got shape "
                                  f"{tuple(logits.shape)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
         raise ArgumentTypeError(f"cross_entropy: ignore_index must be an int, got {ignore_index!r}")
     _check_target(logits, target, ignore_index)
-    _check_weight(logits, weight)
+    _check_weight(logits, weight, weight_name)
     if reduction not in REDUCTIONS:
         raise ArgumentValueError(f"cross_entropy: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
@@ -418,11 +461,12 @@ def _check_args(logits, target, weight, reduction, ignore_index, label_smoothing
 
 class CrossEntropyLoss(nn.Module):
     """Drop-in for `torch.nn.CrossEntropyLoss`: the same arguments, `weight` kept as a buffer (the same
-    state_dict), plus z_loss, softcap, return_lse, inplace_backward and backend (see `cross_entropy`)."""
+    state_dict), plus z_loss, softcap, return_lse, inplace_backward, backend, process_group and vocab_size (see
+    `cross_entropy`)."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
                  label_smoothing=0.0, *, z_loss=0.0, softcap=None, return_lse=False, inplace_backward=False,
-                 backend=None):
+                 backend=None, process_group=None, vocab_size=None):
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
@@ -435,15 +479,17 @@ class CrossEntropyLoss(nn.Module):
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.softcap, self.return_lse = z_loss, softcap, return_lse
         self.inplace_backward, self.backend = inplace_backward, backend
+        self.process_group, self.vocab_size = process_group, vocab_size
 
     def forward(self, input, target):
         return cross_entropy(input, target, self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
                              label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
                              return_lse=self.return_lse, inplace_backward=self.inplace_backward,
-                             backend=self.backend)
+                             backend=self.backend, process_group=self.process_group, vocab_size=self.vocab_size)
 
     def extra_repr(self):
         extra = "".join(f", {name}={getattr(self, name)!r}" for name, default in
-                        (("z_loss", 0.0), ("softcap", None), ("return_lse", False)) if getattr(self, name) != default)
+                        (("z_loss", 0.0), ("softcap", None), ("return_lse", False), ("vocab_size", None))
+                        if getattr(self, name) != default)
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}{extra}")

@@ -13,32 +13,23 @@ As in torch.nn.SyncBatchNorm, each process's weight and bias gradients are its o
 DistributedDataParallel's gradient all-reduce).
 """
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ._collectives import all_reduce, sync_group
 from ._ops import fast_apply, kernels
 from .batch_norm import _BatchNorm, _check_args, _rank_error, adopt_state, update_running_stats
 from .errors import ArgumentValueError
 
 
-def all_reduce(tensor, group):
-    """sum(tensor) over the processes of `group` (a new tensor), turning a failed peer into an error that
-    says so."""
-    try:
-        reduced = torch.ops._c10d_functional.all_reduce(tensor, "sum", group.group_name)
-        return torch.ops._c10d_functional.wait_tensor(reduced)
-    except RuntimeError as e:
-        raise RuntimeError(f"SyncBatchNorm: all_reduce over the process group failed: a peer process may have "
-                           f"exited or stalled past the group's timeout ({e})") from e
-
-
 def global_stats(count, mean, m2, group):
     """n (a one-element fp64 tensor), mean and m2 over the processes of `group` from this one's count (an
     int), mean and m2 (fp64)."""
-    sums = all_reduce(torch.cat((mean.new_full((1,), count), count * mean)), group)  # [n, sum(n_r * mean_r)]
+    sums = all_reduce(torch.cat((mean.new_full((1,), count), count * mean)), group,
+                      "SyncBatchNorm")  # [n, sum(n_r * mean_r)]
     n, mean_all = sums[:1], sums[1:] / sums[:1]
-    m2_all = all_reduce(m2 + count * (mean - mean_all).square(), group)  # sum(m2_r + n_r * (mean_r - mean)^2)
+    m2_all = all_reduce(m2 + count * (mean - mean_all).square(), group,
+                        "SyncBatchNorm")  # sum(m2_r + n_r * (mean_r - mean)^2)
     return n, mean_all, m2_all
 
 
@@ -77,7 +68,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(grad_out, input, mean)
         grad_input = None
         if ctx.needs_input_grad[0]:
-            total_dy, total_dy_xmu = all_reduce(torch.cat((sum_dy, sum_dy_xmu)), group).view(2, -1)
+            total_dy, total_dy_xmu = all_reduce(torch.cat((sum_dy, sum_dy_xmu)), group, "SyncBatchNorm").view(2, -1)
             grad_input = ops.batch_norm_backward_elemt(grad_out, input, mean, invstd, weight, total_dy,
                                                        total_dy_xmu, count, unbiased)
         need_weight, need_bias = ctx.needs_input_grad[1:3]
@@ -88,15 +79,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
 
 _apply = fast_apply(SyncBatchNormFunction)
-
-
-def sync_group(process_group):
-    """The group whose processes share the training statistics (process_group, or the whole world when
-    None), or None when there is nothing to share: torch.distributed not initialised, or one process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = dist.group.WORLD if process_group is None else process_group
-    return group if dist.get_world_size(group) > 1 else None
 
 
 class SyncBatchNorm(_BatchNorm):

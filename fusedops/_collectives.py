@@ -1,0 +1,25 @@
+"""What the ops split across processes share: the group they run over, and an all-reduce that turns a
+failed peer into an error saying so. The collectives are torch.distributed's functional ones, which
+torch.compile traces."""
+import torch
+import torch.distributed as dist
+
+
+def sync_group(process_group):
+    """The group whose processes share the work (process_group, or the whole world when None), or None when
+    there is nothing to share: torch.distributed not initialised, or one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = dist.group.WORLD if process_group is None else process_group
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def all_reduce(tensor, group, name, op="sum"):
+    """`op` ("sum", "max", ...) of tensor over the processes of `group` (a new tensor); a failed peer raises a
+    RuntimeError that says so, naming `name`, the op whose collective it is."""
+    try:
+        reduced = torch.ops._c10d_functional.all_reduce(tensor, op, group.group_name)
+        return torch.ops._c10d_functional.wait_tensor(reduced)
+    except RuntimeError as e:
+        raise RuntimeError(f"{name}: all_reduce over the process group failed: a peer process may have exited or "
+                           f"stalled past the group's timeout ({e})") from e
