@@ -82,11 +82,9 @@ def _losses(problem, leaves, cols, reduction, group):
         out = fusedops.cross_entropy(leaves["logits"], target, class_weight, reduction=reduction, **kwargs,
                                      process_group=group, vocab_size=V)
     else:
-        loss, lse = vocab_parallel.linear_cross_entropy(leaves["input"], leaves["weight"], target, leaves.get("bias"),
-                                                        class_weight, REDUCTIONS[reduction], kwargs["ignore_index"],
-                                                        kwargs["label_smoothing"], kwargs["z_loss"], kwargs["softcap"],
-                                                        kwargs["return_lse"], group, V)
-        out = (loss, lse.to(loss.dtype)) if kwargs["return_lse"] else loss
+        out = fusedops.linear_cross_entropy(leaves["input"], leaves["weight"], target, leaves.get("bias"),
+                                            class_weight=class_weight, reduction=reduction, **kwargs,
+                                            process_group=group, vocab_size=V)
     return out if kwargs["return_lse"] else (out, None)
 
 
@@ -157,9 +155,8 @@ def _errors(sizes, group):
         "vocab_size": lambda: fusedops.cross_entropy(logits, target, process_group=group, vocab_size=V + 1),
         "target >= V": lambda: fusedops.cross_entropy(logits, target.index_fill(0, torch.tensor([3]), V),
                                                       process_group=group),
-        "target < 0": lambda: vocab_parallel.linear_cross_entropy(
-            input, weight, target.index_fill(0, torch.tensor([5]), -1), None, None, 1, -100, 0.0, 0.0, None, False,
-            group, None),
+        "target < 0": lambda: fusedops.linear_cross_entropy(input, weight, target.index_fill(0, torch.tensor([5]), -1),
+                                                            process_group=group),
         "inplace_backward": lambda: fusedops.cross_entropy(logits.requires_grad_(), target, process_group=group,
                                                            inplace_backward=True),
     }
@@ -172,6 +169,9 @@ def _errors(sizes, group):
             out[key] = (type(e).__name__, str(e))
     module = fusedops.CrossEntropyLoss(process_group=group, vocab_size=V)
     out["after"] = module(logits, target), fusedops.cross_entropy(logits, target, process_group=group)
+    head = fusedops.LinearCrossEntropy(H, cols.stop - cols.start, process_group=group, vocab_size=V)
+    head.weight.data.copy_(weight)
+    out["linear module"] = head(input, target), fusedops.linear_cross_entropy(input, weight, target, process_group=group)
     return out
 
 
@@ -293,6 +293,7 @@ def test_bad_arguments_raise_on_every_rank(ranks):
         assert {key: errors[key] for key in expected} == expected
         module_loss, loss = errors["after"]
         torch.testing.assert_close(module_loss, loss)
+        torch.testing.assert_close(*errors["linear module"])
         torch.testing.assert_close(loss, results[0]["errors"]["after"][1])
 
 

@@ -1,0 +1,410 @@
+"""Fused linear cross-entropy: the loss of cross_entropy(linear(input, weight, bias), target) and its
+gradients, without ever holding the N x V logits whole.
+
+The rows go in chunks of at most `chunk_bytes` of logits, through one reused buffer. Per chunk c (rows X_c):
+    Z_c = X_c W^T + b                          ATen matmul, in the input's dtype (fp32 accumulation inside)
+    loss_c, G_c = the cross-entropy kernel     G_c written over Z_c, unscaled (reduction sum)
+    dX_c = G_c W,  dW += G_c^T X_c,  db += sum_rows G_c     dW, db accumulated in fp32 for bf16/fp16
+and the mean's 1/divisor, taken over all the rows, scales the sums once at the end.
+With reduction mean or sum the loss is a scalar, so forward computes the gradients and backward only
+scales them by the upstream gradient: three matrix multiplies in all, as eager's. Otherwise (reduction
+none, return_lse, probability targets that require grad, double backward, torch.func) backward
+recomputes each chunk's logits and takes their gradient through fusedops.cross_entropy.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._ops import acc_dtype, batched_first, fast_apply, kernels
+from .cross_entropy import (MEAN, NONE, REDUCTIONS, SUM, _check_args, _keeps_graph, _mean_scale, _vocab_group,
+                            cross_entropy, shaped)
+from .errors import ArgumentTypeError, ArgumentValueError
+
+CHUNK_BYTES = 32 * 2**20  # default: the most bytes one chunk of logits takes
+
+
+def _chunk_rows(V, dtype, chunk_bytes):
+    """Rows per chunk: as many as chunk_bytes of logits hold, at least one."""
+    return max(1, chunk_bytes // (V * dtype.itemsize))
+
+
+def _chunks(N, rows):
+    return ((start, min(start + rows, N)) for start in range(0, N, rows))
+
+
+def _forward(input, weight, bias, target, class_weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+             chunk_bytes, with_grads, backend):
+    """(loss, lse, dX, dW, db) of 2-D input; the gradients (of a unit upstream gradient) only when with_grads
+    (reduction mean or sum), else None."""
+    N, V = input.shape[0], weight.shape[0]
+    acc = acc_dtype(input.dtype)
+    ops = kernels(backend, input)
+    options = (class_weight, NONE if reduction == NONE else SUM, ignore_index, label_smoothing, z_loss, softcap)
+    rows = _chunk_rows(V, input.dtype, chunk_bytes)
+    buffer = input.new_empty(min(rows, N), V)
+    lse = input.new_empty(N, dtype=acc)
+    row_losses, total = [], torch.zeros((), dtype=torch.float64, device=input.device)
+    dX = dW = db = None
+    if with_grads:
+        dX = torch.empty_like(input)
+        dW = _WeightGrad(weight)
+        db = None if bias is None else bias.new_zeros(V, dtype=acc)
+    for start, stop in _chunks(N, rows):
+        x = input[start:stop]
+        logits = buffer[: stop - start]
+        torch.mm(x, weight.t(), out=logits)  # Z = X W^T
+        if bias is not None:
+            logits.add_(bias)  # + b
+        loss, lse[start:stop] = ops.cross_entropy_forward_inplace(logits, target[start:stop], *options)
+        if reduction == NONE:
+            row_losses.append(loss)
+        else:
+            total += loss  # fp64
+        if with_grads:  # logits now hold G
+            torch.mm(logits, weight, out=dX[start:stop])  # dX = G W
+            dW.add(logits, x)  # dW += G^T X
+            if db is not None:
+                db += logits.sum(0)  # db += sum_rows G
+        del logits
+    del buffer  # before the gradients' casts: these and a chunk are never held at once
+    if reduction == NONE:
+        return torch.cat(row_losses) if row_losses else input.new_empty(0), lse, dX, dW, db
+    if reduction == MEAN:
+        scale = _mean_scale(target, class_weight, ignore_index)
+        total = torch.where(scale == 0, torch.nan, total * scale)  # every target ignored: 0/0, as torch
+        for grad in (dX, db):
+            if grad is not None:
+                grad.mul_(scale.to(grad.dtype))
+    return total.to(input.dtype), lse, dX, _cast(dW, weight, scale if reduction == MEAN else None), _cast(db, bias)
+
+
+def _cast(grad, like, scale=None):
+    """A gradient (a tensor, a _WeightGrad or None) in the parameter's dtype."""
+    if isinstance(grad, _WeightGrad):
+        return grad.result(scale)
+    return None if grad is None else grad.to(like.dtype)
+
+
+class _WeightGrad:
+    """dW = sum over chunks of G_c^T X_c, accumulated in the weight's dtype for fp32/fp64 (addmm_ in place)
+    and in fp32 for bf16/fp16, a block of classes at a time there, so that no dW-sized product is held."""
+
+    BLOCK = 2048  # classes per block of a low-precision product
+
+    def __init__(self, weight):
+        self.dtype = weight.dtype
+        self.sum = torch.zeros(weight.shape, dtype=acc_dtype(weight.dtype), device=weight.device)
+
+    def add(self, grad, x):
+        """dW += grad^T x."""
+        if self.sum.dtype == grad.dtype:
+            self.sum.addmm_(grad.t(), x)
+            return
+        for a in range(0, self.sum.shape[0], self.BLOCK):
+            self.sum[a:a + self.BLOCK] += grad[:, a:a + self.BLOCK].t() @ x  # fp32 += the block's product
+
+    def result(self, scale=None):
+        """scale * dW (scale: a tensor or None), rounded once to the weight's dtype."""
+        if scale is not None:
+            self.sum.mul_(scale.to(self.sum.dtype))
+        return self.sum.to(self.dtype)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """loss, lse, dX, dW, db = LinearCrossEntropyFunction.apply(input, weight, bias, target, class_weight,
+    reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, chunk_bytes, with_grads, backend):
+    cross-entropy of the logits input @ weight.T + bias, chunk by chunk, for 2-D input (N, H), weight (V, H),
+    bias (V,) or None, target (N,) class indices or (N, V) probabilities. reduction: 0 none, 1 mean, 2 sum.
+    lse (acc dtype) is differentiable when return_lse. With with_grads (reduction mean or sum), dX, dW, db are
+    the gradients of a unit upstream gradient, computed in forward and scaled by backward (not
+    differentiable; None without with_grads). Backward recomputes the chunks when it needs more: a per-row
+    upstream gradient, the lse's, the targets', or a differentiable result (create_graph)."""
+
+    @staticmethod
+    def forward(input, weight, bias, target, class_weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                return_lse, chunk_bytes, with_grads, backend):
+        out = _forward(input, weight, bias, target, class_weight, reduction, ignore_index, label_smoothing, z_loss,
+                       softcap, chunk_bytes, with_grads, backend)
+        return out if with_grads else out[:2]  # (no None outputs: torch.compile's backward needs tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, target, class_weight, reduction, ignore_index, eps, z_loss, softcap, return_lse, \
+            chunk_bytes, with_grads, backend = inputs
+        _, lse, dX, dW, db = output if with_grads else (*output, None, None, None)
+        ctx.save_for_backward(input, weight, bias, target, class_weight, dX, dW, db)
+        ctx.save_for_forward(input, weight, bias, target, class_weight, lse)
+        ctx.options = reduction, ignore_index, eps, z_loss, softcap
+        ctx.chunk_bytes, ctx.with_grads, ctx.return_lse, ctx.backend = chunk_bytes, with_grads, return_lse, backend
+        ctx.mark_non_differentiable(*(g for g in (dX, dW, db) if g is not None))
+        if not return_lse:
+            ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse, *_):
+        input, weight, bias, target, class_weight, dX, dW, db = ctx.saved_tensors
+        # a differentiable backward (double backward; not a torch.func pullback, whose saved tensors need no grad)
+        create_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                       for t in (input, weight, bias, target))
+        grad_lse = grad_lse if ctx.return_lse else None  # (zeros, not None, while compiled)
+        if ctx.with_grads and grad_lse is None and not create_graph and not ctx.needs_input_grad[3]:
+            if grad_loss is None:
+                return (None,) * 14
+            in_place = not (torch.compiler.is_compiling() or _keeps_graph())
+            grads = [(g.mul_(grad_loss) if in_place else g * grad_loss) if needed else None
+                     for g, needed in zip((dX, dW, db), ctx.needs_input_grad[:3])]
+            return (*grads, *(None,) * 11)
+        return (*_recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, grad_lse,
+                                  create_graph), *(None,) * 10)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, target_t, *_):
+        input, weight, bias, target, class_weight, lse = ctx.saved_tensors
+        if target_t is not None and target.is_floating_point():
+            raise RuntimeError("linear_cross_entropy: no forward-mode derivative with respect to probability targets")
+        reduction, ignore_index, eps, z_loss, softcap = ctx.options
+        row_t, lse_t = [], []
+        for start, stop in _chunks(input.shape[0], _chunk_rows(weight.shape[0], input.dtype, ctx.chunk_bytes)):
+            x = input[start:stop]
+            logits = F.linear(x, weight, bias)
+            d_logits = torch.zeros_like(logits)  # dZ = dX W^T + X dW^T + db (out of place: tangents may be batched)
+            if input_t is not None:
+                d_logits = d_logits + input_t[start:stop] @ weight.t()
+            if weight_t is not None:
+                d_logits = d_logits + x @ weight_t.t()
+            if bias_t is not None:
+                d_logits = d_logits + bias_t
+            y = logits.to(lse.dtype) if softcap is None else softcap * torch.tanh(logits.to(lse.dtype) / softcap)
+            dy = d_logits.to(lse.dtype) * (1.0 if softcap is None else 1 - (y / softcap) ** 2)  # tanh' = 1 - tanh^2
+            lse_t.append((torch.exp(y - lse[start:stop, None]) * dy).sum(1))  # d lse = <p, dy>
+            kernels(ctx.backend, input).cross_entropy_forward_inplace(logits, target[start:stop], class_weight, NONE,
+                                                                     ignore_index, eps, z_loss, softcap)
+            row_t.append((logits.to(lse.dtype) * d_logits.to(lse.dtype)).sum(1))  # d loss_i = <G_i, dZ_i>
+        rows = torch.cat(row_t) if row_t else lse.new_zeros(0)
+        if reduction == MEAN:
+            rows = rows * _mean_scale(target, class_weight, ignore_index).to(rows.dtype)
+        loss_t = rows if reduction == NONE else rows.sum()
+        lse_t = (torch.cat(lse_t) if lse_t else lse.new_zeros(0)) if ctx.return_lse else None
+        return (loss_t.to(input.dtype), lse_t) + ((None, None, None) if ctx.with_grads else ())
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, target, class_weight, reduction, ignore_index, label_smoothing,
+             z_loss, softcap, return_lse, chunk_bytes, with_grads, backend):
+        """One call per mapped slice."""
+        B = info.batch_size
+        tensors = [None if t is None else batched_first(t, d, B)
+                   for t, d in zip((input, weight, bias, target, class_weight), in_dims)]
+        options = (reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, chunk_bytes, False, backend)
+        outs = [LinearCrossEntropyFunction.apply(*(None if t is None else t[b] for t in tensors), *options)
+                for b in range(B)]
+        return tuple(torch.stack(out) for out in zip(*outs)), (0, 0)
+
+
+def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, grad_lse, create_graph):
+    """The gradients of input, weight, bias and target, chunk by chunk: each chunk's logits recomputed and
+    their gradient taken through fusedops.cross_entropy (reduction none, the upstream gradient per row);
+    differentiable when create_graph (the chunks' graphs are then kept: N x V in all)."""
+    reduction, ignore_index, eps, z_loss, softcap = ctx.options
+    need_input, need_weight, need_bias, need_target = ctx.needs_input_grad[:4]
+    N, V = input.shape[0], weight.shape[0]
+    acc = acc_dtype(input.dtype)
+    if grad_loss is None:
+        row_grad = torch.zeros(N, dtype=acc, device=input.device)
+    elif reduction == NONE:
+        row_grad = grad_loss
+    else:  # d loss / d loss_i: the upstream gradient, over the divisor for the mean
+        scale = _mean_scale(target, class_weight, ignore_index).to(acc) if reduction == MEAN else 1.0
+        row_grad = (grad_loss * scale).expand(N)
+    dX, dT = [], []
+    # the sums in place, unless they must be differentiable or may be batched (torch.func)
+    in_place = not create_graph and not torch._C._are_functorch_transforms_active()
+    dW = _WeightGrad(weight) if in_place and need_weight else None
+    db = input.new_zeros(V, dtype=acc) if in_place and need_bias else None
+    for start, stop in _chunks(N, _chunk_rows(V, input.dtype, ctx.chunk_bytes)):
+        x, t = input[start:stop], target[start:stop]
+        if grad_lse is None and not need_target and not create_graph:  # G from the kernel, times the row's gradient
+            with torch.no_grad():
+                d_logits = F.linear(x, weight, bias)
+            kernels(ctx.backend, input).cross_entropy_forward_inplace(d_logits, t, class_weight, NONE, ignore_index,
+                                                                     eps, z_loss, softcap)
+            upstream = row_grad[start:stop, None]
+            d_logits = d_logits.mul_(upstream) if in_place else d_logits * upstream  # dZ = G * upstream
+        else:
+            d_logits, d_target = _chunk_vjp(ctx, x, weight, bias, t, class_weight, row_grad[start:stop],
+                                            None if grad_lse is None else grad_lse[start:stop])
+        if need_target:
+            dT.append(d_target)
+        if need_input:
+            dX.append(d_logits @ weight)  # dX = dZ W
+        if not in_place:
+            dW = _plus(dW, d_logits.t() @ x) if need_weight else None  # dW += dZ^T X
+            db = _plus(db, d_logits.sum(0)) if need_bias else None
+        else:
+            if need_weight:
+                dW.add(d_logits, x)
+            if need_bias:
+                db += d_logits.sum(0)
+    empty_rows = input.new_zeros(0, input.shape[1])
+    return (torch.cat(dX) if dX else empty_rows) if need_input else None, \
+        _finish(_cast(dW, weight), weight, need_weight), _finish(db, bias, need_bias), \
+        (torch.cat(dT) if dT else torch.zeros_like(target)) if need_target else None
+
+
+def _chunk_vjp(ctx, x, weight, bias, target, class_weight, row_grad, lse_grad):
+    """A chunk's (dZ, d target) through fusedops.cross_entropy (reduction none, return_lse) by torch.func.vjp,
+    for the upstream gradients of its rows' losses and lse: differentiable when the caller's graph is kept."""
+    reduction, ignore_index, eps, z_loss, softcap = ctx.options
+
+    def loss_and_lse(logits, target):
+        return cross_entropy(logits, target, class_weight, reduction="none", ignore_index=ignore_index,
+                             label_smoothing=eps, z_loss=z_loss, softcap=softcap, return_lse=True, backend=ctx.backend)
+
+    logits = F.linear(x, weight, bias)
+    if ctx.needs_input_grad[3]:  # probability targets
+        (loss, lse), pullback = torch.func.vjp(loss_and_lse, logits, target)
+    else:
+        (loss, lse), pullback = torch.func.vjp(lambda logits: loss_and_lse(logits, target), logits)
+    grads = pullback((row_grad.to(loss.dtype), torch.zeros_like(lse) if lse_grad is None else lse_grad.to(lse.dtype)))
+    return grads[0], grads[1] if len(grads) > 1 else None
+
+def _plus(a, b):
+    return b if a is None else a + b
+
+
+def _finish(grad, like, needed):
+    """A parameter's gradient in its dtype (zeros when no chunk added to it), or None when not needed."""
+    if not needed:
+        return None
+    return torch.zeros_like(like) if grad is None else grad.to(like.dtype)
+
+
+_apply = fast_apply(LinearCrossEntropyFunction)
+
+
+def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None, reduction="mean", ignore_index=-100,
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, return_lse=False, chunk_bytes=CHUNK_BYTES,
+                         process_group=None, vocab_size=None, backend=None):
+    """`cross_entropy(F.linear(input, weight, bias), target, class_weight, ...)`, fused: the logits are
+    computed, turned into their gradient and multiplied out chunk by chunk, never held whole.
+
+    input: (N, H) or (B, T, H) (any leading dimensions). weight: (V, H), as an nn.Linear's. bias: (V,) or
+    None. target: class indices shaped like input without its last dimension (int64, int32 or uint8), or
+    class probabilities shaped like the logits (..., V). class_weight: (V,) class weights (the `weight` of
+    torch's cross_entropy). reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, backend:
+    as fusedops.cross_entropy's. chunk_bytes: the most bytes one chunk of logits takes (default 32 MiB):
+    peak memory beyond the gradients is about one chunk. Accumulation is in fp32 for bf16 and fp16.
+    process_group: a torch.distributed group over which the vocabulary is split: this process holds the
+    rows of weight (and bias, class_weight) of a contiguous shard of the classes, in rank order; target
+    holds global class indices; vocab_size, when given, is checked against the shards' sizes.
+    """
+    _check_linear_args(input, weight, bias, target, chunk_bytes)
+    V = weight.shape[0]
+    prob = target.is_floating_point()
+    # the logits' shape without the logits, (N, V, d1, ...) as cross_entropy takes them: one element (checks only)
+    logits_like = input.new_empty(()).expand(*input.shape[:-1], V).movedim(-1, min(1, input.dim() - 1))
+    try:  # cross_entropy's checks of the loss options, in this function's name
+        _check_args(logits_like, target.movedim(-1, 1) if prob and target.dim() > 1 else target, class_weight,
+                    reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, backend,
+                    weight_name="class_weight", split=process_group is not None)
+        group = _vocab_group(logits_like, process_group, vocab_size, False)
+    except (ValueError, TypeError) as e:
+        raise type(e)("linear_cross_entropy: " + str(e).removeprefix("cross_entropy: ")) from None
+    code = REDUCTIONS[reduction]
+    out_shape = input.shape[:-1]
+    x = input.reshape(-1, input.shape[-1])
+    target = target.reshape(x.shape[0], V) if prob else target.reshape(-1)  # (V may be 0: a shard)
+    if group is not None:  # the classes split across processes
+        from . import vocab_parallel
+
+        loss, lse = vocab_parallel.linear_cross_entropy(x, weight, target, bias, class_weight, code, ignore_index,
+                                                        label_smoothing, z_loss, softcap, return_lse, group,
+                                                        vocab_size)
+        return shaped(loss, lse, code, out_shape, return_lse)
+    with_grads = (code != NONE and not return_lse and torch.is_grad_enabled()
+                  and not torch._C._are_functorch_transforms_active()
+                  and not (prob and target.requires_grad)
+                  and any(t is not None and t.requires_grad for t in (input, weight, bias)))
+    loss, lse, *_ = _apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
+                           target.contiguous() if prob else target, class_weight, code, ignore_index,
+                           label_smoothing, z_loss, softcap, return_lse, chunk_bytes, with_grads, backend)
+    return shaped(loss, lse, code, out_shape, return_lse)
+
+
+def _check_linear_args(input, weight, bias, target, chunk_bytes):
+    """The projection's checks and the target's shape; the loss options are cross_entropy's."""
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise ArgumentTypeError(f"linear_cross_entropy: {name} must be a floating-point tensor, got "
+                                    f"{getattr(t, 'dtype', type(t))}")
+    if input.dim() < 1:
+        raise ArgumentValueError(f"linear_cross_entropy: input must have at least 1 dimension, got shape "
+                                 f"{tuple(input.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
+        raise ArgumentValueError(f"linear_cross_entropy: weight must have shape (V, {input.shape[-1]}) for input of "
+                                 f"shape {tuple(input.shape)}, got {tuple(weight.shape)}")
+    if not isinstance(target, Tensor):
+        raise ArgumentTypeError(f"linear_cross_entropy: target must be a tensor, got {type(target)}")
+    expected = input.shape[:-1] + (weight.shape[:1] if target.is_floating_point() else ())
+    if target.shape != expected:
+        raise ArgumentValueError(f"linear_cross_entropy: target has shape {tuple(target.shape)} but input of shape "
+                                 f"{tuple(input.shape)} needs {tuple(expected)} ("
+                                 f"{'class probabilities' if target.is_floating_point() else 'class indices'})")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise ArgumentTypeError(f"linear_cross_entropy: {name} must be a tensor, got {type(t)}")
+        if t.dtype != input.dtype:
+            raise ArgumentTypeError(f"linear_cross_entropy: {name} must have the input's dtype {input.dtype}, got "
+                                    f"{t.dtype}")
+        if t.device != input.device:
+            raise ArgumentValueError(f"linear_cross_entropy: {name} is on {t.device} but input on {input.device}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ArgumentValueError(f"linear_cross_entropy: bias must have shape ({weight.shape[0]},), one per class, "
+                                 f"got {tuple(bias.shape)}")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
+        raise ArgumentTypeError(f"linear_cross_entropy: chunk_bytes must be an int, got {chunk_bytes!r}")
+    if chunk_bytes < 1:
+        raise ArgumentValueError(f"linear_cross_entropy: chunk_bytes must be a positive int, got {chunk_bytes!r}")
+
+
+class LinearCrossEntropy(nn.Module):
+    """A language model's output layer and its loss in one: holds `weight` (num_classes, in_features) and
+    `bias` exactly as nn.Linear(in_features, num_classes, bias) does (the same initialisation and
+    state_dict), and `forward(input, target)` returns linear_cross_entropy(input, weight, target, bias,
+    **options). `logits(input)` returns the logits, for inference. class_weight is kept as a buffer."""
+
+    def __init__(self, in_features, num_classes, bias=False, device=None, dtype=None, *, class_weight=None,
+                 reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                 chunk_bytes=CHUNK_BYTES, process_group=None, vocab_size=None, backend=None):
+        super().__init__()
+        linear = nn.Linear(in_features, num_classes, bias, device=device, dtype=dtype)  # its initialisation
+        self.in_features, self.num_classes = in_features, num_classes
+        self.weight = linear.weight
+        self.bias = linear.bias
+        if class_weight is not None and not isinstance(class_weight, Tensor):
+            raise ArgumentTypeError(f"LinearCrossEntropy: class_weight must be a tensor or None, got "
+                                    f"{type(class_weight)}")
+        self.register_buffer("class_weight", class_weight)
+        if reduction not in REDUCTIONS:
+            raise ArgumentValueError(f"LinearCrossEntropy: reduction must be one of {tuple(REDUCTIONS)}, got "
+                                     f"{reduction!r}")
+        self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
+        self.z_loss, self.softcap, self.chunk_bytes = z_loss, softcap, chunk_bytes
+        self.process_group, self.vocab_size, self.backend = process_group, vocab_size, backend
+
+    def forward(self, input, target):
+        return linear_cross_entropy(input, self.weight, target, self.bias, class_weight=self.class_weight,
+                                    reduction=self.reduction, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                                    chunk_bytes=self.chunk_bytes, process_group=self.process_group,
+                                    vocab_size=self.vocab_size, backend=self.backend)
+
+    def logits(self, input):
+        """input @ weight.T + bias: the whole logits, for inference."""
+        return F.linear(input, self.weight, self.bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
+                f"reduction={self.reduction!r}")
