@@ -4,7 +4,7 @@
 its providers and the targets fusedops should reach; for the training steps (the makemore MLP, a
 ResNet-18) their variants. bench/harness.py runs them; a new operator is one more entry in OPERATORS."""
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Callable
 
 import torch
@@ -39,6 +39,8 @@ class Targets:
     memory_saved: float = 0.0  # the least (eager's peak extra memory - fusedops'), in input-sized tensors
     peak_memory: float = None  # the most peak extra memory, in input-sized tensors (None: none stated)
     peak_slack_mb: float = 0.0  # beyond peak_memory: MB of per-row values and the like
+    peak_vs_eager: float = None  # the most peak extra memory, as a fraction of eager's in the same run
+    faster_than_compile: bool = True  # False: its speed-up against torch.compile is shown, not judged
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,20 @@ class Operator(Table):
     modes: tuple = MODES  # those timed (of the run's)
     variants_at: Callable = None  # shape -> {variant: its modes} run at that shape; None: every variant in `modes`
     targets: Callable = None  # (shape, variant, fusedops provider) -> its Targets; None: no targets
+    dtypes_at: Callable = None  # shape -> the dtypes (of the run's) run at it; None: every one of the run's
+    floor: bool = True  # whether the copy floor runs (False where one pass over the input is no yardstick)
+    min_runs: int = None  # measurements per median, at least (None: the harness's MIN_RUNS)
+    memory_vs_baseline: bool = False  # peak memory as a fraction of the baseline's (tables, targets), not in inputs
+    sweep_dim: int = None  # the shape's dimension plotted against (memory and time); None: speed-up bars
+    notes: Callable = None  # device -> {provider: a line for the results' text}: what a peer is, or why it does not run
 
     def plan(self, shape):
         """{variant: the modes it is timed in} at the shape."""
         return self.variants_at(shape) if self.variants_at else dict.fromkeys(self.variants, self.modes)
+
+    def dtypes(self, shape, dtypes):
+        """The dtypes of `dtypes` (the run's) that run at the shape."""
+        return [d for d in dtypes if self.dtypes_at is None or d in self.dtypes_at(shape)]
 
 
 def fusedops_backends(device):
@@ -215,6 +227,93 @@ def batch_norm2d_providers(shape, device, variant):
     return providers
 
 
+# Linear cross-entropy: F.cross_entropy(F.linear(x, W), y), the LM head's loss, against the fused form
+# that never holds the N x V logits. Inputs: x (N, H), W (V, H), y (N,); gradients of x and W, no bias.
+CCE, LIGER = "cut-cross-entropy", "liger"  # the peers: Apple's CCE (its torch_compile implementation), Liger-Kernel
+LCE_SHAPES = ((4096, 512, 50257), (8192, 768, 32000))  # (N, H, V) of the issue: GPT-2's vocabulary, Llama 2's
+LCE_SWEEP_VOCABULARIES = (4096, 8192, 16384, 32000, 50257)  # at LCE_SWEEP_ROWS, fp32: memory and time against V
+LCE_SWEEP_ROWS = (4096, 512)
+LCE_SWEEP = tuple((*LCE_SWEEP_ROWS, v) for v in LCE_SWEEP_VOCABULARIES if (*LCE_SWEEP_ROWS, v) not in LCE_SHAPES)
+LCE_QUICK = ((256, 64, 1000), (256, 64, 2000), (256, 64, 4000))  # --quick: a small sweep of V, milliseconds a call
+LCE_PEAK_VS_EAGER = 0.15  # fusedops' peak extra memory of forward+backward, at most this fraction of eager's
+LCE_MIN_RUNS = 3  # a forward+backward takes seconds on CPU: the median of 3 calls
+
+
+def linear_cross_entropy_eager(x, weight, target):
+    """The code fusedops.linear_cross_entropy replaces: the logits, then cross-entropy over them."""
+    return F.cross_entropy(F.linear(x, weight), target)
+
+
+def linear_cross_entropy_inputs(shape, dtype, device, variant):
+    """x (N, H) ~ N(0, 1), W (V, H) ~ N(0, 1/H) (logits about N(0, 1)), in the dtype; W requires grad (the
+    harness differentiates it, as x); y (N,) class indices. The loss is a scalar: its gradient is 1 (None)."""
+    n, h, v = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, h, generator=g, device=device).to(dtype)
+    weight = (torch.randn(v, h, generator=g, device=device) / h ** 0.5).to(dtype).requires_grad_()
+    return x, (weight, torch.randint(0, v, (n,), generator=g, device=device)), None
+
+
+@cache
+def cut_cross_entropy():
+    """(cut-cross-entropy's linear_cross_entropy with impl="torch_compile", its version) or (None, why not)."""
+    try:
+        import cut_cross_entropy as cce
+    except Exception as e:  # noqa: BLE001 -- any failure to import it means the peer does not run
+        return None, f"{type(e).__name__}: {e}"
+    return partial(cce.linear_cross_entropy, impl="torch_compile"), getattr(cce, "__version__", "?")
+
+
+@cache
+def liger_fused_linear_cross_entropy():
+    """(Liger-Kernel's fused linear cross-entropy as fn(x, W, y), "") or (None, why not)."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception as e:  # noqa: BLE001
+        return None, f"{type(e).__name__}: {e}"
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return (lambda x, weight, target: loss(weight, x, target)), ""  # its order: (weight, input, target)
+
+
+def linear_cross_entropy_providers(shape, device, variant):
+    """loss(x, W, y) of every provider on the device: the eager code, torch.compile's entry holding the same
+    code (the harness compiles it), cut-cross-entropy's torch_compile implementation (where it imports; it
+    compiles itself: `e @ c.T`, then cross-entropy over the logits in fp32; not at the sweep's extra
+    shapes), Liger-Kernel's (CUDA, where installed) and fusedops with the device's kernel."""
+    providers = {EAGER: linear_cross_entropy_eager, COMPILE: linear_cross_entropy_eager}
+    if shape not in LCE_SWEEP:
+        cce, _ = cut_cross_entropy()
+        if cce is not None:
+            providers[CCE] = cce
+        liger, _ = liger_fused_linear_cross_entropy()
+        if device.type == "cuda" and liger is not None:
+            providers[LIGER] = liger
+    for b in fusedops_backends(device):
+        providers[f"fusedops {b}"] = partial(fusedops.linear_cross_entropy, backend=b)
+    return {name: (fn, []) for name, fn in providers.items()}
+
+
+def linear_cross_entropy_notes(device):
+    """{peer: what it is, or why it does not run}: cut-cross-entropy, and on CUDA Liger-Kernel."""
+    cce, why = cut_cross_entropy()
+    notes = {CCE: f"{CCE} {why}: its `impl=\"torch_compile\"`, the CPU path (torch.compile of `e @ c.T`, then "
+                  "cross-entropy over the logits cast to fp32; dynamic shapes), at the issue's shapes; its first "
+                  "call compiles (not timed)." if cce is not None else f"{CCE}: not run: it does not import ({why})."}
+    if device.type == "cuda":
+        liger, why = liger_fused_linear_cross_entropy()
+        notes[LIGER] = (f"{LIGER}: Liger-Kernel's LigerFusedLinearCrossEntropyLoss, at the issue's shapes."
+                        if liger is not None else f"{LIGER}: not run: it does not import ({why}).")
+    return notes
+
+
+def linear_cross_entropy_targets(shape, variant, provider):
+    """At the issue's shapes: faster than eager, peak extra memory at most LCE_PEAK_VS_EAGER of eager's
+    (forward+backward, the same run); torch.compile's speed-up shown, not judged. The sweep: none."""
+    if shape in LCE_SHAPES:
+        return Targets(1.0, peak_vs_eager=LCE_PEAK_VS_EAGER, faster_than_compile=False)
+    return Targets(faster_than_compile=False)
+
+
 OPERATORS = {
     "ce": Operator("cross_entropy", "Cross-entropy: plain, weighted, probability targets, z-loss + softcap", EAGER,
                    shapes=((32, 27), (4096, 1024), (1024, 32768), (8192, 8192), *CE_LARGE_VOCABULARIES),
@@ -230,6 +329,13 @@ OPERATORS = {
                      quick_shapes=((32, 512, 7, 7),), per_call_shapes=(), inputs=batch_norm2d_inputs,
                      providers=batch_norm2d_providers, variants=BN2D_VARIANTS, modes=(FWD_BWD,),
                      targets=lambda shape, variant, provider: BN2D_TARGETS[bn2d_form(variant)[0]]),
+    "lce": Operator("linear_cross_entropy", "Linear cross-entropy (the LM head's loss): forward+backward", EAGER,
+                    shapes=(*LCE_SHAPES, *LCE_SWEEP), quick_shapes=LCE_QUICK, per_call_shapes=(),
+                    inputs=linear_cross_entropy_inputs, providers=linear_cross_entropy_providers, modes=(FWD_BWD,),
+                    targets=linear_cross_entropy_targets,
+                    dtypes_at=lambda shape: (torch.float32,) if shape in LCE_SWEEP else DTYPES,
+                    floor=False, min_runs=LCE_MIN_RUNS, memory_vs_baseline=True, sweep_dim=2,
+                    notes=linear_cross_entropy_notes),
 }
 
 

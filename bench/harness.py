@@ -8,14 +8,18 @@ the variant at that shape: Operator.plan):
   its gradient here),
 - backward: the graph's backward, timed alone (each run's forward is outside the timed region),
 - forward+backward, whose peak extra memory is measured too.
-Median and IQR come from torch.utils.benchmark.Timer on CPU, triton.testing.do_bench on CUDA. The
-floor is a `copy_` of the input's bytes into an existing buffer: the least memory traffic of a pass
-that reads the input and writes a tensor of its size. Where torch.compile ran, fusedops' speed-up
+Median and IQR come from torch.utils.benchmark.Timer on CPU (a call longer than a measurement's time
+is a measurement by itself: linear cross-entropy's, seconds each, the median of 3), triton.testing.do_bench
+on CUDA. The floor is a `copy_` of the input's bytes into an existing buffer: the least memory traffic of
+a pass that reads the input and writes a tensor of its size (not run for linear cross-entropy, where one
+pass is no yardstick). Where torch.compile ran, fusedops' speed-up
 against it is given too; where the operator states targets (speed-up, memory), a table says which
 hold. `train` times a training step of the makemore MLP, `resnet` one of a ResNet-18 (bench/resnet.py)
 with torch's and with fusedops' batch norm. At the per-call shapes (and for the makemore step) the tables also give each
-median minus the baseline's in µs: the cost per call over eager, where fixed costs dominate. Results
-go to <out>/{cross_entropy,batch_norm,batch_norm2d,train,resnet}.{md,csv,png}.
+median minus the baseline's in µs: the cost per call over eager, where fixed costs dominate. Linear
+cross-entropy's memory is judged against eager's peak in the same run, and its plot gives memory and time
+against the vocabulary (plot_sweep). Results go to
+<out>/{cross_entropy,batch_norm,batch_norm2d,linear_cross_entropy,train,resnet}.{md,csv,png}.
 """
 import contextlib
 import copy
@@ -39,7 +43,7 @@ from fusedops.makemore import data
 from fusedops.makemore import model as makemore
 
 from . import resnet
-from .cases import (BACKWARD, COMPILE, DTYPES, FLOOR, FORWARD, FWD_BWD, LAYOUTS, MODES, OPERATORS, RESNET,
+from .cases import (BACKWARD, CCE, COMPILE, DTYPES, FLOOR, FORWARD, FWD_BWD, LAYOUTS, MODES, OPERATORS, RESNET,
                     RESNET_QUICK_SIZE, RESNET_SIZE, RESNET_VARIANTS, STEP, TABLES, TRAIN, TRAIN_VARIANTS)
 
 # The profiler (the CPU memory view below) logs two lines each time it starts unless told not to;
@@ -54,7 +58,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # shapes: the Operator field naming the shapes to run
 FULL = dict(shapes="shapes", dtypes=DTYPES, modes=MODES, skip=(), min_run_time=0.5, train_steps=1000,
             train_repeats=5, resnet=RESNET_SIZE, resnet_run_time=3.0)
-QUICK = dict(shapes="quick_shapes", dtypes=(torch.float32,), modes=(FWD_BWD,), skip=(COMPILE,),
+# --quick compiles nothing: neither torch.compile nor cut-cross-entropy (its CPU path is torch.compile)
+QUICK = dict(shapes="quick_shapes", dtypes=(torch.float32,), modes=(FWD_BWD,), skip=(COMPILE, CCE),
              min_run_time=0.05, train_steps=200, train_repeats=3, resnet=RESNET_QUICK_SIZE, resnet_run_time=0.2)
 
 
@@ -92,7 +97,7 @@ def provider_names(op, device):
     if op in ("train", "resnet"):
         return list(TRAIN_VARIANTS if op == "train" else RESNET_VARIANTS)
     operator = OPERATORS[op]
-    return [FLOOR, *operator.providers(operator.quick_shapes[0], device, operator.variants[0])]
+    return [FLOOR] * operator.floor + [*operator.providers(operator.quick_shapes[0], device, operator.variants[0])]
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -103,20 +108,30 @@ def median_iqr(times):
     return median, q3 - q1
 
 
-def measure(fn, device, min_run_time):
-    """(median, IQR) in ms of calls to fn, over about min_run_time seconds (and MIN_RUNS measurements)."""
+def measure(fn, device, min_run_time, min_runs=MIN_RUNS):
+    """(median, IQR) in ms of calls to fn, over about min_run_time seconds (and min_runs measurements).
+    On CPU, a call that takes min_run_time or more is a measurement by itself: min_runs calls, no more."""
     if device.type == "cuda":
         from triton.testing import do_bench
         q1, median, q3 = do_bench(fn, rep=min_run_time * 1e3, quantiles=[0.25, 0.5, 0.75])
         return median, q3 - q1
     from torch.utils.benchmark import Timer
 
-    # Timer runs on 1 thread unless told otherwise
-    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    times = list(m.times)
-    while len(times) < MIN_RUNS:  # slow calls: blocked_autorange may stop after one block
-        times += timer.timeit(m.number_per_run).times
+    start = time.perf_counter()
+    fn()
+    times = [time.perf_counter() - start]
+    if times[0] >= min_run_time:  # slow calls: one call a measurement (Timer.timeit would add 2 warm-up calls)
+        while len(times) < min_runs:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    else:
+        # Timer runs on 1 thread unless told otherwise
+        timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        m = timer.blocked_autorange(min_run_time=min_run_time)
+        times = list(m.times)
+        while len(times) < min_runs:  # blocked_autorange may stop after one block
+            times += timer.timeit(m.number_per_run).times
     median, iqr = median_iqr(times)
     return median * 1e3, iqr * 1e3
 
@@ -126,12 +141,12 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure_backward(forward, backward, device, min_run_time):
+def measure_backward(forward, backward, device, min_run_time, min_runs=MIN_RUNS):
     """(median, IQR) in ms of backward(forward()), timing only the backward: each run builds its graph
     outside the timed region, so the backward runs once per graph, as in training (a compiled backward
     refuses retain_graph). The gradients outlive the timed region, as they would feed the layer below."""
     times, start = [], time.perf_counter()
-    while len(times) < MIN_RUNS or time.perf_counter() - start < min_run_time:
+    while len(times) < min_runs or time.perf_counter() - start < min_run_time:
         out = forward()
         sync(device)
         if device.type == "cuda":
@@ -176,7 +191,7 @@ def peak_extra_bytes(fn, device):
     return peak
 
 
-def time_provider(fn, params, x, args, grad_out, device, modes, min_run_time):
+def time_provider(fn, params, x, args, grad_out, device, modes, min_run_time, min_runs=MIN_RUNS):
     """(first forward+backward's seconds, its peak extra bytes, {mode: (median ms, IQR ms)}). The gradients
     are those of x, the parameters and the arguments that require grad."""
     x = x.detach().clone().requires_grad_()  # its own copy: the in-place providers overwrite it
@@ -199,9 +214,9 @@ def time_provider(fn, params, x, args, grad_out, device, modes, min_run_time):
     times = {}
     for mode in modes:
         if mode == BACKWARD:
-            times[mode] = measure_backward(forward, backward, device, min_run_time)
+            times[mode] = measure_backward(forward, backward, device, min_run_time, min_runs)
         else:
-            times[mode] = measure(forward if mode == FORWARD else forward_backward, device, min_run_time)
+            times[mode] = measure(forward if mode == FORWARD else forward_backward, device, min_run_time, min_runs)
     return first_s, peak, times
 
 
@@ -216,22 +231,27 @@ def compiling(fn):
 
 
 def run_case(op, shape, variant, dtype, device, *, modes=MODES, skip=(), min_run_time):
-    """Result rows of one case: every provider (but those in `skip`) in every mode."""
+    """Result rows of one case: the copy floor (where the operator has one) and every provider (but those in
+    `skip`) in every mode."""
     operator = OPERATORS[op]
+    min_runs = operator.min_runs or MIN_RUNS
     x, args, grad_out = operator.inputs(shape, dtype, device, variant)
     case = dict(op=op, shape=shape_name(shape), variant=variant, dtype=DTYPE_NAMES[dtype])
     input_mb = x.numel() * x.element_size() / 2**20
-    copy_input = partial(torch.empty_like(x).copy_, x)  # into an existing buffer
-    floor = measure(copy_input, device, min_run_time)
-    del copy_input
-    # one measurement, listed under every mode
-    rows = [Result(**case, mode=mode, provider=FLOOR, median_ms=floor[0], iqr_ms=floor[1]) for mode in modes]
+    rows = []
+    if operator.floor:
+        copy_input = partial(torch.empty_like(x).copy_, x)  # into an existing buffer
+        floor = measure(copy_input, device, min_run_time)
+        del copy_input
+        # one measurement, listed under every mode
+        rows = [Result(**case, mode=mode, provider=FLOOR, median_ms=floor[0], iqr_ms=floor[1]) for mode in modes]
     for name, (fn, params) in operator.providers(shape, device, variant).items():
         if name in skip:
             continue
         fn, first_run = compiling(fn) if name == COMPILE else (fn, contextlib.nullcontext())
         with first_run:
-            first_s, peak, times = time_provider(fn, params, x, args, grad_out, device, modes, min_run_time)
+            first_s, peak, times = time_provider(fn, params, x, args, grad_out, device, modes, min_run_time,
+                                                 min_runs)
         for mode, (median, iqr) in times.items():
             rows.append(Result(**case, mode=mode, provider=name, median_ms=median, iqr_ms=iqr,
                                peak_mb=peak / 2**20 if mode == FWD_BWD else math.nan, input_mb=input_mb,
@@ -241,12 +261,12 @@ def run_case(op, shape, variant, dtype, device, *, modes=MODES, skip=(), min_run
 
 def run_op(op, shapes, dtypes, device, *, modes=MODES, skip=(), min_run_time, log=sys.stderr):
     """Rows of every (shape, variant, dtype) case of `op` (a key of OPERATORS), each variant at the shapes
-    the operator runs it at, in the modes of `modes` it has there (Operator.plan), comparisons included;
-    a progress line per case."""
+    the operator runs it at, in the modes of `modes` it has there (Operator.plan), in the dtypes of
+    `dtypes` it runs there (Operator.dtypes), comparisons included; a progress line per case."""
     operator = OPERATORS[op]
     cases = [(shape, variant, dtype, case_modes) for shape in shapes
              for variant, variant_modes in operator.plan(shape).items()
-             if (case_modes := [m for m in modes if m in variant_modes]) for dtype in dtypes]
+             if (case_modes := [m for m in modes if m in variant_modes]) for dtype in operator.dtypes(shape, dtypes)]
     rows = []
     for i, (shape, variant, dtype, case_modes) in enumerate(cases, 1):
         start = time.perf_counter()
@@ -388,11 +408,13 @@ def fmt_cell(r, baseline):
     return f"{fmt_ms(r.median_ms)} ({fmt_ratio(r.vs_eager)}{over})"
 
 
-def markdown(rows, op, about):
+def markdown(rows, op, about, notes=()):
     """A table per mode (median ms and speed-up against the baseline, per case and provider; fusedops'
     against torch.compile and the copy floor where they ran), then the peak extra memory with
-    torch.compile's compile time, then whether the operator's targets hold."""
+    torch.compile's compile time, then whether the operator's targets hold. notes: lines after `about`
+    (the peers that did not run, and why)."""
     baseline = TABLES[op].baseline
+    vs_baseline = getattr(TABLES[op], "memory_vs_baseline", False)
     with_variant = any(r.variant for r in rows)
     providers = unique(r.provider for r in rows)
     by_key = {(r.shape, r.variant, r.dtype, r.mode, r.provider): r for r in rows}
@@ -402,7 +424,7 @@ def markdown(rows, op, about):
     modes = unique(r.mode for r in rows)
     spread = max(rows, key=lambda r: r.iqr_ms / r.median_ms)
     per_call_shapes = unique(r.shape for r in rows if per_call(op, r.shape))
-    lines = [f"# {TABLES[op].title}", "", about, "",
+    lines = [f"# {TABLES[op].title}", "", about, "", *notes, *([""] if notes else []),
              f"Median ms; in brackets the speed-up against {baseline} ({baseline}'s median / this one, "
              "> 1 is faster)" + (f" and, at {', '.join(per_call_shapes)}, where fixed costs dominate, this "
                                  f"median - {baseline}'s in µs (the cost per call over {baseline})."
@@ -448,16 +470,23 @@ def markdown(rows, op, about):
         compiled = COMPILE in memory_providers
 
         def memory_cells(case):
-            got = column(case, mode, memory_providers, lambda r: f"{r.peak_mb:.3g} ({r.peak_mb / r.input_mb:.2f}×)")
+            if vs_baseline:  # against the baseline's peak in the same case
+                base = by_key[case + (mode, baseline)].peak_mb
+                got = column(case, mode, memory_providers, lambda r: f"{r.peak_mb:.3g} ({r.peak_mb / base:.1%})")
+            else:
+                got = column(case, mode, memory_providers,
+                             lambda r: f"{r.peak_mb:.3g} ({r.peak_mb / r.input_mb:.2f}×)")
             input_mb = next(r.input_mb for r in measured if (r.shape, r.variant, r.dtype) == case)
-            return [f"{input_mb:.3g}", *got, *column(case, mode, [COMPILE] * compiled, lambda r: f"{r.compile_s:.1f}")]
+            return [*[f"{input_mb:.3g}"] * (not vs_baseline), *got,
+                    *column(case, mode, [COMPILE] * compiled, lambda r: f"{r.compile_s:.1f}")]
         lines += [f"## Peak extra memory of {mode}" + (", and compile time" if compiled else ""), "",
-                  "MB allocated beyond the inputs (the gradients included); in brackets, × the input's size."
+                  "MB allocated beyond the inputs (the gradients included); in brackets, "
+                  + (f"the fraction of {baseline}'s (same case, same run)." if vs_baseline else "× the input's size.")
                   + (" Last column: the wall time of torch.compile's first forward+backward (tracing and code "
                      "generation from an empty cache; not counted in the times above; the first case's includes "
                      "the compiler's start-up)." if compiled else ""), ""]
-        lines += table(["input MB", *memory_providers, *([f"{COMPILE} s"] * compiled)], memory_cells,
-                       unique((r.shape, r.variant, r.dtype) for r in measured))
+        lines += table([*["input MB"] * (not vs_baseline), *memory_providers, *([f"{COMPILE} s"] * compiled)],
+                       memory_cells, unique((r.shape, r.variant, r.dtype) for r in measured))
     else:
         lines += [f"{COMPILE}: its first run (compiling from an empty cache; not counted above) took "
                   f"{r.compile_s:.1f} s ({r.shape} {r.dtype})." for r in rows if not math.isnan(r.compile_s)]
@@ -467,6 +496,8 @@ def markdown(rows, op, about):
 MEMORY_SLACK = 0.01  # of an input's size: per-channel statistics and the like, no activation-sized tensor
 TARGET_COLUMNS = ("speed-up against eager", f"faster than {COMPILE}", "peak extra memory below eager's",
                   "peak extra memory")
+# an operator whose memory is judged against the baseline's (Operator.memory_vs_baseline): its last column
+TARGET_COLUMNS_VS_EAGER = (*TARGET_COLUMNS[:2], "peak extra memory / eager's")
 MARK = {True: "✓", False: "✗"}
 
 
@@ -475,9 +506,10 @@ def shape_of(name):
     return tuple(map(int, name.split("x")))
 
 
-def target_cells(targets, r, eager):
+def target_cells(targets, r, eager, memory_vs_eager=False):
     """fusedops' forward+backward row r against Targets, eager's row beside it: a cell per TARGET_COLUMNS
-    and [holds] of each target judged (none stated, or one whose peer did not run, is not)."""
+    (memory_vs_eager: TARGET_COLUMNS_VS_EAGER, its peak extra memory as a fraction of eager's instead of in
+    input-sized tensors) and [holds] of each target judged (none stated, or one whose peer did not run, is not)."""
     holds = []
     if targets.vs_eager is None:
         cells = [f"{fmt_ratio(r.vs_eager)} (no target)"]
@@ -487,9 +519,15 @@ def target_cells(targets, r, eager):
                  f"{MARK[holds[-1]]}"]
     if math.isnan(r.vs_compile):
         cells.append("not run")
+    elif not targets.faster_than_compile:
+        cells.append(f"{fmt_ratio(r.vs_compile)} (no target)")
     else:
         holds.append(r.vs_compile > 1)
         cells.append(f"{fmt_ratio(r.vs_compile)} {MARK[holds[-1]]}")
+    if memory_vs_eager:
+        fraction = r.peak_mb / eager.peak_mb  # fusedops' peak extra memory over eager's, both measured here
+        cells.append(_at_most(holds, fraction, targets.peak_vs_eager, "{:.1%}", "{:.0%}"))
+        return cells, holds
     saved = (eager.peak_mb - r.peak_mb) / r.input_mb  # eager's peak - fusedops', in input-sized tensors
     if targets.memory_saved:
         holds.append(saved >= targets.memory_saved - MEMORY_SLACK)
@@ -497,12 +535,16 @@ def target_cells(targets, r, eager):
     else:
         cells.append(f"{saved:.2f} input (no target)")
     peak = max(r.peak_mb - targets.peak_slack_mb, 0) / r.input_mb  # fusedops' peak beyond the slack, in inputs
-    if targets.peak_memory is None:
-        cells.append(f"{peak:.2f} input (no target)")
-    else:
-        holds.append(peak <= targets.peak_memory)
-        cells.append(f"{peak:.2f} {'≤' if holds[-1] else '>'} {targets.peak_memory:g} input {MARK[holds[-1]]}")
+    cells.append(_at_most(holds, peak, targets.peak_memory, "{:.2f}", "{:g} input", unit=" input"))
     return cells, holds
+
+
+def _at_most(holds, value, target, value_format, target_format, unit=""):
+    """A target cell for value <= target (None: no target), appending whether it holds to holds."""
+    if target is None:
+        return f"{value_format.format(value)}{unit} (no target)"
+    holds.append(value <= target)
+    return f"{value_format.format(value)} {'≤' if holds[-1] else '>'} {target_format.format(target)} {MARK[holds[-1]]}"
 
 
 def target_lines(op, rows, fused):
@@ -512,31 +554,105 @@ def target_lines(op, rows, fused):
     if operator is None or operator.targets is None:
         return []
     by_key = {case_key(r) + (r.provider,): r for r in rows}
+    vs_eager = operator.memory_vs_baseline
+    with_variant = any(r.variant for r in rows)
     table, holds = [], []
     for r in rows:
         if r.provider in fused and r.mode == FWD_BWD:
             targets = operator.targets(shape_of(r.shape), r.variant, r.provider)
-            cells, held = target_cells(targets, r, by_key[case_key(r) + (operator.baseline,)])
-            table.append("| " + " | ".join([r.shape, r.variant, r.dtype, r.provider, *cells]) + " |")
+            cells, held = target_cells(targets, r, by_key[case_key(r) + (operator.baseline,)], vs_eager)
+            table.append("| " + " | ".join([r.shape, *[r.variant] * with_variant, r.dtype, r.provider, *cells]) + " |")
             holds += held
-    header = ["shape", "variant", "dtype", "provider", *TARGET_COLUMNS]
-    return ["## Targets (forward+backward)", "",
-            f"{sum(holds)} of {len(holds)} hold (✓; ✗: missed). Memory: eager's peak extra memory minus "
-            f"fusedops', in input-sized tensors (with a slack of {MEMORY_SLACK:g} input for per-channel tensors); "
-            "then fusedops' own peak extra memory, in input-sized tensors, beyond the slack its target allows for "
-            "per-row values.",
+    header = ["shape", *["variant"] * with_variant, "dtype", "provider",
+              *(TARGET_COLUMNS_VS_EAGER if vs_eager else TARGET_COLUMNS)]
+    memory = ("Memory: fusedops' peak extra memory as a fraction of eager's, both measured in this run." if vs_eager
+              else f"Memory: eager's peak extra memory minus fusedops', in input-sized tensors (with a slack of "
+                   f"{MEMORY_SLACK:g} input for per-channel tensors); then fusedops' own peak extra memory, in "
+                   "input-sized tensors, beyond the slack its target allows for per-row values.")
+    return ["## Targets (forward+backward)", "", f"{sum(holds)} of {len(holds)} hold (✓; ✗: missed). {memory}",
             "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *table]
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def sweep_of(rows, dim):
+    """The sweep in rows: the rows of the dtype and shape but its dimension `dim` that the most values of
+    that dimension share (fp32 first), and those values in increasing order."""
+    groups = {}
+    for r in rows:
+        shape = shape_of(r.shape)
+        groups.setdefault((r.dtype != "fp32", r.dtype, shape[:dim] + shape[dim + 1:]), set()).add(shape[dim])
+    key, values = min(groups.items(), key=lambda item: (-len(item[1]), item[0]))
+
+    def in_sweep(r):
+        shape = shape_of(r.shape)
+        return (r.dtype != "fp32", r.dtype, shape[:dim] + shape[dim + 1:]) == key
+    return [r for r in rows if in_sweep(r)], sorted(values)
+
+
+def plot_sweep(rows, op, path, about):
+    """Two panels against the operator's sweep_dim (the vocabulary V), log-log: the peak extra memory of
+    forward+backward and its median time, a line per provider measured at every point of the sweep
+    (sweep_of), and under the memory, dashed, the fraction of the baseline's that fusedops' target allows."""
+    import matplotlib.ticker
+
+    plt = pyplot()
+    operator = OPERATORS[op]
+    dim = operator.sweep_dim
+    sweep, values = sweep_of([r for r in rows if r.mode == FWD_BWD], dim)
+    by_value = {}
+    for r in sweep:
+        by_value.setdefault(r.provider, {})[shape_of(r.shape)[dim]] = r
+    providers = [p for p in unique(r.provider for r in sweep) if len(by_value[p]) == len(values)]
+    fig, (memory, timing) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for p in providers:
+        points = [by_value[p][v] for v in values]
+        memory.plot(values, [r.peak_mb for r in points], marker="o", label=p)
+        timing.plot(values, [r.median_ms for r in points], marker="o", label=p)
+    fractions = {operator.targets(shape_of(r.shape), r.variant, r.provider).peak_vs_eager
+                 for r in sweep if operator.targets and r.provider.startswith("fusedops")} - {None}
+    if fractions and operator.baseline in providers:
+        fraction = min(fractions)
+        memory.plot(values, [fraction * by_value[operator.baseline][v].peak_mb for v in values], color="black",
+                    linewidth=0.8, linestyle="--", label=f"{fraction:.0%} of {operator.baseline}'s (fusedops' target)")
+    shape = shape_of(sweep[0].shape)
+    names = "NHV" if len(shape) == 3 else [f"dim {i}" for i in range(len(shape))]
+    fixed = ", ".join(f"{names[i]}={n}" for i, n in enumerate(shape) if i != dim)
+    for ax, label in ((memory, "peak extra memory (MB)"), (timing, "median time (ms)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # labels a decade apart at most
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(values, [str(v) for v in values])
+        ax.set_xlabel(names[dim])
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", linewidth=0.3)
+        ax.set_title(f"forward+backward: {label.split(' (')[0]} against {names[dim]} ({fixed}, {sweep[0].dtype})",
+                     fontsize="medium")
+    memory.legend(fontsize="small", loc="upper left")
+    fig.suptitle(textwrap.fill(f"{TABLES[op].title}. {about}", 180), fontsize="small")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot(rows, op, path, about):
     """Speed-up against the baseline per case, one bar per provider, one panel per mode and variant (log
-    scale, the cases timed in it), the operator's speed-up target of each case as a dashed line over it."""
-    import matplotlib
+    scale, the cases timed in it), the operator's speed-up target of each case as a dashed line over it.
+    An operator with a sweep_dim: plot_sweep instead."""
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    if getattr(TABLES[op], "sweep_dim", None) is not None:
+        return plot_sweep(rows, op, path, about)
+    plt = pyplot()
     baseline = TABLES[op].baseline
     targets = getattr(TABLES[op], "targets", None)
     panels = unique((r.mode, r.variant) for r in rows)
@@ -575,8 +691,8 @@ def plot(rows, op, path, about):
     plt.close(fig)
 
 
-def write_results(rows, op, out_dir, about):
-    """Writes <out_dir>/<name>.md, .csv and .png; returns their paths."""
+def write_results(rows, op, out_dir, about, notes=()):
+    """Writes <out_dir>/<name>.md (the notes after `about`), .csv and .png; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, TABLES[op].file)
     with open(base + ".csv", "w", newline="") as f:
@@ -584,7 +700,7 @@ def write_results(rows, op, out_dir, about):
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
     with open(base + ".md", "w") as f:
-        f.write(markdown(rows, op, about) + "\n")
+        f.write(markdown(rows, op, about, notes) + "\n")
     plot(rows, op, base + ".png", about)
     return [base + ext for ext in (".md", ".csv", ".png")]
 
@@ -606,6 +722,7 @@ def run(ops=OPS, *, out_dir=None, quick=False, device=None, min_run_time=None, d
     results = {}
     for op in ops:
         load_before = load_average()
+        notes = []
         if op == "train":
             rows = run_train(data_path, device, steps=cfg["train_steps"], repeats=cfg["train_repeats"],
                              skip=cfg["skip"], log=log)
@@ -615,13 +732,19 @@ def run(ops=OPS, *, out_dir=None, quick=False, device=None, min_run_time=None, d
             rows = run_resnet(device, **cfg["resnet"], min_run_time=run_time, log=log)
             settings = f"width {cfg['resnet']['width']}, SGD with momentum, {run_time:g} s per measurement"
         else:
+            operator = OPERATORS[op]
             run_time = cfg["min_run_time"] if min_run_time is None else min_run_time
-            rows = run_op(op, getattr(OPERATORS[op], cfg["shapes"]), dtypes, device, modes=cfg["modes"],
+            rows = run_op(op, getattr(operator, cfg["shapes"]), dtypes, device, modes=cfg["modes"],
                           skip=cfg["skip"], min_run_time=run_time, log=log)
             settings = f"{run_time:g} s per measurement"
+            if operator.min_runs:
+                settings += (f" (a call longer than that is a measurement by itself), the median of at least "
+                             f"{operator.min_runs}")
+            notes = [f"{name}: not run (--quick compiles nothing)." if name in cfg["skip"] else note
+                     for name, note in (operator.notes(device) if operator.notes else {}).items()]
         # others' work on the machine skews the times (the run itself adds about its threads): say how busy it was
         about = (f"{machine(device)}, load average {load_before} → {load_average()} (start → end); "
                  f"`python bench/run.py --op {op}{' --quick' if quick else ''} --device {device.type}`, {settings}.")
-        print("wrote " + ", ".join(write_results(rows, op, out_dir, about)), file=log, flush=True)
+        print("wrote " + ", ".join(write_results(rows, op, out_dir, about, notes)), file=log, flush=True)
         results[op] = rows
     return results

@@ -2,14 +2,16 @@
 chunked reference and the copy floor (forward, backward, forward+backward; median, spread, peak
 memory); cross-entropy plain and with its options (class weights, probability targets, z-loss with
 soft-capping) against the eager code each replaces, up to 128k-class vocabularies, against its targets;
-BatchNorm2d at ResNet shapes alone and fused with ReLU and the residual add, against its targets; the
-makemore training step; a ResNet-18 training step with torch's and fusedops' batch norm.
+BatchNorm2d at ResNet shapes alone and fused with ReLU and the residual add, against its targets; linear
+cross-entropy (the LM head's F.linear + F.cross_entropy, fused so that the logits never exist whole) against
+eager, torch.compile and cut-cross-entropy, with its memory and time against the vocabulary; the makemore
+training step; a ResNet-18 training step with torch's and fusedops' batch norm.
 What runs is declared in bench/cases.py; how it is timed, in bench/harness.py.
 
-    python bench/run.py [--op ce bn bn2d train resnet] [--quick] [--out DIR] [--device cpu|cuda]
+    python bench/run.py [--op ce bn bn2d lce train resnet] [--quick] [--out DIR] [--device cpu|cuda]
                         [--threads N] [--min-run-time S] [--data PATH|URL]
 
-Writes {cross_entropy,batch_norm,batch_norm2d,train,resnet}.{md,csv,png} to bench/results/ (CPU),
+Writes {cross_entropy,batch_norm,batch_norm2d,linear_cross_entropy,train,resnet}.{md,csv,png} to bench/results/ (CPU),
 bench/results/cuda/ (CUDA), or a quick/ folder inside with --quick. Runs from any directory.
 
 On a machine with a GPU, one command runs the test suite on CUDA (the Triton kernels natively) and then
@@ -36,7 +38,8 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--op", nargs="+", choices=harness.OPS, default=list(harness.OPS))
     parser.add_argument("--quick", action="store_true",
-                        help="small shapes, fp32, forward+backward, no torch.compile: about a minute")
+                        help="small shapes, fp32, forward+backward, nothing compiled (no torch.compile, no "
+                             "cut-cross-entropy): about a minute")
     parser.add_argument("--out", default=None,
                         help="(default: bench/results, bench/results/cuda on CUDA; quick/ inside with --quick)")
     parser.add_argument("--device", default=None, help="(default: cuda if available, else cpu)")

@@ -20,7 +20,7 @@ from .cross_entropy import (MEAN, NONE, REDUCTIONS, SUM, _check_args, _keeps_gra
                             cross_entropy, shaped)
 from .errors import ArgumentTypeError, ArgumentValueError
 
-CHUNK_BYTES = 32 * 2**20  # default: the most bytes one chunk of logits takes
+CHUNK_BYTES = 64 * 2**20  # default: the most bytes one chunk of logits takes
 
 
 def _chunk_rows(V, dtype, chunk_bytes):
@@ -111,13 +111,13 @@ class _WeightGrad:
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """loss, lse, dX, dW, db = LinearCrossEntropyFunction.apply(input, weight, bias, target, class_weight,
+    """loss, lse[, dX, dW, db] = LinearCrossEntropyFunction.apply(input, weight, bias, target, class_weight,
     reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, chunk_bytes, with_grads, backend):
     cross-entropy of the logits input @ weight.T + bias, chunk by chunk, for 2-D input (N, H), weight (V, H),
     bias (V,) or None, target (N,) class indices or (N, V) probabilities. reduction: 0 none, 1 mean, 2 sum.
     lse (acc dtype) is differentiable when return_lse. With with_grads (reduction mean or sum), dX, dW, db are
     the gradients of a unit upstream gradient, computed in forward and scaled by backward (not
-    differentiable; None without with_grads). Backward recomputes the chunks when it needs more: a per-row
+    differentiable; not returned without with_grads; db None without bias). Backward recomputes the chunks when it needs more: a per-row
     upstream gradient, the lse's, the targets', or a differentiable result (create_graph)."""
 
     @staticmethod
@@ -125,7 +125,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 return_lse, chunk_bytes, with_grads, backend):
         out = _forward(input, weight, bias, target, class_weight, reduction, ignore_index, label_smoothing, z_loss,
                        softcap, chunk_bytes, with_grads, backend)
-        return out if with_grads else out[:2]  # (no None outputs: torch.compile's backward needs tensors)
+        return out if with_grads else out[:2]  # (no None outputs where it can: torch.compile's backward)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -202,9 +202,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, grad_lse, create_graph):
-    """The gradients of input, weight, bias and target, chunk by chunk: each chunk's logits recomputed and
-    their gradient taken through fusedops.cross_entropy (reduction none, the upstream gradient per row);
-    differentiable when create_graph (the chunks' graphs are then kept: N x V in all)."""
+    """The gradients of input, weight, bias and target, chunk by chunk: each chunk's logits recomputed, and
+    their gradient the kernel's G times each row's upstream gradient, or, for the lse's or the targets'
+    gradient or a differentiable result (create_graph: the chunks' graphs are then kept, N x V in all),
+    taken through fusedops.cross_entropy."""
     reduction, ignore_index, eps, z_loss, softcap = ctx.options
     need_input, need_weight, need_bias, need_target = ctx.needs_input_grad[:4]
     N, V = input.shape[0], weight.shape[0]
@@ -292,7 +293,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
     None. target: class indices shaped like input without its last dimension (int64, int32 or uint8), or
     class probabilities shaped like the logits (..., V). class_weight: (V,) class weights (the `weight` of
     torch's cross_entropy). reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, backend:
-    as fusedops.cross_entropy's. chunk_bytes: the most bytes one chunk of logits takes (default 32 MiB):
+    as fusedops.cross_entropy's. chunk_bytes: the most bytes one chunk of logits takes (default 64 MiB):
     peak memory beyond the gradients is about one chunk. Accumulation is in fp32 for bf16 and fp16.
     process_group: a torch.distributed group over which the vocabulary is split: this process holds the
     rows of weight (and bias, class_weight) of a contiguous shard of the classes, in rank order; target

@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -55,6 +56,15 @@ def bn2d_rows():
 
 
 @pytest.fixture(scope="module")
+def lce_quick(tmp_path_factory):
+    """`--op lce --quick` in this process: its rows (fp32, eager and fusedops, nothing compiled) and the
+    folder it wrote to."""
+    out = tmp_path_factory.mktemp("lce_quick")
+    rows = bench.run(["lce"], out_dir=str(out), quick=True, device="cpu", min_run_time=0.01, log=io.StringIO())["lce"]
+    return rows, out
+
+
+@pytest.fixture(scope="module")
 def resnet_rows():
     """The ResNet training step at a tiny width, batch and image, every variant in both layouts."""
     return bench.run_resnet(CPU, batch=2, image_size=16, width=4, min_run_time=0.01, log=io.StringIO())
@@ -85,9 +95,10 @@ def test_cases_declare_the_issue_shapes():
     assert {(32, 27), (4096, 1024), (1024, 32768), (8192, 8192), (2048, 50257), (512, 131072)} <= set(ce.shapes)
     assert {(32, 64), (65536, 256)} <= set(bn.shapes)
     assert ce.per_call_shapes == ((32, 27),) and bn.per_call_shapes == ((32, 64),)
-    for op in cases.OPERATORS.values():
+    for name, op in cases.OPERATORS.items():
         assert set(op.per_call_shapes) <= set(op.shapes) & set(op.quick_shapes)
-        assert set(op.quick_shapes) <= set(op.shapes)
+        if name != "lce":  # its full shapes take seconds a call: --quick runs a small sweep of V instead
+            assert set(op.quick_shapes) <= set(op.shapes)
     assert "fusedops cpp in-place" in bench.provider_names("ce", CPU)
     assert {cases.TORCH_LAYERS, cases.COMPILE, "fusedops layers"} <= set(bench.provider_names("train", CPU))
 
@@ -284,6 +295,106 @@ def test_cross_entropy_targets_are_judged_as_stated():
     # 32x27: a row's loss and logsumexp are a tenth of an fp32 row of 27 logits, within the slack
     count, row = judged("32x27", "fusedops cpp in-place", 1.0, 12 * 32 / 2**20, "plain", input_mb=32 * 27 * 4 / 2**20)
     assert count.startswith("2 of 2 hold") and "0.00 ≤ 0.1 input ✓" in row
+
+
+def test_lce_declares_the_issue_cases():
+    """Linear cross-entropy: the issue's (N, H, V) in fp32 and bf16, a sweep of V at N=4096, H=512 in fp32,
+    forward+backward only, no copy floor; eager, torch.compile, cut-cross-entropy (where it imports; not at
+    the sweep's extra points) and fusedops; the targets at the issue's shapes: faster than eager and at most
+    15% of eager's peak extra memory, torch.compile not judged; none at the sweep's extra points."""
+    lce = cases.OPERATORS["lce"]
+    fp32, both = [torch.float32], [torch.float32, torch.bfloat16]
+    issue = [(4096, 512, 50257), (8192, 768, 32000)]
+    assert set(issue) <= set(lce.shapes) and lce.modes == (bench.FWD_BWD,) and not lce.floor
+    sweep = [s for s in lce.shapes if s[:2] == (4096, 512)]
+    assert len(sweep) >= 4 and {8192, 32000, 50257} <= {s[2] for s in sweep}
+    for shape in lce.shapes:
+        assert lce.dtypes(shape, both) == (both if shape in issue else fp32)
+        assert lce.plan(shape) == {"": (bench.FWD_BWD,)}
+        names = cases.linear_cross_entropy_providers(shape, CPU, "")
+        peers = [cases.CCE] if shape in issue and cases.cut_cross_entropy()[0] is not None else []
+        assert list(names) == [cases.EAGER, cases.COMPILE, *peers, "fusedops cpp"]
+        assert lce.targets(shape, "", "fusedops cpp") == (
+            cases.Targets(1.0, peak_vs_eager=0.15, faster_than_compile=False) if shape in issue
+            else cases.Targets(faster_than_compile=False))
+    assert cases.FLOOR not in bench.provider_names("lce", CPU)
+    assert bench.sweep_of([bench.Result("lce", bench.shape_name(s), "", d, bench.FWD_BWD, cases.EAGER, 1.0, 0.0)
+                           for s in lce.shapes for d in ("fp32", "bf16")], 2)[1] == sorted(s[2] for s in sweep)
+
+
+def test_lce_providers_compute_the_same():
+    """Eager's loss and gradients (x, W), from fusedops and from torch.compile's entry run eagerly (nothing
+    compiled here: cut-cross-entropy compiles itself, so it is left out), in fp32."""
+    x, args, grad_out = cases.linear_cross_entropy_inputs((64, 16, 100), torch.float32, CPU, "")
+    weight, target = args
+    assert weight.requires_grad and target.dtype == torch.int64 and grad_out is None
+    results = {}
+    for name, (fn, params) in cases.linear_cross_entropy_providers((64, 16, 100), CPU, "").items():
+        if name == cases.CCE:
+            continue
+        xi = x.clone().requires_grad_()
+        loss = fn(xi, *args)
+        results[name] = (loss.detach(), *torch.autograd.grad(loss, [xi, weight, *params]))
+    assert set(results) == {cases.EAGER, cases.COMPILE, "fusedops cpp"}
+    for name, got in results.items():
+        torch.testing.assert_close(got, results[cases.EAGER], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_lce_quick(lce_quick):
+    """--quick: its sweep of V in fp32, eager and fusedops (nothing compiled, cut-cross-entropy said so); eager
+    holds at least the logits and their gradient, fusedops less; the table with the memory against eager's,
+    the targets' table (none at these shapes), the CSV and the plot written."""
+    rows, out = lce_quick
+    lce = cases.OPERATORS["lce"]
+    assert sorted({r.shape for r in rows}) == sorted(bench.shape_name(s) for s in lce.quick_shapes)
+    for shape in lce.quick_shapes:
+        check_rows([r for r in rows if r.shape == bench.shape_name(shape)], [cases.EAGER, "fusedops cpp"],
+                   [bench.FWD_BWD])
+        eager, fused = (next(r for r in rows if r.shape == bench.shape_name(shape) and r.provider == p)
+                        for p in (cases.EAGER, "fusedops cpp"))
+        logits_mb = shape[0] * shape[2] * 4 / 2**20
+        assert eager.peak_mb >= 2 * logits_mb and 0 < fused.peak_mb < eager.peak_mb
+    assert sorted(os.listdir(out)) == [f"linear_cross_entropy.{ext}" for ext in ("csv", "md", "png")]
+    text = (out / "linear_cross_entropy.md").read_text()
+    assert "`python bench/run.py --op lce --quick --device cpu`" in text and "the median of at least 3" in text
+    assert ("cut-cross-entropy: not run (--quick compiles nothing)." in text) == (
+        cases.cut_cross_entropy()[0] is not None)
+    assert "in brackets, the fraction of eager's" in text and "copy floor" not in text
+    targets = text.split("## Targets")[1]
+    assert targets.count("(no target)") == 3 * 2 and "| peak extra memory / eager's |" in targets
+    with open(out / "linear_cross_entropy.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (out / "linear_cross_entropy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lce_targets_are_judged_as_stated():
+    """At the issue's shapes: a speed-up of at least 1 against eager, fusedops' peak extra memory at most 15%
+    of eager's in the same run; torch.compile's speed-up shown, not counted."""
+    def judged(fused_ms, fused_peak, shape="4096x512x50257"):
+        rows = [bench.Result("lce", shape, "", "fp32", bench.FWD_BWD, name, ms, 0.0, peak_mb=peak, input_mb=8.0)
+                for name, ms, peak in ((cases.EAGER, 5000.0, 2400.0), (cases.COMPILE, 4000.0, 1600.0),
+                                       ("fusedops cpp", fused_ms, fused_peak))]
+        lines = bench.target_lines("lce", bench.add_ratios(rows, cases.EAGER), ["fusedops cpp"])
+        return lines[2], lines[-1]
+
+    count, row = judged(4500.0, 0.15 * 2400)
+    assert count.startswith("2 of 2 hold") and "1.11× ≥ 1.00× ✓" in row and "0.89× (no target)" in row
+    assert "15.0% ≤ 15% ✓" in row
+    count, row = judged(5100.0, 0.16 * 2400)
+    assert count.startswith("0 of 2 hold") and "0.98× < 1.00× ✗" in row and "16.0% > 15% ✗" in row
+    count, row = judged(2000.0, 240.0, shape="4096x512x8192")  # the sweep: shown, not judged
+    assert count.startswith("0 of 0 hold") and "2.50× (no target)" in row and "10.0% (no target)" in row
+
+
+def test_slow_calls_are_measured_one_call_each():
+    """A call longer than min_run_time is a measurement by itself: min_runs calls, none spent on estimating."""
+    calls = []
+
+    def slow():
+        calls.append(None)
+        time.sleep(0.02)
+    median, iqr = bench.measure(slow, CPU, min_run_time=0.01, min_runs=3)
+    assert len(calls) == 3 and median >= 20 and iqr >= 0
 
 
 def test_resnet_step(resnet_rows, tmp_path):
