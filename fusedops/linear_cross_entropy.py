@@ -175,9 +175,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 d_logits = d_logits + x @ weight_t.t()
             if bias_t is not None:
                 d_logits = d_logits + bias_t
-            y = logits.to(lse.dtype) if softcap is None else softcap * torch.tanh(logits.to(lse.dtype) / softcap)
-            dy = d_logits.to(lse.dtype) * (1.0 if softcap is None else 1 - (y / softcap) ** 2)  # tanh' = 1 - tanh^2
-            lse_t.append((torch.exp(y - lse[start:stop, None]) * dy).sum(1))  # d lse = <p, dy>
+            y, dy_dx = _capped(logits, lse.dtype, softcap)
+            lse_t.append((torch.exp(y - lse[start:stop, None]) * dy_dx * d_logits.to(lse.dtype)).sum(1))  # <p, dy>
             kernels(ctx.backend, input).cross_entropy_forward_inplace(logits, target[start:stop], class_weight, NONE,
                                                                      ignore_index, eps, z_loss, softcap)
             row_t.append((logits.to(lse.dtype) * d_logits.to(lse.dtype)).sum(1))  # d loss_i = <G_i, dZ_i>
@@ -203,9 +202,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, grad_lse, create_graph):
     """The gradients of input, weight, bias and target, chunk by chunk: each chunk's logits recomputed, and
-    their gradient the kernel's G times each row's upstream gradient, or, for the lse's or the targets'
-    gradient or a differentiable result (create_graph: the chunks' graphs are then kept, N x V in all),
-    taken through fusedops.cross_entropy."""
+    their gradient the kernel's G times each row's upstream gradient (plus p dy/dx times the lse's), or, for
+    a differentiable result (create_graph: the chunks' graphs are then kept, N x V in all), taken through
+    fusedops.cross_entropy."""
     reduction, ignore_index, eps, z_loss, softcap = ctx.options
     need_input, need_weight, need_bias, need_target = ctx.needs_input_grad[:4]
     N, V = input.shape[0], weight.shape[0]
@@ -224,16 +223,24 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
     db = input.new_zeros(V, dtype=acc) if in_place and need_bias else None
     for start, stop in _chunks(N, _chunk_rows(V, input.dtype, ctx.chunk_bytes)):
         x, t = input[start:stop], target[start:stop]
-        if grad_lse is None and not need_target and not create_graph:  # G from the kernel, times the row's gradient
-            with torch.no_grad():
-                d_logits = F.linear(x, weight, bias)
-            kernels(ctx.backend, input).cross_entropy_forward_inplace(d_logits, t, class_weight, NONE, ignore_index,
-                                                                     eps, z_loss, softcap)
-            upstream = row_grad[start:stop, None]
-            d_logits = d_logits.mul_(upstream) if in_place else d_logits * upstream  # dZ = G * upstream
-        else:
+        if create_graph:
             d_logits, d_target = _chunk_vjp(ctx, x, weight, bias, t, class_weight, row_grad[start:stop],
                                             None if grad_lse is None else grad_lse[start:stop])
+        else:  # G from the kernel, times the row's upstream gradient
+            with torch.no_grad():
+                d_logits = F.linear(x, weight, bias)
+            if grad_lse is not None or need_target:  # the capped logits, before the kernel writes G over them
+                y, dy_dx = _capped(d_logits, acc, softcap)
+            _, lse = kernels(ctx.backend, input).cross_entropy_forward_inplace(d_logits, t, class_weight, NONE,
+                                                                              ignore_index, eps, z_loss, softcap)
+            upstream = row_grad[start:stop, None]
+            d_logits = d_logits.mul_(upstream) if in_place else d_logits * upstream  # dZ = G * upstream
+            if grad_lse is not None:  # + d lse / dZ = p dy/dx, times the lse's upstream gradient
+                d_logits = d_logits + (torch.exp(y - lse[:, None]) * dy_dx
+                                       * grad_lse[start:stop, None]).to(d_logits.dtype)
+            if need_target:  # d loss_i / d q_ij = (1-eps) w_j (lse_i - y_ij), times the row's upstream gradient
+                w = 1.0 if class_weight is None else class_weight.to(acc)
+                d_target = ((1 - eps) * w * (lse[:, None] - y) * upstream).to(t.dtype)
         if need_target:
             dT.append(d_target)
         if need_input:
@@ -252,9 +259,19 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
         (torch.cat(dT) if dT else torch.zeros_like(target)) if need_target else None
 
 
+def _capped(logits, dtype, softcap):
+    """y = softcap * tanh(x / softcap) (Gemma 2; or y = x) in dtype, and dy/dx = 1 - (y / softcap)^2 (or 1);
+    y is never the logits themselves (the kernel may write over them next)."""
+    x = logits.to(dtype, copy=True)
+    if softcap is None:
+        return x, 1.0
+    y = softcap * torch.tanh(x / softcap)
+    return y, 1 - (y / softcap) ** 2
+
+
 def _chunk_vjp(ctx, x, weight, bias, target, class_weight, row_grad, lse_grad):
     """A chunk's (dZ, d target) through fusedops.cross_entropy (reduction none, return_lse) by torch.func.vjp,
-    for the upstream gradients of its rows' losses and lse: differentiable when the caller's graph is kept."""
+    for the upstream gradients of its rows' losses and lse, differentiable (double backward)."""
     reduction, ignore_index, eps, z_loss, softcap = ctx.options
 
     def loss_and_lse(logits, target):

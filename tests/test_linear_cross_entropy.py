@@ -607,17 +607,19 @@ def test_module_rejects_mismatched_hidden_size():
 
 # --- torch.compile ----------------------------------------------------------------------------------------
 
-def test_compile_fullgraph_forward_backward_as_eager():
-    """One graph: the loss and the gradients of input, weight and bias, as eager's; a second batch size. (With
-    return_lse, backward recomputes the chunks through torch.func.vjp, which torch.compile does not trace.)"""
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_compile_fullgraph_forward_backward_as_eager(return_lse):
+    """One graph: the loss (+ the lse) and the gradients of input, weight and bias, as eager's; a second batch
+    size."""
     torch._dynamo.reset()
     V = 9
     _, W, b = make(1, 5, V, dtype=F32, scale=2.0)
     kw = dict(class_weight=class_weights(V, dtype=F32), label_smoothing=0.1, z_loss=0.01, softcap=3.0,
-              chunk_bytes=chunk(V, F32))
+              chunk_bytes=chunk(V, F32), return_lse=return_lse)
 
     def step(x, W, t, b):
-        return fused(x * 2, W, t, b, **kw) * 3
+        out = fused(x * 2, W, t, b, **kw)
+        return out[0] * 3 + out[1].sum() if return_lse else out * 3
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for N, seed in ((7, 13), (11, 14)):
