@@ -544,7 +544,8 @@ def _at_most(holds, value, target, value_format, target_format, unit=""):
     if target is None:
         return f"{value_format.format(value)}{unit} (no target)"
     holds.append(value <= target)
-    return f"{value_format.format(value)} {'≤' if holds[-1] else '>'} {target_format.format(target)} {MARK[holds[-1]]}"
+    sign = "≤" if holds[-1] else ">"
+    return f"{value_format.format(value)} {sign} {target_format.format(target)} {MARK[holds[-1]]}"
 
 
 def target_lines(op, rows, fused):

@@ -7,6 +7,5 @@ from .linear_cross_entropy import LinearCrossEntropy, LinearCrossEntropyFunction
 from .sync_batch_norm import SyncBatchNorm, SyncBatchNormFunction, convert_sync_batchnorm
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "CrossEntropyFunction", "linear_cross_entropy", "LinearCrossEntropy",
-           "LinearCrossEntropyFunction", "batch_norm", "BatchNorm1d", "BatchNorm2d",
-           "BatchNorm3d", "BatchNormFunction", "SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "convert_batchnorm",
-           "errors"]
+           "LinearCrossEntropyFunction", "batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction",
+           "SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "convert_batchnorm", "errors"]

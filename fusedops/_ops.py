@@ -78,16 +78,18 @@ def kernels(backend, tensor):
     return torch.ops.fusedops
 
 
-def check_backend(backend, tensor):
-    """backend is None, "cpp" (CPU tensors) or "triton" (CUDA tensors; CPU ones under TRITON_INTERPRET=1)."""
+def check_backend(backend, tensor, op=None):
+    """backend is None, "cpp" (CPU tensors) or "triton" (CUDA tensors; CPU ones under TRITON_INTERPRET=1); op,
+    when given, names the function in the messages."""
     if backend is None:
         return
+    prefix = "" if op is None else f"{op}: "
     if backend not in BACKENDS:
-        raise ArgumentValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        raise ArgumentValueError(f"{prefix}backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "cpp" and tensor.device.type != "cpu":
-        raise ArgumentValueError(f"backend='cpp' runs on CPU tensors, got a tensor on {tensor.device}")
+        raise ArgumentValueError(f"{prefix}backend='cpp' runs on CPU tensors, got a tensor on {tensor.device}")
     if backend == "triton" and tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ArgumentValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 "
+        raise ArgumentValueError(f"{prefix}backend='triton' on CPU tensors needs TRITON_INTERPRET=1 "
                                  "(set before triton is first imported)")
 
 

@@ -207,6 +207,16 @@ def _mean_scale(target, weight, ignore_index):
     return torch.where(kept.any(), 1 / divisor, 0.0)
 
 
+def capped(logits, dtype, softcap):
+    """y = softcap * tanh(x / softcap) (Gemma 2's soft-capping; y = x without) in dtype, and dy/dx = 1 - (y /
+    softcap)^2 (tanh' = 1 - tanh^2; 1 without). y may be the logits themselves."""
+    x = logits.to(dtype)
+    if softcap is None:
+        return x, 1.0
+    y = softcap * torch.tanh(x / softcap)
+    return y, 1 - (y / softcap) ** 2
+
+
 class _Rows:
     """The per-row quantities of the derivatives beyond G, from torch ops (so themselves differentiable):
     p, dy/dx and the Hessian-vector product. p comes from the logits when they were kept, else from G:
@@ -231,16 +241,14 @@ class _Rows:
                       torch.ones((), dtype=torch.float64, device=grad.device)).to(acc)
         self.lse = lse.unsqueeze(1)
         if logits is not None:
-            x = logits.to(acc)
-            self.y = x if softcap is None else softcap * torch.tanh(x / softcap)  # Gemma 2 soft-capping
+            self.y, self.dy_dx = capped(logits, acc, softcap)
             self.lse = torch.logsumexp(self.y, 1, keepdim=True)  # again: differentiable
             self.p = torch.exp(self.y - self.lse)
-        else:
-            self.y = None
+        else:  # (no softcap: it keeps the logits)
+            self.y, self.dy_dx = None, 1.0
             A = torch.where(self.A == 0, 1, self.A)
             self.p = torch.where(self.A == 0, 0, (grad.to(acc) / torch.where(self.scale == 0, 1, self.scale)
                                                   + self.wq) / A)
-        self.dy_dx = 1.0 if softcap is None else 1 - (self.y / softcap) ** 2  # tanh' = 1 - tanh^2
         self.dtype = grad.dtype
 
     def hessian_vp(self, v):
@@ -348,20 +356,20 @@ def shaped(loss, lse, code, out_shape, return_lse):
     return (loss, lse.reshape(out_shape).to(loss.dtype)) if return_lse else loss
 
 
-def _vocab_group(logits, process_group, vocab_size, inplace_backward):
+def _vocab_group(logits, process_group, vocab_size, inplace_backward, op="cross_entropy"):
     """The group the classes are split over, or None (one process: the logits hold all vocab_size classes)."""
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
-        raise ArgumentTypeError(f"cross_entropy: vocab_size must be an int or None, got {vocab_size!r}")
+        raise ArgumentTypeError(f"{op}: vocab_size must be an int or None, got {vocab_size!r}")
     group = None if process_group is None else sync_group(process_group)
     V = logits.shape[1 if logits.dim() > 1 else 0]
     if group is None and V == 0:  # only a shard of a split may be empty
-        raise ArgumentEmptyError(f"cross_entropy: logits must have at least one class when the classes are not split "
+        raise ArgumentEmptyError(f"{op}: logits must have at least one class when the classes are not split "
                                  f"across processes, got shape {tuple(logits.shape)}")
     if group is None and vocab_size is not None and vocab_size != V:
-        raise ArgumentValueError(f"cross_entropy: vocab_size={vocab_size} but the logits have {V} classes, not split "
+        raise ArgumentValueError(f"{op}: vocab_size={vocab_size} but the logits have {V} classes, not split "
                                  "across processes")
     if group is not None and inplace_backward:
-        raise ArgumentValueError("cross_entropy: inplace_backward=True cannot be used with a process_group that "
+        raise ArgumentValueError(f"{op}: inplace_backward=True cannot be used with a process_group that "
                                  "splits the classes (the gradient comes from autograd there)")
     return group
 
@@ -379,84 +387,84 @@ def _check_inplace(logits, return_lse):
                                  f"{logits.stride()}")
 
 
-def _check_number(name, value, low, allow_low):
+def _check_number(name, value, low, allow_low, op):
     """A real number (not a bool), finite, above `low` (or equal to it when allow_low)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"cross_entropy: {name} must be a float, got {value!r}")
+        raise ArgumentTypeError(f"{op}: {name} must be a float, got {value!r}")
     if not low <= value < math.inf or (value == low and not allow_low):  # comparisons: SymFloat-safe, NaN fails
-        raise ArgumentValueError(f"cross_entropy: {name} must be a finite number {'>=' if allow_low else '>'} "
+        raise ArgumentValueError(f"{op}: {name} must be a finite number {'>=' if allow_low else '>'} "
                                  f"{low}, got {value}")
 
 
-def _check_target(logits, target, ignore_index):
+def _check_target(logits, target, ignore_index, op):
     if not isinstance(target, Tensor):
-        raise ArgumentTypeError(f"cross_entropy: target must be a tensor, got {type(target)}")
+        raise ArgumentTypeError(f"{op}: target must be a tensor, got {type(target)}")
     if target.device != logits.device:
-        raise ArgumentValueError(f"cross_entropy: target is on {target.device} but logits on {logits.device}")
+        raise ArgumentValueError(f"{op}: target is on {target.device} but logits on {logits.device}")
     if target.is_floating_point():  # class probabilities
         if target.dtype != logits.dtype:
-            raise ArgumentTypeError(f"cross_entropy: a probability target must have the logits' dtype "
+            raise ArgumentTypeError(f"{op}: a probability target must have the logits' dtype "
                                     f"{logits.dtype}, got {target.dtype} (argument 'target')")
         if target.shape != logits.shape:
-            raise ArgumentValueError(f"cross_entropy: target has shape {tuple(target.shape)} but logits of shape "
+            raise ArgumentValueError(f"{op}: target has shape {tuple(target.shape)} but logits of shape "
                                      f"{tuple(logits.shape)} need the same shape for class probabilities")
         if ignore_index != -100:
-            raise ArgumentValueError(f"cross_entropy: ignore_index={ignore_index} is not supported with class-"
+            raise ArgumentValueError(f"{op}: ignore_index={ignore_index} is not supported with class-"
                                      "probability targets (argument 'target' is floating-point)")
         return
     if target.dtype not in INDEX_DTYPES:
-        raise ArgumentTypeError(f"cross_entropy: target must be class indices (int64, int32 or uint8) or class "
+        raise ArgumentTypeError(f"{op}: target must be class indices (int64, int32 or uint8) or class "
                                 f"probabilities (floating point), got {target.dtype}")
     expected = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else torch.Size([])
     if target.shape != expected:
-        raise ArgumentValueError(f"cross_entropy: target has shape {tuple(target.shape)} but logits of shape "
+        raise ArgumentValueError(f"{op}: target has shape {tuple(target.shape)} but logits of shape "
                                  f"{tuple(logits.shape)} need {tuple(expected)}")
 
 
-def _check_weight(logits, weight, name):
+def _check_weight(logits, weight, name, op):
     if weight is None:
         return
     if not isinstance(weight, Tensor):
-        raise ArgumentTypeError(f"cross_entropy: {name} must be a tensor or None, got {type(weight)}")
+        raise ArgumentTypeError(f"{op}: {name} must be a tensor or None, got {type(weight)}")
     V = logits.shape[1 if logits.dim() > 1 else 0]
     if weight.shape != (V,):
-        raise ArgumentValueError(f"cross_entropy: {name} must have shape ({V},), one per class, got "
+        raise ArgumentValueError(f"{op}: {name} must have shape ({V},), one per class, got "
                                  f"{tuple(weight.shape)}")
     if weight.dtype != logits.dtype:
-        raise ArgumentTypeError(f"cross_entropy: {name} must have the logits' dtype {logits.dtype}, got "
+        raise ArgumentTypeError(f"{op}: {name} must have the logits' dtype {logits.dtype}, got "
                                 f"{weight.dtype}")
     if weight.device != logits.device:
-        raise ArgumentValueError(f"cross_entropy: {name} is on {weight.device} but logits on {logits.device}")
+        raise ArgumentValueError(f"{op}: {name} is on {weight.device} but logits on {logits.device}")
 
 
 def _check_args(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse,
-                backend, weight_name="weight", split=False):
+                backend, weight_name="weight", split=False, op="cross_entropy"):
     """Every argument check of cross_entropy, one message each. The kernels check the targets' range:
     the C++ kernel before it writes anything, the Triton kernel by a device-side assert (as PyTorch's
     CUDA kernel), so that no value is read on the host. split: the classes are split across processes,
     and this one's shard may hold none."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise (ArgumentDtypeError if isinstance(logits, Tensor) else ArgumentTypeError)(
-            f"cross_entropy: logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
+            f"{op}: logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
     if logits.dim() == 0 or (logits.shape[1 if logits.dim() > 1 else 0] == 0 and not split):
-        raise ArgumentEmptyError(f"cross_entropy: logits must have at least one class, got shape "
+        raise ArgumentEmptyError(f"{op}: logits must have at least one class, got shape "
                                  f"{tuple(logits.shape)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
-        raise ArgumentTypeError(f"cross_entropy: ignore_index must be an int, got {ignore_index!r}")
-    _check_target(logits, target, ignore_index)
-    _check_weight(logits, weight, weight_name)
+        raise ArgumentTypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    _check_target(logits, target, ignore_index, op)
+    _check_weight(logits, weight, weight_name, op)
     if reduction not in REDUCTIONS:
-        raise ArgumentValueError(f"cross_entropy: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
+        raise ArgumentValueError(f"{op}: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise ArgumentTypeError(f"cross_entropy: label_smoothing must be a float, got {label_smoothing!r}")
+        raise ArgumentTypeError(f"{op}: label_smoothing must be a float, got {label_smoothing!r}")
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ArgumentValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
-    _check_number("z_loss", z_loss, 0.0, allow_low=True)
+        raise ArgumentValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    _check_number("z_loss", z_loss, 0.0, allow_low=True, op=op)
     if softcap is not None:
-        _check_number("softcap", softcap, 0.0, allow_low=False)
+        _check_number("softcap", softcap, 0.0, allow_low=False, op=op)
     if not isinstance(return_lse, bool):
-        raise ArgumentTypeError(f"cross_entropy: return_lse must be a bool, got {return_lse!r}")
-    check_backend(backend, logits)
+        raise ArgumentTypeError(f"{op}: return_lse must be a bool, got {return_lse!r}")
+    check_backend(backend, logits, op)
 
 
 class CrossEntropyLoss(nn.Module):

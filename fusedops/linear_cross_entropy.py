@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ._ops import acc_dtype, batched_first, fast_apply, kernels
 from .cross_entropy import (MEAN, NONE, REDUCTIONS, SUM, _check_args, _keeps_graph, _mean_scale, _vocab_group,
-                            cross_entropy, shaped)
+                            capped, cross_entropy, shaped)
 from .errors import ArgumentTypeError, ArgumentValueError
 
 CHUNK_BYTES = 64 * 2**20  # default: the most bytes one chunk of logits takes
@@ -117,8 +117,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     bias (V,) or None, target (N,) class indices or (N, V) probabilities. reduction: 0 none, 1 mean, 2 sum.
     lse (acc dtype) is differentiable when return_lse. With with_grads (reduction mean or sum), dX, dW, db are
     the gradients of a unit upstream gradient, computed in forward and scaled by backward (not
-    differentiable; not returned without with_grads; db None without bias). Backward recomputes the chunks when it needs more: a per-row
-    upstream gradient, the lse's, the targets', or a differentiable result (create_graph)."""
+    differentiable; not returned without with_grads; db None without bias), and consumed by it: scaled in place
+    unless the graph is retained. Backward recomputes the chunks
+    when it needs more: a per-row upstream gradient, the lse's, the targets', or a differentiable result
+    (create_graph)."""
 
     @staticmethod
     def forward(input, weight, bias, target, class_weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
@@ -175,8 +177,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 d_logits = d_logits + x @ weight_t.t()
             if bias_t is not None:
                 d_logits = d_logits + bias_t
-            y, dy_dx = _capped(logits, lse.dtype, softcap)
-            lse_t.append((torch.exp(y - lse[start:stop, None]) * dy_dx * d_logits.to(lse.dtype)).sum(1))  # <p, dy>
+            if ctx.return_lse:  # d lse = <p, dy>
+                y, dy_dx = capped(logits, lse.dtype, softcap)
+                lse_t.append((torch.exp(y - lse[start:stop, None]) * dy_dx * d_logits.to(lse.dtype)).sum(1))
             kernels(ctx.backend, input).cross_entropy_forward_inplace(logits, target[start:stop], class_weight, NONE,
                                                                      ignore_index, eps, z_loss, softcap)
             row_t.append((logits.to(lse.dtype) * d_logits.to(lse.dtype)).sum(1))  # d loss_i = <G_i, dZ_i>
@@ -229,8 +232,9 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
         else:  # G from the kernel, times the row's upstream gradient
             with torch.no_grad():
                 d_logits = F.linear(x, weight, bias)
-            if grad_lse is not None or need_target:  # the capped logits, before the kernel writes G over them
-                y, dy_dx = _capped(d_logits, acc, softcap)
+            if grad_lse is not None or need_target:  # the capped logits, kept from the kernel's write of G
+                y, dy_dx = capped(d_logits, acc, softcap)
+                y = y.clone() if y is d_logits else y
             _, lse = kernels(ctx.backend, input).cross_entropy_forward_inplace(d_logits, t, class_weight, NONE,
                                                                               ignore_index, eps, z_loss, softcap)
             upstream = row_grad[start:stop, None]
@@ -257,16 +261,6 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
     return (torch.cat(dX) if dX else empty_rows) if need_input else None, \
         _finish(_cast(dW, weight), weight, need_weight), _finish(db, bias, need_bias), \
         (torch.cat(dT) if dT else torch.zeros_like(target)) if need_target else None
-
-
-def _capped(logits, dtype, softcap):
-    """y = softcap * tanh(x / softcap) (Gemma 2; or y = x) in dtype, and dy/dx = 1 - (y / softcap)^2 (or 1);
-    y is never the logits themselves (the kernel may write over them next)."""
-    x = logits.to(dtype, copy=True)
-    if softcap is None:
-        return x, 1.0
-    y = softcap * torch.tanh(x / softcap)
-    return y, 1 - (y / softcap) ** 2
 
 
 def _chunk_vjp(ctx, x, weight, bias, target, class_weight, row_grad, lse_grad):
@@ -321,13 +315,11 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
     prob = target.is_floating_point()
     # the logits' shape without the logits, (N, V, d1, ...) as cross_entropy takes them: one element (checks only)
     logits_like = input.new_empty(()).expand(*input.shape[:-1], V).movedim(-1, min(1, input.dim() - 1))
-    try:  # cross_entropy's checks of the loss options, in this function's name
-        _check_args(logits_like, target.movedim(-1, 1) if prob and target.dim() > 1 else target, class_weight,
-                    reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, backend,
-                    weight_name="class_weight", split=process_group is not None)
-        group = _vocab_group(logits_like, process_group, vocab_size, False)
-    except (ValueError, TypeError) as e:
-        raise type(e)("linear_cross_entropy: " + str(e).removeprefix("cross_entropy: ")) from None
+    # cross_entropy's checks of the loss options, in this function's name
+    _check_args(logits_like, target.movedim(-1, 1) if prob and target.dim() > 1 else target, class_weight,
+                reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, backend,
+                weight_name="class_weight", split=process_group is not None, op="linear_cross_entropy")
+    group = _vocab_group(logits_like, process_group, vocab_size, False, op="linear_cross_entropy")
     code = REDUCTIONS[reduction]
     out_shape = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])

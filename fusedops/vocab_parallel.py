@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ._collectives import all_reduce
 from ._ops import acc_dtype
-from .cross_entropy import MEAN, NONE
+from .cross_entropy import MEAN, NONE, capped
 from .errors import ArgumentIndexError, ArgumentValueError
 
 
@@ -100,9 +100,7 @@ def linear_cross_entropy(input, weight, target, bias, class_weight, reduction_co
 
 def _loss(logits, target, weight, code, ignore_index, eps, z_loss, softcap, return_lse, group, vocab_size, name):
     """cross_entropy's (loss, lse); `name` is the op errors name."""
-    y = logits.to(acc_dtype(logits.dtype))
-    if softcap is not None:
-        y = softcap * torch.tanh(y / softcap)  # Gemma 2 soft-capping
+    y, _ = capped(logits, acc_dtype(logits.dtype), softcap)
     M, sizes = _max_and_sizes(y.detach(), group, name)
     V = sizes.sum()
     _check(sizes, V, target, ignore_index, vocab_size, name)

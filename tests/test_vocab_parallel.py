@@ -171,7 +171,8 @@ def _errors(sizes, group):
     out["after"] = module(logits, target), fusedops.cross_entropy(logits, target, process_group=group)
     head = fusedops.LinearCrossEntropy(H, cols.stop - cols.start, process_group=group, vocab_size=V)
     head.weight.data.copy_(weight)
-    out["linear module"] = head(input, target), fusedops.linear_cross_entropy(input, weight, target, process_group=group)
+    out["linear module"] = (head(input, target),
+                            fusedops.linear_cross_entropy(input, weight, target, process_group=group))
     return out
 
 
