@@ -741,8 +741,9 @@ def run(ops=OPS, *, out_dir=None, quick=False, device=None, min_run_time=None, d
             if operator.min_runs:
                 settings += (f" (a call longer than that is a measurement by itself), the median of at least "
                              f"{operator.min_runs}")
-            notes = [f"{name}: not run (--quick compiles nothing)." if name in cfg["skip"] else note
-                     for name, note in (operator.notes(device) if operator.notes else {}).items()]
+            # (a peer that does not import says so, whatever the settings)
+            notes = [f"{name}: not run (--quick compiles nothing)." if name in cfg["skip"] and "not run" not in note
+                     else note for name, note in (operator.notes(device) if operator.notes else {}).items()]
         # others' work on the machine skews the times (the run itself adds about its threads): say how busy it was
         about = (f"{machine(device)}, load average {load_before} → {load_average()} (start → end); "
                  f"`python bench/run.py --op {op}{' --quick' if quick else ''} --device {device.type}`, {settings}.")

@@ -41,10 +41,16 @@ def assert_all_close(actual, expected, **tol):
             torch.testing.assert_close(a, e, **tol)
 
 
+def names_file():
+    """names.txt as the main job finds it (data.locate: the working directory, the repository's root, the user's
+    cache, else downloaded and checked against its sha256), so that a clone without the data beside it runs too."""
+    return data.locate(progress=False)
+
+
 @pytest.fixture(scope="session")
 def names():
     """The words of names.txt."""
-    return data.load_words(os.path.join(ROOT, "names.txt"))
+    return data.load_words(names_file())
 
 
 @pytest.fixture(scope="session")

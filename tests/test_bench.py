@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import fusedops
 
 from bench import cases
+from conftest import names_file
 from bench import harness as bench
 from bench import resnet
 
@@ -44,7 +45,7 @@ def ce_rows():
 @pytest.fixture(scope="module")
 def train_rows():
     """Every training variant but torch.compile's (compiling a training step takes most of a minute here)."""
-    return bench.run_train(os.path.join(ROOT, "names.txt"), CPU, steps=5, repeats=2, skip=(cases.COMPILE,),
+    return bench.run_train(names_file(), CPU, steps=5, repeats=2, skip=(cases.COMPILE,),
                            log=io.StringIO())
 
 
@@ -359,6 +360,7 @@ def test_lce_quick(lce_quick):
     assert "`python bench/run.py --op lce --quick --device cpu`" in text and "the median of at least 3" in text
     assert ("cut-cross-entropy: not run (--quick compiles nothing)." in text) == (
         cases.cut_cross_entropy()[0] is not None)
+    assert ("cut-cross-entropy: not run: it does not import" in text) == (cases.cut_cross_entropy()[0] is None)
     assert "in brackets, the fraction of eager's" in text and "copy floor" not in text
     targets = text.split("## Targets")[1]
     assert targets.count("(no target)") == 3 * 2 and "| peak extra memory / eager's |" in targets

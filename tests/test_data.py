@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 
+import conftest
 import pytest
 import torch
 
@@ -165,6 +166,17 @@ def test_lookup_order_is_working_directory_repository_cache_download(server, tmp
     assert data.locate() == "names.txt"
     assert data.locate("words.txt") == "words.txt"  # a path is taken as it is
     assert len(server.requests) == requests + 1
+
+
+def test_the_suite_finds_its_data_as_the_main_job_does(server, tmp_path, monkeypatch, cache):
+    """A fresh clone alone: the root's names.txt a dangling link, nothing in the working directory or the cache.
+    The suite's data (conftest.names_file, behind the `names` fixture) is then downloaded, as train's is."""
+    monkeypatch.setattr(data, "NAMES_URL", server.url + "/names.txt")
+    monkeypatch.setattr(data, "NAMES_SHA256", server.sha256)
+    (tmp_path / "repo" / "names.txt").symlink_to(tmp_path / "nowhere.txt")
+    path = conftest.names_file()
+    assert path == str(cache / "names.txt") and data.load_words(path) == server.text.decode().split()
+    assert server.requests[-1] == "/names.txt"
 
 
 def test_only_the_default_url_is_checked_against_its_sha256(server, monkeypatch, cache):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import names_file
 from fusedops import reference
 from fusedops.makemore import cli
 from fusedops.makemore import model as makemore
@@ -101,7 +101,7 @@ def test_bad_data_is_a_clear_error(tmp_path, content, message):
 
 
 def test_check_compares_the_fused_gradients_with_the_hand_written_ones(capsys):
-    assert cli.main(["check", "--data", f"{ROOT}/names.txt"]) == 0
+    assert cli.main(["check", "--data", names_file()]) == 0
     rows = {line.split("|")[0].strip(): line for line in capsys.readouterr().out.splitlines()[1:]}
     assert set(rows) == set(reference.INTERMEDIATES) | set(reference.PARAMETERS) | {"fused dlogits", "fused dhprebn"}
     for name in ("fused dlogits", "fused dhprebn"):
