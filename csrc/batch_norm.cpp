@@ -476,6 +476,7 @@ Tensor in_layout_of(const Tensor& t, const Tensor& x) {
 
 // An uninitialised tensor shaped like x in x's layout (x contiguous or channels-last).
 Tensor empty_in_layout_of(const Tensor& x) {
+  if (x.numel() == 0) return at::empty_like(x);  // no element says which layout: its strides' (preserve_format)
   if (x.is_contiguous()) return empty_huge(x.sizes(), x.options());
   return empty_huge(x.movedim(1, -1).sizes(), x.options()).movedim(-1, 1);
 }

@@ -93,6 +93,26 @@ def check_backend(backend, tensor, op=None):
                                  "(set before triton is first imported)")
 
 
+def not_differentiable(op, name, what="requires_grad=True"):
+    """The error for an input the op is not differentiable with respect to (class weights, running statistics)
+    that requires grad or has a forward-mode tangent: raised, never a silently dropped derivative."""
+    return ArgumentValueError(f"{op}: not differentiable with respect to {name}, which cannot have {what} "
+                              "(as in PyTorch); detach it")
+
+
+def check_no_grad(op, name, tensor):
+    """PyTorch's rule: such an input must not require grad while grad mode is on."""
+    if tensor is not None and tensor.requires_grad and torch.is_grad_enabled():
+        raise not_differentiable(op, name)
+
+
+def no_tangent(op, names, tangents):
+    """For a jvp rule: raises where such an input has a tangent."""
+    for name, tangent in zip(names, tangents):
+        if tangent is not None:
+            raise not_differentiable(op, name, "a forward-mode tangent")
+
+
 def batched_first(t, dim, size):
     """For a vmap rule: the tensor with its mapped dimension first (expanded when it has none)."""
     return t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)

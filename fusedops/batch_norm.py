@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from torch.nn.modules import batchnorm
 
-from ._ops import acc_dtype, batched_first, check_backend, fast_apply, kernels, register
+from ._ops import (acc_dtype, batched_first, check_backend, check_no_grad, fast_apply, kernels, no_tangent,
+                   not_differentiable, register)
 from .errors import ArgumentDtypeError, ArgumentTypeError, ArgumentValueError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -29,6 +30,8 @@ def is_channels_last(t):
 def empty_like_input(t, dtype=None):
     """An empty tensor shaped like `t` in the layout the kernels write for input `t`: channels-last
     when `t` is, else contiguous (as torch's batch norm, which keeps the input's memory format)."""
+    if t.numel() == 0:  # no element says which layout: its strides' (torch.empty_like's preserve_format)
+        return torch.empty_like(t, dtype=dtype)
     if is_channels_last(t):
         return torch.empty_like(t.movedim(1, -1), dtype=dtype, memory_format=torch.contiguous_format).movedim(-1, 1)
     return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
@@ -116,6 +119,8 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out, *_):
         input, weight, bias, mean, invstd, relu_out = ctx.saved_tensors
         training, unbiased, eps, backend = ctx.options
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            raise not_differentiable("batch_norm", "running_mean and running_var")
         needs = ctx.needs_input_grad[:3] + ctx.needs_input_grad[9:10]
         if grad_out is None:
             return (None,) * 11
@@ -135,6 +140,8 @@ class BatchNormFunction(torch.autograd.Function):
             residual_t, activation_t):
         input, weight, mean, invstd, relu_out = ctx.saved_tensors
         training, unbiased, _, _ = ctx.options
+        if not training:  # (in training the output does not depend on them: their tangent's share is 0)
+            no_tangent("batch_norm", ["running_mean", "running_var"], [running_mean_t, running_var_t])
         dims, shape = _reduced_dims(input)
         mean, invstd = mean.to(invstd.dtype).view(shape), invstd.view(shape)
         xhat = (input - mean) * invstd
@@ -294,6 +301,8 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps, m
         if t.shape != (channels,):
             raise ArgumentValueError(f"batch_norm: {name} has shape {tuple(t.shape)} but input has {channels} "
                                      f"channels, expected ({channels},)")
+        if name.startswith("running"):
+            check_no_grad("batch_norm", name, t)
     if (running_mean is None) != (running_var is None):
         raise ArgumentValueError("batch_norm: running_mean and running_var must both be tensors or both be None, "
                                  f"got running_mean={type(running_mean).__name__}, "

@@ -6,6 +6,8 @@ the probability row; eps: label smoothing):
     loss_i = sum_j w_j q'_ij (lse_i - y_ij) + z_loss * lse_i^2          (0 in an ignored row)
     G_i    = scale * ((W_i + 2 z_loss lse_i) p_i - w q'_i) * dy/dx,     W_i = sum_j w_j q'_ij
 scale = 1/divisor for the mean (the kept targets' summed weight; N for probability targets), 1 otherwise.
+The z-loss term is per token, unweighted: for a weighted mean, cross_entropy scales the class weights by
+K / divisor (K the kept rows' count; z_loss_weight), which makes the divisor K and keeps the weighted part's.
 The forward op returns the loss, G and lse; backward scales G by the upstream gradient. With
 `inplace_backward=True` G is written over the logits.
 """
@@ -16,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ._collectives import sync_group
-from ._ops import acc_dtype, batched_first, check_backend, fast_apply, kernels, register
+from ._ops import (acc_dtype, batched_first, check_backend, check_no_grad, fast_apply, kernels, no_tangent,
+                   not_differentiable, register)
 from .errors import ArgumentDtypeError, ArgumentEmptyError, ArgumentTypeError, ArgumentValueError
 
 NONE, MEAN, SUM = 0, 1, 2  # torch's reduction numbering, as the kernels take it
@@ -67,6 +70,7 @@ def _keeps_graph():
         return True
 
 
+
 class CrossEntropyFunction(torch.autograd.Function):
     """loss, G, lse = CrossEntropyFunction.apply(logits, target, weight, reduction, ignore_index,
     label_smoothing, z_loss, softcap, return_lse, inplace_backward, backend): cross-entropy of (N, V) logits
@@ -76,7 +80,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     logits; backward returns G times the upstream gradient. G is differentiable (its Jacobian is the
     loss's Hessian), which is how double backward goes through it. lse (acc dtype) is the per-row
     logsumexp, differentiable when return_lse is True. The logits are kept for backward only when it
-    needs them: with softcap, return_lse, or probability targets that require grad. With
+    needs them: with softcap, return_lse, or probability targets. With
     inplace_backward=True, G is written over the logits and returned as None (no double backward then).
     Unless the graph is retained, backward scales G in place and hands it out: it is consumed, as the
     saved tensor it is.
@@ -96,7 +100,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         logits, target, weight, reduction, ignore_index, eps, z_loss, softcap, return_lse, inplace, _ = inputs
         grad = logits if inplace else output[1]
-        keep_logits = not inplace and (softcap is not None or return_lse or target.requires_grad)
+        # (probability targets: their derivatives need the logits, and a forward-mode tangent cannot be seen here)
+        keep_logits = not inplace and (softcap is not None or return_lse or target.is_floating_point())
         ctx.save_for_backward(grad, target, weight, output[2], logits if keep_logits else None)
         ctx.save_for_forward(grad, target, weight, output[2], logits if keep_logits else None)
         ctx.options = reduction, ignore_index, eps, z_loss, softcap
@@ -111,6 +116,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_grad, grad_lse):
         grad, target, weight, lse, logits = ctx.saved_tensors
+        if ctx.needs_input_grad[2]:
+            raise not_differentiable("cross_entropy", "weight")
         reduction = ctx.options[0]
         create_graph = torch.is_grad_enabled()
         if create_graph and ctx.inplace:
@@ -129,8 +136,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1] and grad_grad is not None:
             dtarget = _add(dtarget, rows.target_vjp(grad_grad).to(target.dtype))
         if grad_loss is not None:  # G * upstream (per row for reduction none)
-            scale = _per_row(grad_loss, reduction)
             held = ctx.grad_output is not None and ctx.grad_output() is not None
+            scale = _per_row(grad_loss, reduction)
             if torch.compiler.is_compiling() or create_graph or _keeps_graph() or held:
                 first = grad * scale
             else:  # nothing can ask for G again: scale it in place, once, and hand it out
@@ -139,13 +146,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         return dlogits, dtarget, None, None, None, None, None, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, logits_tangent, target_tangent, *_):
+    def jvp(ctx, logits_tangent, target_tangent, weight_tangent, *_):
         grad, target, weight, lse, logits = ctx.saved_tensors
         if ctx.inplace:
             raise RuntimeError("cross_entropy: inplace_backward=True has no forward-mode derivative")
-        if target_tangent is not None and target.is_floating_point() and logits is None:
-            raise RuntimeError("cross_entropy: a forward-mode derivative with respect to probability targets "
-                               "needs them to require grad")
+        no_tangent("cross_entropy", ["weight"], [weight_tangent])
         reduction = ctx.options[0]
         rows = _Rows(grad, target, weight, lse, logits, *ctx.options)
         zeros = logits_tangent is None
@@ -194,17 +199,35 @@ def _per_row(grad_loss, reduction):
     return grad_loss.unsqueeze(1) if reduction == NONE else grad_loss
 
 
-def _mean_scale(target, weight, ignore_index):
-    """1 / the mean's divisor (0 when every target is ignored): the kept targets' summed weight (their
-    count without weights), N for probability targets. Torch ops: no host read."""
+def mean_divisors(target, weight, ignore_index):
+    """(K, D), fp64 on the device: the kept targets' count K and summed weight D (D = K without weights; both N
+    for probability targets). Torch ops: no host read, no host-to-device copy."""
     if target.is_floating_point():
-        return torch.tensor(1.0 / max(target.shape[0], 1), dtype=torch.float64, device=target.device)
-    kept = target != ignore_index
+        n = torch.full((), target.shape[0], dtype=torch.float64, device=target.device)
+        return n, n
+    kept = target.long() != ignore_index  # (long: a uint8 target against a negative ignore_index)
+    count = kept.sum(dtype=torch.float64)
     if weight is None:
-        divisor = kept.sum().double()
-    else:
-        divisor = torch.where(kept, weight[torch.where(kept, target, 0).long()].double(), 0).sum()
-    return torch.where(kept.any(), 1 / divisor, 0.0)
+        return count, count
+    # (clamped: a target out of range makes the kernels raise, or give its row NaN)
+    w_t = weight.index_select(0, target.long().clamp(0, weight.shape[0] - 1))
+    return count, torch.where(kept, w_t, 0).sum(dtype=torch.float64)
+
+
+def _mean_scale(target, weight, ignore_index):
+    """1 / the mean's divisor D (0 when every target is ignored): the kept targets' summed weight (their
+    count without weights), N for probability targets."""
+    count, divisor = mean_divisors(target, weight, ignore_index)
+    return torch.where(count > 0, 1 / divisor, 0.0)
+
+
+def z_loss_weight(target, weight, ignore_index):
+    """The class weights of a weighted mean with z-loss, scaled so that its divisor becomes the kept count K:
+    w' = w K / D. The weighted cross-entropy then still divides by D, and the z-loss, a per-token term, by K:
+        loss = sum_i w_{t_i} ce_i / D + z_loss * sum_i lse_i^2 / K        (kept rows i)
+    (PaLM's z-loss averages over tokens, unweighted.) A divisor D of 0 leaves the weights as they are."""
+    count, divisor = mean_divisors(target, weight, ignore_index)
+    return (weight.double() * torch.where(divisor != 0, count / divisor, 1.0)).to(weight.dtype)
 
 
 def capped(logits, dtype, softcap):
@@ -291,9 +314,11 @@ def cross_entropy(input, target, weight=None, *, reduction="mean", ignore_index=
     (int64, int32 or uint8), or class probabilities shaped like input, of its dtype. weight: (V,) class
     weights. reduction, ignore_index, label_smoothing: as PyTorch's (the weighted mean divides by the
     kept targets' summed weight; probability targets take no ignore_index).
-    z_loss: adds z_loss * logsumexp(y)^2 to each kept row's loss, reduced like it (PaLM, Chowdhery et
-    al. 2022, sec. 5). softcap: replaces the logits x by y = softcap * tanh(x / softcap) before everything
-    (Gemma 2, 2024: 30 for the final logits). return_lse: also return the rows' logsumexp(y), shaped like
+    z_loss: adds z_loss * logsumexp(y)^2 to each kept row's loss (PaLM, Chowdhery et al. 2022, sec. 5); a
+    per-token term, unweighted: the mean averages it over the kept rows (N for probability targets), whatever
+    the class weights, while the weighted cross-entropy divides by the kept targets' summed weight.
+    softcap: replaces the logits x by y = softcap * tanh(x / softcap) before everything (Gemma 2, 2024: 30 for
+    the final logits). return_lse: also return the rows' logsumexp(y), shaped like
     the loss of reduction "none", differentiable.
     inplace_backward: write the gradient over `input` (2-D or 1-D) instead of a new buffer; its values
     are gone after the call. backend: None (C++ on CPU, Triton on CUDA), "cpp" or "triton". Under
@@ -338,6 +363,8 @@ def cross_entropy(input, target, weight=None, *, reduction="mean", ignore_index=
     if weight is not None:
         weight = weight.contiguous()
     if group is None:
+        if code == MEAN and weight is not None and z_loss > 0 and not prob:
+            weight = z_loss_weight(target, weight, ignore_index)  # z-loss's mean: over the kept rows, unweighted
         loss, _, lse = _apply(logits, target, weight, code, ignore_index, label_smoothing, z_loss, softcap,
                               return_lse, inplace, backend)
     else:
@@ -435,6 +462,7 @@ def _check_weight(logits, weight, name, op):
                                 f"{weight.dtype}")
     if weight.device != logits.device:
         raise ArgumentValueError(f"{op}: {name} is on {weight.device} but logits on {logits.device}")
+    check_no_grad(op, name, weight)
 
 
 def _check_args(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse,

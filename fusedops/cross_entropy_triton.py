@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._ops import acc_dtype
-from .cross_entropy import MEAN, NONE
+from .cross_entropy import MEAN, NONE, mean_divisors
 
 MAX_BLOCK = 4096
 
@@ -184,21 +184,12 @@ def _forward_kernel(x_ptr, x_stride, t_ptr, t_stride, w_ptr, g_ptr, g_stride, lo
         tl.store(g_row + t_col, tl.where(bad, float("nan"), g_t).to(g_ptr.dtype.element_ty), mask=~no_target)
 
 
+def _tl_dtype(acc):
+    return tl.float64 if acc == torch.float64 else tl.float32
+
+
 def _block(V):
     return min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
-
-
-def _divisor(target, weight, ignore_index):
-    """The mean's divisor, fp64 on the device: N for probability targets; for class targets the kept rows'
-    weights summed (their count without weights)."""
-    if target.is_floating_point():
-        return torch.full((), target.shape[0], device=target.device, dtype=torch.float64)
-    target = target.long()  # a uint8 target compared with a negative ignore_index
-    kept = target != ignore_index
-    if weight is None:
-        return kept.sum(dtype=torch.float64)
-    w_t = weight.index_select(0, target.clamp(0, weight.shape[0] - 1))  # out-of-range rows are NaN anyway
-    return torch.where(kept, w_t, 0).sum(dtype=torch.float64)
 
 
 def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothing, z_loss, softcap):
@@ -219,7 +210,7 @@ def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothi
 
     row_loss = torch.empty(N, device=device, dtype=acc)
     lse = torch.empty(N, device=device, dtype=acc)
-    divisor = _divisor(target, weight, ignore_index) if reduction == MEAN else None
+    divisor = mean_divisors(target, weight, ignore_index)[1] if reduction == MEAN else None
     sum_w = weight.sum(dtype=torch.float64) if weight is not None and smooth and not prob else None
     if N > 0:
         _forward_kernel[(N,)](
@@ -228,7 +219,7 @@ def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothi
             scalar(softcap) if softcap is not None else None, V, ignore_index,
             IS_MEAN=reduction == MEAN, PROB_TARGET=prob, HAS_WEIGHT=weight is not None, SMOOTH=smooth,
             HAS_Z=z_loss > 0, HAS_SOFTCAP=softcap is not None,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=_block(V),
+            ACC=_tl_dtype(acc), BLOCK=_block(V),
             num_warps=8 if V >= 2048 else 4)
     if reduction == NONE:
         return row_loss.to(logits.dtype), lse

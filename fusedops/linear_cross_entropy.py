@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._ops import acc_dtype, batched_first, fast_apply, kernels
-from .cross_entropy import (MEAN, NONE, REDUCTIONS, SUM, _check_args, _keeps_graph, _mean_scale, _vocab_group,
-                            capped, cross_entropy, shaped)
+from ._ops import acc_dtype, batched_first, fast_apply, kernels, no_tangent, not_differentiable
+from .cross_entropy import (MEAN, NONE, REDUCTIONS, SUM, _check_args, _keeps_graph, _mean_scale, _vocab_group, capped,
+                            cross_entropy, shaped, z_loss_weight)
 from .errors import ArgumentTypeError, ArgumentValueError
 
 CHUNK_BYTES = 64 * 2**20  # default: the most bytes one chunk of logits takes
@@ -146,6 +146,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, *_):
         input, weight, bias, target, class_weight, dX, dW, db = ctx.saved_tensors
+        if ctx.needs_input_grad[4]:
+            raise not_differentiable("linear_cross_entropy", "class_weight")
         # a differentiable backward (double backward; not a torch.func pullback, whose saved tensors need no grad)
         create_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                        for t in (input, weight, bias, target))
@@ -161,11 +163,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                   create_graph), *(None,) * 10)
 
     @staticmethod
-    def jvp(ctx, input_t, weight_t, bias_t, target_t, *_):
+    def jvp(ctx, input_t, weight_t, bias_t, target_t, class_weight_t, *_):
         input, weight, bias, target, class_weight, lse = ctx.saved_tensors
-        if target_t is not None and target.is_floating_point():
-            raise RuntimeError("linear_cross_entropy: no forward-mode derivative with respect to probability targets")
+        no_tangent("linear_cross_entropy", ["class_weight"], [class_weight_t])
         reduction, ignore_index, eps, z_loss, softcap = ctx.options
+        target_t = target_t if target.is_floating_point() else None
         row_t, lse_t = [], []
         for start, stop in _chunks(input.shape[0], _chunk_rows(weight.shape[0], input.dtype, ctx.chunk_bytes)):
             x = input[start:stop]
@@ -177,12 +179,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 d_logits = d_logits + x @ weight_t.t()
             if bias_t is not None:
                 d_logits = d_logits + bias_t
-            if ctx.return_lse:  # d lse = <p, dy>
+            row = 0.0
+            if ctx.return_lse or target_t is not None:  # (before the kernel writes G over the logits)
                 y, dy_dx = capped(logits, lse.dtype, softcap)
-                lse_t.append((torch.exp(y - lse[start:stop, None]) * dy_dx * d_logits.to(lse.dtype)).sum(1))
+                if ctx.return_lse:  # d lse = <p, dy>
+                    lse_t.append((torch.exp(y - lse[start:stop, None]) * dy_dx * d_logits.to(lse.dtype)).sum(1))
+                if target_t is not None:  # d loss_i += sum_j (1-eps) w_j (lse_i - y_ij) dq_ij
+                    w = 1.0 if class_weight is None else class_weight.to(lse.dtype)
+                    row = ((1 - eps) * w * (lse[start:stop, None] - y) * target_t[start:stop].to(lse.dtype)).sum(1)
             kernels(ctx.backend, input).cross_entropy_forward_inplace(logits, target[start:stop], class_weight, NONE,
                                                                      ignore_index, eps, z_loss, softcap)
-            row_t.append((logits.to(lse.dtype) * d_logits.to(lse.dtype)).sum(1))  # d loss_i = <G_i, dZ_i>
+            row_t.append(row + (logits.to(lse.dtype) * d_logits.to(lse.dtype)).sum(1))  # + <G_i, dZ_i>
         rows = torch.cat(row_t) if row_t else lse.new_zeros(0)
         if reduction == MEAN:
             rows = rows * _mean_scale(target, class_weight, ignore_index).to(rows.dtype)
@@ -324,6 +331,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
     out_shape = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])
     target = target.reshape(x.shape[0], V) if prob else target.reshape(-1)  # (V may be 0: a shard)
+    if code == MEAN and class_weight is not None and z_loss > 0 and not prob and group is None:
+        class_weight = z_loss_weight(target, class_weight, ignore_index)  # z-loss's mean: over the kept rows
     if group is not None:  # the classes split across processes
         from . import vocab_parallel
 

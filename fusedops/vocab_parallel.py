@@ -8,7 +8,7 @@ Class-index targets are global, the same tensor on every rank. The loss is cross
 fusedops/cross_entropy.py) over the whole vocabulary: with y = softcap * tanh(x / softcap) (or x),
 q' = (1-eps) q + eps/V and M_i the max of row i over all shards,
     lse_i  = M_i + log s_i,                  s_i = sum_j exp(y_ij - M_i)
-    loss_i = D_i (lse_i - M_i) - S_i + z_loss lse_i^2 (kept rows),
+    loss_i = D_i (lse_i - M_i) - S_i + z_loss lse_i^2 (kept rows; the mean divides the z-loss by their count),
              S_i = sum_j w_j q'_ij (y_ij - M_i),    D_i = sum_j w_j q'_ij
 where every sum over j is a sum over the shards of each one's partial sum. Those are torch ops on the
 shard, so autograd gives every derivative: backward, double backward, torch.func's grad and vjp.
@@ -105,7 +105,7 @@ def _loss(logits, target, weight, code, ignore_index, eps, z_loss, softcap, retu
     V = sizes.sum()
     _check(sizes, V, target, ignore_index, vocab_size, name)
     y = y - M.unsqueeze(1)  # y - M: exp cannot overflow
-    w = None if weight is None else weight.detach().to(y.dtype)
+    w = None if weight is None else weight.to(y.dtype)  # (a weight's tangent carries through: torch ops)
     eps_V = eps / V.to(y.dtype)  # eps/V, V the whole vocabulary
     if target.is_floating_point():
         kept = torch.ones(target.shape[0], dtype=torch.bool, device=y.device)
@@ -119,10 +119,13 @@ def _loss(logits, target, weight, code, ignore_index, eps, z_loss, softcap, retu
     log_s = torch.log(s)  # lse - M
     lse = M + log_s
     loss = D * log_s - S  # sum_j w_j q'_ij (lse_i - y_ij)
-    if z_loss:
-        loss = loss + z_loss * lse.square() * kept
-    if code != NONE:  # the mean's divisor: sum_i w_{t_i} over the kept rows (their count without weights; N)
-        loss = _reduced(loss, kept, kept_weights[0].detach().sum() if kept_weights else kept.sum(), code)
+    z_rows = z_loss * lse.square() * kept if z_loss else None  # per token, unweighted
+    if code == NONE:
+        loss = loss if z_rows is None else loss + z_rows
+    else:  # the mean's divisor: sum_i w_{t_i} over the kept rows (their count without weights; N); z-loss's: K
+        loss = _reduced(loss, kept, kept_weights[0].sum() if kept_weights else kept.sum(), code)
+        if z_rows is not None:
+            loss = loss + _reduced(z_rows, kept, kept.sum(), code)
     return loss.to(logits.dtype), lse if return_lse else lse.detach()
 
 

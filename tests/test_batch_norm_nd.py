@@ -324,3 +324,19 @@ def test_compile_fullgraph_of_a_residual_block(compiler, memory_format):
         assert_all_close(*results, rtol=1e-4, atol=1e-4)
         for ours, theirs in ((ours1, theirs1), (ours2, theirs2)):
             assert_all_close(list(ours.state_dict().values()), list(theirs.state_dict().values()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("layer,memory_format", [(fusedops.BatchNorm2d, torch.channels_last),
+                                                 (fusedops.BatchNorm3d, torch.channels_last_3d)])
+@pytest.mark.parametrize("training", [True, False])
+def test_an_empty_batch_keeps_its_memory_format(backend, layer, memory_format, training):
+    """No element says which layout an empty tensor has: its strides do, and the output takes them, as
+    PyTorch's (and its gradient too)."""
+    shape = (0, 5, 2, 2) if layer is fusedops.BatchNorm2d else (0, 5, 2, 2, 2)
+    x = torch.randn(shape).to(memory_format=memory_format).requires_grad_()
+    torch_layer = getattr(torch.nn, layer.__name__)(5).train(training)
+    out, expected = layer(5, backend=backend).train(training)(x), torch_layer(x)
+    assert out.shape == expected.shape and out.stride() == expected.stride() == x.stride()
+    out.sum().backward()
+    assert x.grad.shape == x.shape and x.grad.stride() == x.stride()

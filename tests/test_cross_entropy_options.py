@@ -495,3 +495,46 @@ def test_compile_fullgraph_with_options(kind, dynamic):
         composite(x * 2, t, return_lse=True, **kw)), logits, target)
     torch.testing.assert_close(loss, loss_e)
     torch.testing.assert_close(grad, grad_e)
+
+
+# --- z-loss under class weights: a per-token term ----------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_z_loss_mean_is_over_the_kept_rows_unweighted(backend, op):
+    """PaLM's z-loss (and Liger's lse_square_scale, flash-attention's) averages z * lse^2 over the kept tokens,
+    whatever the class weights: mean = sum_i w_{t_i} ce_i / sum_i w_{t_i} + z * sum_i lse_i^2 / K."""
+    g = gen(11)
+    x = torch.randn(8, 5, generator=g, dtype=F64)
+    t = torch.randint(0, 5, (8,), generator=g)
+    t[[1, 6]] = -100
+    w = torch.rand(5, generator=g, dtype=F64) + 0.1
+    kept = t != -100
+
+    def expected(x):
+        return F.cross_entropy(x, t, weight=w) + 1e-2 * (torch.logsumexp(x[kept], -1) ** 2).mean()
+
+    if op == "cross_entropy":
+        fn = lambda x: fusedops.cross_entropy(x, t, w, z_loss=1e-2, backend=backend)  # noqa: E731
+    else:  # the identity projection: the logits are x
+        fn = lambda x: fusedops.linear_cross_entropy(x, torch.eye(5, dtype=F64), t, class_weight=w,  # noqa: E731
+                                                     z_loss=1e-2, chunk_bytes=3 * 5 * 8, backend=backend)
+    loss, grad = loss_and_grad(lambda x, _: fn(x), x, t)
+    loss_e, grad_e = loss_and_grad(lambda x, _: expected(x), x, t)
+    torch.testing.assert_close(loss, loss_e)
+    torch.testing.assert_close(grad, grad_e)
+    torch.autograd.gradgradcheck(fn, (x.clone().requires_grad_(),))
+
+
+def test_mean_divisor_of_uint8_targets_against_a_negative_ignore_index():
+    """uint8 targets >= 156 are kept (a uint8 compared with -100 would wrap to 156); the linear cross-entropy
+    takes its mean's divisor in Python."""
+    g = gen(12)
+    x, W = torch.randn(6, 4, generator=g, dtype=F64), torch.randn(256, 4, generator=g, dtype=F64)
+    t = torch.tensor([156, 200, 3, 255, 156, 7], dtype=torch.uint8)
+    for kw in ({}, {"class_weight": torch.rand(256, generator=g, dtype=F64)}):
+        loss, grad = loss_and_grad(lambda x, t: fusedops.linear_cross_entropy(x, W, t, **kw), x, t)
+        loss_e, grad_e = loss_and_grad(lambda x, t: F.cross_entropy(x @ W.t(), t.long(), kw.get("class_weight")),
+                                       x, t)
+        torch.testing.assert_close(loss, loss_e)
+        torch.testing.assert_close(grad, grad_e)

@@ -247,12 +247,18 @@ def test_index_dtypes_same_as_int64(target_dtype):
                      rtol=0, atol=0)
 
 
-def test_class_weight_gets_no_gradient():
-    """The class weights are constants: a class_weight that requires grad gets none (its .grad stays None)."""
+def test_class_weight_that_requires_grad_raises_as_torch():
+    """The class weights take no derivative: one that requires grad raises, as PyTorch's cross_entropy does
+    (never a gradient dropped in silence); detached, or under no_grad, it is a constant."""
     x, W, b = make(7, 5, 9)
     cw = class_weights(9).requires_grad_()
     x.requires_grad_()
-    fused(x, W, make_target("class", (7,), 9), b, class_weight=cw, chunk_bytes=chunk(9, F64)).backward()
+    target = make_target("class", (7,), 9)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to class_weight"):
+        fused(x, W, target, b, class_weight=cw, chunk_bytes=chunk(9, F64))
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        F.cross_entropy(F.linear(x, W, b), target, cw)
+    fused(x, W, target, b, class_weight=cw.detach(), chunk_bytes=chunk(9, F64)).backward()
     assert cw.grad is None and x.grad is not None
 
 

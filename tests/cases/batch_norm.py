@@ -13,6 +13,8 @@ BAD_INPUTS = {
     "no_channels": ({"input": torch.randn(8, 0), "running_mean": None, "running_var": None, "weight": None,
                      "bias": None}, ValueError, r"input must have at least one channel, got shape \(8, 0\)"),
     "1d_input": ({"input": torch.randn(4)}, ValueError, r"input must be \(N, C, \*\), got 1-D"),
+    # stricter than PyTorch, which returns an empty tensor (README: semantics where fusedops decides)
+    "1d_empty_input": ({"input": torch.randn(0)}, ValueError, r"input must be \(N, C, \*\), got 1-D"),
     "integer_input": ({"input": torch.ones(8, 4, dtype=torch.int64)}, TypeError, "input must be a float"),
     "bool_input": ({"input": torch.ones(8, 4, dtype=torch.bool)}, TypeError, "input must be a float"),
     "input_not_a_tensor": ({"input": [[0.0] * 4] * 8}, TypeError, "input must be a float"),
@@ -28,6 +30,11 @@ BAD_INPUTS = {
     "weight_not_a_tensor": ({"weight": [1.0] * 4}, TypeError, "weight must be a tensor or None, got list"),
     "bias_device": ({"bias": torch.zeros(4, device="meta")}, ValueError, "bias is on meta but input is on cpu"),
     "running_mean_device": ({"running_mean": torch.zeros(4, device="meta")}, ValueError, "running_mean is on meta"),
+    # as in PyTorch: not differentiable with respect to the running statistics (no silently dropped gradient)
+    "running_mean_requires_grad": ({"running_mean": torch.zeros(4, requires_grad=True)}, RuntimeError,
+                                   "not differentiable with respect to running_mean"),
+    "running_var_requires_grad_eval": ({"running_var": torch.ones(4, requires_grad=True), "training": False},
+                                       RuntimeError, "not differentiable with respect to running_var"),
     "one_running_stat": ({"running_var": None}, ValueError, "running_mean and running_var must both be"),
     "eval_without_stats": ({"running_mean": None, "running_var": None, "training": False}, ValueError,
                            "training=False normalises with running_mean and running_var"),
@@ -62,6 +69,9 @@ BAD_INPUTS = {
 MODULE_BAD_INPUTS = {
     "one_value_per_channel": ({"momentum": None}, torch.randn(1, 4), ValueError, "more than 1 value per channel"),
     "4d_input": ({}, torch.randn(8, 4, 2, 2), ValueError, "2D or 3D"),
+    # stricter than PyTorch, which accepts the empty batch of another dtype (the next one would fail)
+    "empty_float64_batch": ({}, torch.randn(0, 4, dtype=torch.float64), TypeError,
+                            "has dtype torch.float32 but input has torch.float64"),
     "wrong_channels": ({}, torch.randn(8, 5), ValueError, r"has shape \(4,\) but input has 5 channels"),
     "integer_input": ({}, torch.ones(8, 4, dtype=torch.int64), TypeError, "input must be a float"),
     "double_input_float_module": ({}, torch.randn(8, 4).double(), TypeError,

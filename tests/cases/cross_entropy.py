@@ -14,20 +14,16 @@ def softcapped(x, softcap):
 def composite(x, target, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
               softcap=None, return_lse=False):
     """The spec's math in torch ops: F.cross_entropy of y = softcap * tanh(x / softcap), plus z_loss * lse^2
-    for each kept row, reduced like the loss (the mean over the same divisor: the kept targets' summed weight,
-    or the row count for probability targets); with return_lse, also lse = logsumexp(y) in the loss's dtype."""
+    for each kept row, summed, or averaged over the kept rows' count (unweighted, a per-token term; the row
+    count for probability targets); with return_lse, also lse = logsumexp(y) in the loss's dtype."""
     y = softcapped(x, softcap)
     lse = torch.logsumexp(y, 1 if x.dim() > 1 else 0)
     loss = F.cross_entropy(y, target, weight, reduction=reduction, ignore_index=ignore_index,
                            label_smoothing=label_smoothing)
-    if z_loss:
-        if target.is_floating_point():
-            kept, w_t = torch.ones_like(lse, dtype=torch.bool), torch.ones_like(lse)
-        else:
-            kept = target != ignore_index
-            w_t = torch.ones_like(lse) if weight is None else weight[torch.where(kept, target, 0).long()]
+    if z_loss:  # a per-token term: the mean's is over the kept rows, unweighted
+        kept = torch.ones_like(lse, dtype=torch.bool) if target.is_floating_point() else target != ignore_index
         rows = torch.where(kept, z_loss * lse.square(), 0)
-        loss = loss + {"none": rows, "sum": rows.sum(), "mean": rows.sum() / (w_t * kept).sum()}[reduction]
+        loss = loss + {"none": rows, "sum": rows.sum(), "mean": rows.sum() / kept.sum()}[reduction]
     return (loss, lse.to(loss.dtype)) if return_lse else loss
 
 # (what replaces the good logits (4, 5) / target / options, the exception, a pattern naming the argument)
@@ -61,6 +57,9 @@ BAD_INPUTS = {
     "weight_on_another_device": ({"weight": torch.ones(5, device="meta")}, ValueError,
                                  "weight is on meta but logits on cpu"),
     "weight_not_a_tensor": ({"weight": [1.0] * 5}, TypeError, "weight must be a tensor or None"),
+    # as in PyTorch: the loss is not differentiable with respect to the class weights (no silently dropped gradient)
+    "weight_requires_grad": ({"weight": torch.ones(5, requires_grad=True)}, RuntimeError,
+                             "not differentiable with respect to weight, which cannot have requires_grad=True"),
     "softcap_zero": ({"softcap": 0.0}, ValueError, "softcap must be a finite number > 0"),
     "softcap_negative": ({"softcap": -30.0}, ValueError, "softcap must be a finite number > 0"),
     "softcap_nan": ({"softcap": NAN}, ValueError, "softcap must be a finite number > 0.*got nan"),

@@ -47,6 +47,8 @@ BAD_INPUTS = {
     "class_weight_wrong_length": ({"class_weight": torch.ones(4)}, VE, r"class_weight"),
     "class_weight_float64": ({"class_weight": torch.ones(5, dtype=torch.float64)}, TE, r"class_weight"),
     "class_weight_on_meta": ({"class_weight": torch.ones(5, device="meta")}, VE, r"class_weight"),
+    "class_weight_requires_grad": ({"class_weight": torch.ones(5, requires_grad=True)}, VE,
+                                   r"not differentiable with respect to class_weight"),
     # the loss's options (cross_entropy's checks)
     "unknown_reduction": ({"reduction": "avg"}, VE, r"reduction"),
     "label_smoothing_above_1": ({"label_smoothing": 1.5}, VE, r"label_smoothing"),
