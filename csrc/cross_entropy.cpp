@@ -419,11 +419,43 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_inplace(
   return out;
 }
 
+// grad *= scale in place: backward's step. scale is 0-d (one factor, read here: a CPU scalar) or one per row;
+// a 0-d factor of exactly 1 (the usual loss.backward()) leaves grad untouched: no pass over it.
+void cross_entropy_scale_grad(at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(grad.dim() == 2 && (grad.stride(1) == 1 || grad.size(1) <= 1),
+                    "cross_entropy_scale_grad: grad must be 2-D with unit stride along its rows");
+  const int64_t N = grad.size(0), V = grad.size(1);
+  TORCH_CHECK_VALUE(scale.dim() == 0 || (scale.dim() == 1 && scale.size(0) == N),
+                    "cross_entropy_scale_grad: scale must be 0-d or have one factor per row of grad");
+  if (scale.dim() == 0 && scale.item<double>() == 1.0) return;  // the factor 1: nothing to do
+  at::assert_no_internal_overlap(grad);  // rows written by several threads at once
+  const at::Tensor factors = scale.to(at::kDouble).expand({N}).contiguous();
+  const double* f = factors.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "cross_entropy_scale_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t W = Vec::size();
+    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+    const int64_t stride = grad.stride(0);
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* row = g + i * stride;
+        const acc_t s = static_cast<acc_t>(f[i]);
+        int64_t j = 0;
+        for (const Vec vs(s); j + W <= V; j += W) store_acc<acc_t>(row + j, load_acc<acc_t>(row + j) * vs);
+        for (; j < V; ++j) row[j] = static_cast<scalar_t>(static_cast<acc_t>(row[j]) * s);
+      }
+    });
+  });
+  grad.unsafeGetTensorImpl()->bump_version();  // as every in-place op: autograd sees the write
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedops, CPU, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward);
   m.impl("cross_entropy_forward_inplace", &cross_entropy_forward_inplace);
+  m.impl("cross_entropy_scale_grad", &cross_entropy_scale_grad);
 }
 
 }  // namespace fusedops

@@ -21,6 +21,9 @@ TORCH_LIBRARY(fusedops, m) {
   // the same, the gradient written over the logits: the loss and lse
   m.def("cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, int reduction, "
         "int ignore_index, float label_smoothing, float z_loss, float? softcap) -> (Tensor, Tensor)");
+  // backward's scaling by the upstream gradient, in place: grad (2-D, unit stride along rows) times scale, 0-d
+  // or one factor per row; nothing is done for a 0-d factor of 1, read on the device (no host sync)
+  m.def("cross_entropy_scale_grad(Tensor(a!) grad, Tensor scale) -> ()");
   // batch norm over (N, C, *), contiguous or channels-last: out = act(bn(input) + residual) in the
   // input's layout (activation 0: none, 1: relu), mean (fp64), invstd, unbiased var
   m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
@@ -46,8 +49,8 @@ TORCH_LIBRARY(fusedops, m) {
 // Backpropagating through an op itself (rather than through its operator's autograd Function) is an error
 // that says so, not a silently missing gradient.
 TORCH_LIBRARY_IMPL(fusedops, Autograd, m) {
-  for (const char* op : {"cross_entropy_forward", "cross_entropy_forward_inplace", "batch_norm_forward",
-                         "batch_norm_backward", "batch_norm_stats", "batch_norm_backward_reduce",
+  for (const char* op : {"cross_entropy_forward", "cross_entropy_forward_inplace", "cross_entropy_scale_grad",
+                         "batch_norm_forward", "batch_norm_backward", "batch_norm_stats", "batch_norm_backward_reduce",
                          "batch_norm_backward_elemt"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }

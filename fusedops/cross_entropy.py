@@ -57,8 +57,16 @@ def _forward_inplace_cuda(logits, target, weight, reduction, ignore_index, label
     return out
 
 
+def _scale_grad_cuda(grad, scale):
+    from . import cross_entropy_triton
+
+    cross_entropy_triton.cross_entropy_scale_grad(grad, scale)
+    torch.autograd.graph.increment_version(grad)
+
+
 register("cross_entropy_forward", _forward_fake, _forward_cuda)
 register("cross_entropy_forward_inplace", _forward_inplace_fake, _forward_inplace_cuda)
+register("cross_entropy_scale_grad", lambda grad, scale: None, _scale_grad_cuda)
 
 
 def _keeps_graph():
@@ -69,6 +77,13 @@ def _keeps_graph():
     except RuntimeError:  # not called by the autograd engine
         return True
 
+
+def consumable(create_graph):
+    """Whether backward may scale its saved gradients in place (cross_entropy_scale_grad) and hand them out:
+    nothing can ask for them again (no create_graph, no retain_graph), and neither torch.compile nor a
+    torch.func transform runs (they take the out-of-place product)."""
+    return not (create_graph or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or _keeps_graph())
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -105,7 +120,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(grad, target, weight, output[2], logits if keep_logits else None)
         ctx.save_for_forward(grad, target, weight, output[2], logits if keep_logits else None)
         ctx.options = reduction, ignore_index, eps, z_loss, softcap
-        ctx.inplace = inplace
+        ctx.inplace, ctx.backend = inplace, inputs[-1]
         ctx.lse_differentiable = return_lse and not inplace
         if not ctx.lse_differentiable:
             ctx.mark_non_differentiable(output[2])
@@ -137,11 +152,12 @@ class CrossEntropyFunction(torch.autograd.Function):
             dtarget = _add(dtarget, rows.target_vjp(grad_grad).to(target.dtype))
         if grad_loss is not None:  # G * upstream (per row for reduction none)
             held = ctx.grad_output is not None and ctx.grad_output() is not None
-            scale = _per_row(grad_loss, reduction)
-            if torch.compiler.is_compiling() or create_graph or _keeps_graph() or held:
-                first = grad * scale
-            else:  # nothing can ask for G again: scale it in place, once, and hand it out
-                first = grad.mul_(scale)
+            if consumable(create_graph) and not held:
+                # nothing can ask for G again: scaled in place (not at all for the usual factor 1) and handed out
+                kernels(ctx.backend, grad).cross_entropy_scale_grad(grad, grad_loss)
+                first = grad
+            else:
+                first = grad * _per_row(grad_loss, reduction)
             dlogits = _add(dlogits, first)
         return dlogits, dtarget, None, None, None, None, None, None, None, None, None
 

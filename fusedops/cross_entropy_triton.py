@@ -184,6 +184,34 @@ def _forward_kernel(x_ptr, x_stride, t_ptr, t_stride, w_ptr, g_ptr, g_stride, lo
         tl.store(g_row + t_col, tl.where(bad, float("nan"), g_t).to(g_ptr.dtype.element_ty), mask=~no_target)
 
 
+@triton.jit
+def _scale_kernel(g_ptr, g_stride, s_ptr, V, PER_ROW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """grad *= scale over one block of one row; a 0-d scale of 1 returns at once: no pass."""
+    row = tl.program_id(0).to(tl.int64)
+    if PER_ROW:
+        s = tl.load(s_ptr + row)
+    else:
+        s = tl.load(s_ptr)
+        if s == 1.0:
+            return
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < V
+    g_row = g_ptr + row * g_stride
+    g = tl.load(g_row + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(g_row + offs, (g * s.to(ACC)).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_scale_grad(grad, scale):
+    """grad (N, V), unit stride along V, times scale (0-d or (N,)), in place; nothing is read on the host."""
+    N, V = grad.shape
+    if N == 0 or V == 0:
+        return
+    acc = acc_dtype(grad.dtype)
+    block = _block(V)
+    _scale_kernel[(N, triton.cdiv(V, block))](grad, grad.stride(0), scale.to(acc).contiguous(), V,
+                                              PER_ROW=scale.dim() == 1, ACC=_tl_dtype(acc), BLOCK=block)
+
+
 def _tl_dtype(acc):
     return tl.float64 if acc == torch.float64 else tl.float32
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._ops import acc_dtype, batched_first, fast_apply, kernels, no_tangent, not_differentiable
-from .cross_entropy import (MEAN, NONE, REDUCTIONS, SUM, _check_args, _keeps_graph, _mean_scale, _vocab_group, capped,
+from .cross_entropy import (MEAN, NONE, REDUCTIONS, SUM, _check_args, _mean_scale, _vocab_group, capped, consumable,
                             cross_entropy, shaped, z_loss_weight)
 from .errors import ArgumentTypeError, ArgumentValueError
 
@@ -155,8 +155,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.with_grads and grad_lse is None and not create_graph and not ctx.needs_input_grad[3]:
             if grad_loss is None:
                 return (None,) * 14
-            in_place = not (torch.compiler.is_compiling() or _keeps_graph())
-            grads = [(g.mul_(grad_loss) if in_place else g * grad_loss) if needed else None
+            in_place = consumable(create_graph)
+            grads = [(_scaled(g, grad_loss, ctx.backend) if in_place else g * grad_loss) if needed else None
                      for g, needed in zip((dX, dW, db), ctx.needs_input_grad[:3])]
             return (*grads, *(None,) * 11)
         return (*_recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, grad_lse,
@@ -208,6 +208,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         outs = [LinearCrossEntropyFunction.apply(*(None if t is None else t[b] for t in tensors), *options)
                 for b in range(B)]
         return tuple(torch.stack(out) for out in zip(*outs)), (0, 0)
+
+
+def _scaled(grad, factor, backend):
+    """grad * factor (a 0-d upstream gradient) in place, by the cross_entropy_scale_grad op: no pass for the usual
+    factor 1."""
+    kernels(backend, grad).cross_entropy_scale_grad(grad.view(-1, grad.shape[-1]), factor)
+    return grad
 
 
 def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, grad_lse, create_graph):

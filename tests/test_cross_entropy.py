@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import loss_and_grad
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedops
 from fusedops import reference
@@ -287,3 +288,54 @@ def test_inference_mode(backend, inplace):
         loss = fusedops.cross_entropy(x, target, label_smoothing=0.1, inplace_backward=inplace, backend=backend)
     torch.testing.assert_close(loss, F.cross_entropy(logits, target, label_smoothing=0.1))
     torch.testing.assert_close(x, logits, rtol=0, atol=0)  # without grad there is no in-place gradient
+
+
+class OpLog(TorchDispatchMode):
+    """The ops run under it, with the sizes of their tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        sizes = [a.numel() for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        self.calls.append((str(func), sizes))
+        return func(*args, **(kwargs or {}))
+
+
+NO_PASS = {"fusedops.cross_entropy_scale_grad.default", "aten.detach.default", "aten.view.default"}  # read nothing
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_unit_upstream_gradient_makes_no_pass_over_the_saved_gradient(op, reduction):
+    """loss.backward() hands out the gradient the forward wrote, untouched: the only op backward runs on it is
+    cross_entropy_scale_grad, which makes no pass for the factor 1 (the C++ kernel bumps the version only when it
+    writes). With another factor it scales it, in place, once."""
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 12, 5, 9
+    x, target = torch.randn(N, H if op == "linear_cross_entropy" else V, generator=g), torch.randint(0, V, (N,))
+    W = torch.randn(V, H, generator=g).requires_grad_()
+    versions = {}  # the gradients' version counters after backward: what their writes left
+    for factor in (1.0, 2.0):
+        leaf = x.clone().requires_grad_()
+        loss = (fusedops.cross_entropy(leaf, target, reduction=reduction) if op == "cross_entropy" else
+                fusedops.linear_cross_entropy(leaf, W, target, reduction=reduction, chunk_bytes=4 * V * 4))
+        with OpLog() as log:
+            loss.backward(torch.tensor(factor))
+        scaled = [sizes for name, sizes in log.calls if name == "fusedops.cross_entropy_scale_grad.default"]
+        assert len(scaled) == (1 if op == "cross_entropy" else 2)  # G; dX and dW
+        # no other op on a tensor of the gradients' size, but views
+        assert all(name in NO_PASS or max(sizes, default=0) <= 1 for name, sizes in log.calls), log.calls
+        grads = [leaf.grad] + ([W.grad] if op == "linear_cross_entropy" else [])
+        versions[factor] = [grad._version for grad in grads]
+        expected = torch.func.grad(lambda x, W: factor * F.cross_entropy(x if op == "cross_entropy" else x @ W.t(),
+                                                                          target, reduction=reduction),
+                                   argnums=(0, 1))(x, W.detach())
+        torch.testing.assert_close(leaf.grad, expected[0])
+        if op == "linear_cross_entropy":
+            torch.testing.assert_close(W.grad, expected[1])
+        W.grad = None
+    assert versions[2.0] == [v + 1 for v in versions[1.0]]  # one write more than forward's: the factor's
+    if op == "cross_entropy":
+        assert versions[1.0] == [0]  # G as the forward op returned it

@@ -28,7 +28,8 @@ def registered_ops():
 
 def test_one_schema_per_kernel_step():
     ops = registered_ops()
-    assert ops == {"cross_entropy_forward", "cross_entropy_forward_inplace", "batch_norm_forward",
+    assert ops == {"cross_entropy_forward", "cross_entropy_forward_inplace", "cross_entropy_scale_grad",
+                   "batch_norm_forward",
                    "batch_norm_backward", "batch_norm_stats", "batch_norm_backward_reduce",
                    "batch_norm_backward_elemt", "batch_norm_update_stats"}
     for name in ops:  # no backend flag in a schema

@@ -156,3 +156,10 @@ def op_samples():
         args = (target, weight, reduction, ignore_index, smoothing, z_loss, softcap)
         yield "cross_entropy_forward", (logits, *args)
         yield "cross_entropy_forward_inplace", (logits.clone(), *args)
+    # backward's scaling: a 0-d factor (1: nothing done), one per row, a row-strided gradient, no element
+    for grad, scale in [(torch.randn(5, 7, generator=g), torch.tensor(1.0)),
+                        (torch.randn(5, 7, generator=g).to(torch.bfloat16), torch.tensor(0.25)),
+                        (torch.randn(4, 9, generator=g, dtype=torch.float64), torch.rand(4, generator=g)),
+                        (torch.randn(6, 11, generator=g)[:, :7], torch.rand(6, generator=g)),
+                        (torch.randn(0, 3), torch.tensor(2.0))]:
+        yield "cross_entropy_scale_grad", (grad, scale)
