@@ -72,7 +72,7 @@ def train(args):
         losses, seconds = makemore.train(model, Xtr, Ytr, steps=args.steps, batch_size=args.batch_size,
                                          lr=args.lr, decay_step=args.decay_step, generator=g, step_fn=step_fn,
                                          progress=not args.quiet and is_rank0())
-        if not is_rank0():
+        if world > 1 and not data_parallel_leave():
             return 0
         runs[layers] = dict(
             layers=layers, manual_backward=step_fn is makemore.manual_step, ms_per_step=seconds * 1e3,
@@ -139,6 +139,17 @@ def data_parallel_model(model):
     import fusedops
 
     return DistributedDataParallel(fusedops.convert_sync_batchnorm(model), forward_sync_buffers=False)
+
+
+def data_parallel_leave():
+    """Leaves the process group once every process has trained (a process that exits while gloo's threads
+    still run aborts); whether this process is rank 0, which goes on to evaluate and report alone."""
+    import torch.distributed as dist
+
+    rank0 = dist.get_rank() == 0
+    dist.barrier()
+    dist.destroy_process_group()
+    return rank0
 
 
 def is_rank0():
