@@ -9,7 +9,8 @@
 //   |u| < 0.55:  tanh(u) = u + u^3 P(u^2),  P a degree-4 fit to (tanh(u) - u) / u^3 (minimax in the
 //                relative error of tanh; 0.82 ulp in fp32 on [0, 0.55])
 //   else:        tanh(|u|) = (1 - e) / (1 + e),  e = exp(-2|u|) <= 1/3 (exp_nonpositive), u's sign
-// fp32 lanes under AVX2 only; other types and builds use Vectorized::exp and Vectorized::tanh.
+// fp32 lanes under AVX2 and AVX-512 (the same steps, 8 or 16 lanes); other types and builds use
+// Vectorized::exp and Vectorized::tanh.
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -55,6 +56,10 @@ inline void store_acc(scalar_t* p, const at::vec::Vectorized<acc_t>& v,
         const __m128i packed =
             std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(v) : at::vec::cvtfp32_fp16(v);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+#elif defined(CPU_CAPABILITY_AVX512)  // the 16 lanes rounded to 16 bits, stored as one 256-bit vector
+        const __m256i packed =
+            std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(v) : at::vec::cvtfp32_fp16(v);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
 #else  // v packed twice into one vector of 2n lanes: its first n are v's
         at::vec::convert_from_float<scalar_t>(v, v).store(p, Vec::size());
 #endif
@@ -93,6 +98,9 @@ inline Fp64Lanes<acc_t> to_fp64(const at::vec::Vectorized<acc_t>& v) {
 #if defined(CPU_CAPABILITY_AVX2)
     const __m256 x = v;
     return {VecD(_mm256_cvtps_pd(_mm256_castps256_ps128(x))), VecD(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)))};
+#elif defined(CPU_CAPABILITY_AVX512)
+    const __m512 x = v;
+    return {VecD(_mm512_cvtps_pd(_mm512_castps512_ps256(x))), VecD(_mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1)))};
 #else
     alignas(64) acc_t in[2 * VecD::size()];
     alignas(64) double out[2 * VecD::size()];
@@ -111,6 +119,11 @@ inline Fp64Lanes<acc_t> load_fp64(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return {at::vec::Vectorized<double>(_mm256_cvtps_pd(_mm_loadu_ps(p))),
             at::vec::Vectorized<double>(_mm256_cvtps_pd(_mm_loadu_ps(p + 4)))};
+  }
+#elif defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return {at::vec::Vectorized<double>(_mm512_cvtps_pd(_mm256_loadu_ps(p))),
+            at::vec::Vectorized<double>(_mm512_cvtps_pd(_mm256_loadu_ps(p + 8)))};
   }
 #endif
   return to_fp64(load_acc<acc_t>(p));
@@ -187,6 +200,49 @@ inline at::vec::Vectorized<float> tanh_lanes(const at::vec::Vectorized<float>& x
   p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(-0.33333316445350647f));
   const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(u, s), p, u);  // u + u^3 P(u^2)
   return _mm256_blendv_ps(large, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.55f), _CMP_LT_OQ));
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)  // the same functions, 16 lanes
+template <>
+inline at::vec::Vectorized<float> max_lanes(const at::vec::Vectorized<float>& a,
+                                            const at::vec::Vectorized<float>& b) {
+  return _mm512_max_ps(a, b);
+}
+
+// As the AVX2 one: the shifter's n = round(x / ln 2), r = x - n ln2 in two fmas, the same polynomial; p * 2^n
+// by scalef, which rounds a subnormal result once (no split of n needed).
+template <>
+inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<float>& x_) {
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x_);  // NaN lanes stay NaN (2nd operand)
+  const __m512 shifter = _mm512_set1_ps(12583039.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.4426950216293335f), shifter), shifter);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.6931471824645996f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-1.9046542121259336e-09f), r);
+  __m512 q = _mm512_set1_ps(0.0013752655358985066f);
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.00836891308426857f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.041669510304927826f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.166665181517601f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.49999988079071045f));
+  const __m512 p = _mm512_add_ps(_mm512_fmadd_ps(q, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);  // p * 2^n
+}
+
+template <>
+inline at::vec::Vectorized<float> tanh_lanes(const at::vec::Vectorized<float>& x) {
+  const __m512 u = x, sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
+  const __m512 a = _mm512_andnot_ps(sign, u);  // |u|
+  const __m512 e = exp_nonpositive(at::vec::Vectorized<float>(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f))));
+  const __m512 large = _mm512_or_ps(_mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e)),
+                                    _mm512_and_ps(sign, u));  // (1 - e) / (1 + e) with u's sign
+  const __m512 s = _mm512_mul_ps(u, u);
+  __m512 p = _mm512_set1_ps(-0.006274238228797913f);
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(0.021071678027510643f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-0.05385230854153633f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(0.13332585990428925f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-0.33333316445350647f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(u, s), p, u);  // u + u^3 P(u^2)
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.55f), _CMP_LT_OQ), large, small);
 }
 #endif
 
