@@ -36,11 +36,14 @@ class Targets:
     """What a fusedops provider should reach in a case, against the peers of the same run
     (forward+backward): faster than torch.compile, and these."""
     vs_eager: float = None  # the least speed-up against eager (None: none stated)
+    over_eager_us: float = None  # where fixed costs dominate: the most µs per call over eager (None: none stated)
+    vs_floor: float = None  # the most time as a multiple of the copy floor's (None: none stated)
     memory_saved: float = 0.0  # the least (eager's peak extra memory - fusedops'), in input-sized tensors
     peak_memory: float = None  # the most peak extra memory, in input-sized tensors (None: none stated)
     peak_slack_mb: float = 0.0  # beyond peak_memory: MB of per-row values and the like
     peak_vs_eager: float = None  # the most peak extra memory, as a fraction of eager's in the same run
     faster_than_compile: bool = True  # False: its speed-up against torch.compile is shown, not judged
+    peers: tuple = ()  # providers to beat in the same run: faster, and at most their peak extra memory
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class Operator(Table):
     variants: tuple = ("",)  # each case runs once per variant (an input layout, a fused form); "": none
     modes: tuple = MODES  # those timed (of the run's)
     variants_at: Callable = None  # shape -> {variant: its modes} run at that shape; None: every variant in `modes`
-    targets: Callable = None  # (shape, variant, fusedops provider) -> its Targets; None: no targets
+    targets: Callable = None  # (shape, variant, fusedops provider, dtype name) -> its Targets; None: no targets
     dtypes_at: Callable = None  # shape -> the dtypes (of the run's) run at it; None: every one of the run's
     floor: bool = True  # whether the copy floor runs (False where one pass over the input is no yardstick)
     min_runs: int = None  # measurements per median, at least (None: the harness's MIN_RUNS)
@@ -79,11 +82,19 @@ def fusedops_backends(device):
 # Cross-entropy: plain (class targets) and each option of fusedops.cross_entropy against the eager code it replaces
 PLAIN, WEIGHTED, PROBABILITIES, Z_LOSS_SOFTCAP = "plain", "weighted", "probability targets", "z-loss + softcap"
 CE_VARIANTS = (PLAIN, WEIGHTED, PROBABILITIES, Z_LOSS_SOFTCAP)
-CE_PLAIN_ONLY = ((32, 27), (1024, 32768), (8192, 8192))  # plain alone, in every mode
+CE_PLAIN_ONLY = ((32, 27), (333, 3001), (1024, 32768), (8192, 8192))  # plain alone, in every mode
 CE_LARGE_VOCABULARIES = ((2048, 50257), (512, 131072))  # GPT-2's and Llama 3's: plain and weighted, forward+backward
 CE_REFERENCE_MAX = 4096 * 1024  # logits the chunked reference runs at, at most: beyond, a call takes 0.7 s or more
 CE_OPTIONS_SHAPE = (4096, 1024)  # where the options' speed-up targets are stated
-CE_SPEEDUP = {WEIGHTED: 2.5, PROBABILITIES: 2.0, Z_LOSS_SOFTCAP: 3.0}  # the least against eager at CE_OPTIONS_SHAPE
+# the least speed-up against eager, forward+backward, by (shape, variant, dtype; None: every dtype, provider:
+# "" both, "out of place" or "in place"); 2 threads. Everywhere else: faster than torch.compile.
+CE_SPEEDUP = {((4096, 1024), PLAIN, None, ""): 3.0, ((4096, 1024), WEIGHTED, "fp32", ""): 2.5,
+              ((4096, 1024), PROBABILITIES, "fp32", ""): 2.5, ((4096, 1024), Z_LOSS_SOFTCAP, None, ""): 3.0,
+              ((333, 3001), PLAIN, "fp32", ""): 2.7, ((1024, 32768), PLAIN, "fp32", "out of place"): 8.0,
+              ((2048, 50257), PLAIN, "fp32", "out of place"): 8.0, ((8192, 8192), PLAIN, "fp32", "in place"): 10.0}
+CE_FLOOR = {((8192, 8192), "fp32", "in place"): 1.6}  # the most time as a multiple of the copy floor's
+PER_CALL_US = 20.0  # at the notebooks' sizes: the most µs per forward+backward over eager
+CE_PER_CALL = ((32, 27),)  # the notebooks' batch: fixed costs dominate
 CE_PEAK, CE_PEAK_IN_PLACE = 1.1, 0.1  # the most peak extra memory in logits' sizes: the gradient; in place none
 CE_ROW_BYTES = 16  # and beyond it, a row's loss and logsumexp (fp32) and the like: most of it at 32x27
 SOFTCAP, Z_LOSS = 30.0, 1e-4
@@ -145,12 +156,28 @@ def cross_entropy_providers(shape, device, variant):
     return {name: (fn, []) for name, fn in providers.items()}
 
 
-def cross_entropy_targets(shape, variant, provider):
+def cross_entropy_targets(shape, variant, provider, dtype="fp32"):
     """Every case: faster than torch.compile, peak extra memory at most the gradient's (CE_PEAK; in place
-    CE_PEAK_IN_PLACE) and CE_ROW_BYTES a row; the options at CE_OPTIONS_SHAPE: CE_SPEEDUP against eager."""
-    speedup = CE_SPEEDUP.get(variant) if shape == CE_OPTIONS_SHAPE else None
-    return Targets(speedup, peak_memory=CE_PEAK_IN_PLACE if provider.endswith("in-place") else CE_PEAK,
-                   peak_slack_mb=CE_ROW_BYTES * shape[0] / 2**20)
+    CE_PEAK_IN_PLACE) and CE_ROW_BYTES a row; CE_SPEEDUP against eager and CE_FLOOR where stated; at the
+    per-call shapes, at most PER_CALL_US over eager."""
+    in_place = provider.endswith("in-place")
+    placement = "in place" if in_place else "out of place"
+    speedup = next((v for (s, var, d, p), v in CE_SPEEDUP.items()
+                    if (s, var) == (shape, variant) and d in (None, dtype) and p in ("", placement)), None)
+    return Targets(speedup, over_eager_us=PER_CALL_US if shape in CE_PER_CALL else None,
+                   vs_floor=CE_FLOOR.get((shape, dtype, placement)),
+                   peak_memory=CE_PEAK_IN_PLACE if in_place else CE_PEAK, peak_slack_mb=CE_ROW_BYTES * shape[0] / 2**20)
+
+
+BN_PER_CALL = ((32, 64),)  # the notebooks' batch of hidden units
+BN_SPEEDUP = {(16384, 256): 1.6, (65536, 256): 2.0, (8192, 1000): 1.5, (100000, 7): 1.6}  # fp32, against eager
+
+
+def batch_norm_targets(shape, variant, provider, dtype="fp32"):
+    """Faster than torch.compile; BN_SPEEDUP against eager in fp32; at the per-call shape, at most PER_CALL_US
+    over eager."""
+    return Targets(BN_SPEEDUP.get(shape) if dtype == "fp32" else None,
+                   over_eager_us=PER_CALL_US if shape in BN_PER_CALL else None)
 
 
 def batch_norm_inputs(shape, dtype, device, variant):
@@ -230,6 +257,7 @@ def batch_norm2d_providers(shape, device, variant):
 # Linear cross-entropy: F.cross_entropy(F.linear(x, W), y), the LM head's loss, against the fused form
 # that never holds the N x V logits. Inputs: x (N, H), W (V, H), y (N,); gradients of x and W, no bias.
 CCE, LIGER = "cut-cross-entropy", "liger"  # the peers: Apple's CCE (its torch_compile implementation), Liger-Kernel
+TORCH_CHUNKED = "torch chunked"  # PyTorch's own: F.linear_cross_entropy(..., options=nn.LinearCrossEntropyOptions())
 LCE_SHAPES = ((4096, 512, 50257), (8192, 768, 32000))  # (N, H, V) of the issue: GPT-2's vocabulary, Llama 2's
 LCE_SWEEP_VOCABULARIES = (4096, 8192, 16384, 32000, 50257)  # at LCE_SWEEP_ROWS, fp32: memory and time against V
 LCE_SWEEP_ROWS = (4096, 512)
@@ -275,12 +303,24 @@ def liger_fused_linear_cross_entropy():
     return (lambda x, weight, target: loss(weight, x, target)), ""  # its order: (weight, input, target)
 
 
+def torch_chunked():
+    """PyTorch's chunked linear cross-entropy (2.13+: F.linear_cross_entropy with LinearCrossEntropyOptions(),
+    its defaults picked per device and dtype), or None where this torch has none."""
+    options = getattr(nn, "LinearCrossEntropyOptions", None)
+    if options is None or not hasattr(F, "linear_cross_entropy"):
+        return None
+    return partial(F.linear_cross_entropy, options=options())
+
+
 def linear_cross_entropy_providers(shape, device, variant):
     """loss(x, W, y) of every provider on the device: the eager code, torch.compile's entry holding the same
-    code (the harness compiles it), cut-cross-entropy's torch_compile implementation (where it imports; it
-    compiles itself: `e @ c.T`, then cross-entropy over the logits in fp32; not at the sweep's extra
-    shapes), Liger-Kernel's (CUDA, where installed) and fusedops with the device's kernel."""
+    code (the harness compiles it), PyTorch's own chunked path (where this torch has it), cut-cross-entropy's
+    torch_compile implementation (where it imports; it compiles itself: `e @ c.T`, then cross-entropy over the
+    logits in fp32; not at the sweep's extra shapes), Liger-Kernel's (CUDA, where installed) and fusedops with
+    the device's kernel."""
     providers = {EAGER: linear_cross_entropy_eager, COMPILE: linear_cross_entropy_eager}
+    if torch_chunked() is not None:
+        providers[TORCH_CHUNKED] = torch_chunked()
     if shape not in LCE_SWEEP:
         cce, _ = cut_cross_entropy()
         if cce is not None:
@@ -296,7 +336,11 @@ def linear_cross_entropy_providers(shape, device, variant):
 def linear_cross_entropy_notes(device):
     """{peer: what it is, or why it does not run}: cut-cross-entropy, and on CUDA Liger-Kernel."""
     cce, why = cut_cross_entropy()
-    notes = {CCE: f"{CCE} {why}: its `impl=\"torch_compile\"`, the CPU path (torch.compile of `e @ c.T`, then "
+    notes = {TORCH_CHUNKED: f"{TORCH_CHUNKED}: PyTorch's F.linear_cross_entropy with "
+                            "options=nn.LinearCrossEntropyOptions() (its chunked path; its defaults per device and "
+                            "dtype)." if torch_chunked() is not None else
+             f"{TORCH_CHUNKED}: not run: torch {torch.__version__} has no chunked linear_cross_entropy.",
+             CCE: f"{CCE} {why}: its `impl=\"torch_compile\"`, the CPU path (torch.compile of `e @ c.T`, then "
                   "cross-entropy over the logits cast to fp32; dynamic shapes), at the issue's shapes; its first "
                   "call compiles (not timed)." if cce is not None else f"{CCE}: not run: it does not import ({why})."}
     if device.type == "cuda":
@@ -306,29 +350,31 @@ def linear_cross_entropy_notes(device):
     return notes
 
 
-def linear_cross_entropy_targets(shape, variant, provider):
-    """At the issue's shapes: faster than eager, peak extra memory at most LCE_PEAK_VS_EAGER of eager's
-    (forward+backward, the same run); torch.compile's speed-up shown, not judged. The sweep: none."""
+def linear_cross_entropy_targets(shape, variant, provider, dtype="fp32"):
+    """At the issue's shapes: faster than eager and than PyTorch's chunked path, peak extra memory at most
+    LCE_PEAK_VS_EAGER of eager's and at most the chunked path's (forward+backward, the same run);
+    torch.compile's speed-up shown, not judged. The sweep: none."""
     if shape in LCE_SHAPES:
-        return Targets(1.0, peak_vs_eager=LCE_PEAK_VS_EAGER, faster_than_compile=False)
+        return Targets(1.0, peak_vs_eager=LCE_PEAK_VS_EAGER, faster_than_compile=False, peers=(TORCH_CHUNKED,))
     return Targets(faster_than_compile=False)
 
 
 OPERATORS = {
     "ce": Operator("cross_entropy", "Cross-entropy: plain, weighted, probability targets, z-loss + softcap", EAGER,
-                   shapes=((32, 27), (4096, 1024), (1024, 32768), (8192, 8192), *CE_LARGE_VOCABULARIES),
-                   quick_shapes=((32, 27), (4096, 1024)), per_call_shapes=((32, 27),),
+                   shapes=(*CE_PER_CALL, (333, 3001), (4096, 1024), (1024, 32768), (8192, 8192),
+                           *CE_LARGE_VOCABULARIES),
+                   quick_shapes=(*CE_PER_CALL, (4096, 1024)), per_call_shapes=CE_PER_CALL,
                    inputs=cross_entropy_inputs, providers=cross_entropy_providers, variants=CE_VARIANTS,
                    variants_at=cross_entropy_variants_at, targets=cross_entropy_targets),
     "bn": Operator("batch_norm", "Batch norm (training mode)", EAGER,
-                   shapes=((32, 64), (16384, 256), (65536, 256)),
-                   quick_shapes=((32, 64), (16384, 256)), per_call_shapes=((32, 64),),
-                   inputs=batch_norm_inputs, providers=batch_norm_providers),
+                   shapes=(*BN_PER_CALL, *BN_SPEEDUP),
+                   quick_shapes=(*BN_PER_CALL, (16384, 256)), per_call_shapes=BN_PER_CALL,
+                   inputs=batch_norm_inputs, providers=batch_norm_providers, targets=batch_norm_targets),
     "bn2d": Operator("batch_norm2d", "BatchNorm2d at ResNet shapes (training mode): alone, + ReLU, + add + ReLU",
                      EAGER, shapes=((32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7)),
                      quick_shapes=((32, 512, 7, 7),), per_call_shapes=(), inputs=batch_norm2d_inputs,
                      providers=batch_norm2d_providers, variants=BN2D_VARIANTS, modes=(FWD_BWD,),
-                     targets=lambda shape, variant, provider: BN2D_TARGETS[bn2d_form(variant)[0]]),
+                     targets=lambda shape, variant, provider, dtype="fp32": BN2D_TARGETS[bn2d_form(variant)[0]]),
     "lce": Operator("linear_cross_entropy", "Linear cross-entropy (the LM head's loss): forward+backward", EAGER,
                     shapes=(*LCE_SHAPES, *LCE_SWEEP), quick_shapes=LCE_QUICK, per_call_shapes=(),
                     inputs=linear_cross_entropy_inputs, providers=linear_cross_entropy_providers, modes=(FWD_BWD,),

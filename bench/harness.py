@@ -506,17 +506,38 @@ def shape_of(name):
     return tuple(map(int, name.split("x")))
 
 
-def target_cells(targets, r, eager, memory_vs_eager=False):
+def target_cells(targets, r, eager, memory_vs_eager=False, peers=()):
     """fusedops' forward+backward row r against Targets, eager's row beside it: a cell per TARGET_COLUMNS
     (memory_vs_eager: TARGET_COLUMNS_VS_EAGER, its peak extra memory as a fraction of eager's instead of in
-    input-sized tensors) and [holds] of each target judged (none stated, or one whose peer did not run, is not)."""
+    input-sized tensors), then one per peer of targets.peers (its row in peers, or None where it did not run),
+    and [holds] of each target judged (none stated, or one whose peer did not run, is not)."""
+    cells, holds = _own_cells(targets, r, eager, memory_vs_eager)
+    for peer in peers:
+        if peer is None:
+            cells.append("not run")
+            continue
+        faster, memory = peer.median_ms / r.median_ms, r.peak_mb / peer.peak_mb
+        holds.append(faster > 1 and memory <= 1)
+        cells.append(f"{fmt_ratio(faster)} faster, {memory:.0%} of its memory {MARK[holds[-1]]}")
+    return cells, holds
+
+
+def _own_cells(targets, r, eager, memory_vs_eager):
+    """target_cells' cells and holds against eager and torch.compile."""
     holds = []
     if targets.vs_eager is None:
-        cells = [f"{fmt_ratio(r.vs_eager)} (no target)"]
+        speed = f"{fmt_ratio(r.vs_eager)} (no target)"
     else:
         holds.append(r.vs_eager >= targets.vs_eager)
-        cells = [f"{fmt_ratio(r.vs_eager)} {'≥' if holds[-1] else '<'} {fmt_ratio(targets.vs_eager)} "
-                 f"{MARK[holds[-1]]}"]
+        speed = f"{fmt_ratio(r.vs_eager)} {'≥' if holds[-1] else '<'} {fmt_ratio(targets.vs_eager)} {MARK[holds[-1]]}"
+    if targets.over_eager_us is not None:  # the cost per call over eager
+        holds.append(r.over_eager_us <= targets.over_eager_us)
+        speed += (f"; {r.over_eager_us:+.1f} µs {'≤' if holds[-1] else '>'} +{targets.over_eager_us:g} µs "
+                  f"{MARK[holds[-1]]}")
+    if targets.vs_floor is not None and not math.isnan(r.vs_floor):  # against one pass over the input
+        holds.append(r.vs_floor <= targets.vs_floor)
+        speed += f"; {r.vs_floor:.2f}× floor {'≤' if holds[-1] else '>'} {targets.vs_floor:g}× {MARK[holds[-1]]}"
+    cells = [speed]
     if math.isnan(r.vs_compile):
         cells.append("not run")
     elif not targets.faster_than_compile:
@@ -558,14 +579,19 @@ def target_lines(op, rows, fused):
     vs_eager = operator.memory_vs_baseline
     with_variant = any(r.variant for r in rows)
     table, holds = [], []
-    for r in rows:
-        if r.provider in fused and r.mode == FWD_BWD:
-            targets = operator.targets(shape_of(r.shape), r.variant, r.provider)
-            cells, held = target_cells(targets, r, by_key[case_key(r) + (operator.baseline,)], vs_eager)
-            table.append("| " + " | ".join([r.shape, *[r.variant] * with_variant, r.dtype, r.provider, *cells]) + " |")
-            holds += held
+    judged = [(r, operator.targets(shape_of(r.shape), r.variant, r.provider, r.dtype)) for r in rows
+              if r.provider in fused and r.mode == FWD_BWD]
+    peer_names = unique(peer for _, targets in judged for peer in targets.peers)
+    for r, targets in judged:
+        peers = [by_key.get(case_key(r) + (peer,)) if peer in targets.peers else None for peer in peer_names]
+        cells, held = target_cells(targets, r, by_key[case_key(r) + (operator.baseline,)], vs_eager, peers)
+        if not targets.peers:  # a case without peer targets: nothing to judge in their columns
+            cells[len(cells) - len(peer_names):] = ["(no target)"] * len(peer_names)
+        table.append("| " + " | ".join([r.shape, *[r.variant] * with_variant, r.dtype, r.provider, *cells]) + " |")
+        holds += held
     header = ["shape", *["variant"] * with_variant, "dtype", "provider",
-              *(TARGET_COLUMNS_VS_EAGER if vs_eager else TARGET_COLUMNS)]
+              *(TARGET_COLUMNS_VS_EAGER if vs_eager else TARGET_COLUMNS),
+              *(f"against {peer} (faster, at most its memory)" for peer in peer_names)]
     memory = ("Memory: fusedops' peak extra memory as a fraction of eager's, both measured in this run." if vs_eager
               else f"Memory: eager's peak extra memory minus fusedops', in input-sized tensors (with a slack of "
                    f"{MEMORY_SLACK:g} input for per-channel tensors); then fusedops' own peak extra memory, in "
@@ -616,7 +642,7 @@ def plot_sweep(rows, op, path, about):
         points = [by_value[p][v] for v in values]
         memory.plot(values, [r.peak_mb for r in points], marker="o", label=p)
         timing.plot(values, [r.median_ms for r in points], marker="o", label=p)
-    fractions = {operator.targets(shape_of(r.shape), r.variant, r.provider).peak_vs_eager
+    fractions = {operator.targets(shape_of(r.shape), r.variant, r.provider, r.dtype).peak_vs_eager
                  for r in sweep if operator.targets and r.provider.startswith("fusedops")} - {None}
     if fractions and operator.baseline in providers:
         fraction = min(fractions)
