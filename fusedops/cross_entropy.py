@@ -237,11 +237,14 @@ def _mean_scale(target, weight, ignore_index):
     return torch.where(count > 0, 1 / divisor, 0.0)
 
 
-def z_loss_weight(target, weight, ignore_index):
-    """The class weights of a weighted mean with z-loss, scaled so that its divisor becomes the kept count K:
-    w' = w K / D. The weighted cross-entropy then still divides by D, and the z-loss, a per-token term, by K:
+def z_loss_weight(target, weight, ignore_index, reduction, z_loss):
+    """The class weights the kernels take: for the mean of class indices with class weights and z-loss, scaled
+    so that its divisor becomes the kept count K, w' = w K / D; the weighted cross-entropy then still divides
+    by D, and the z-loss, a per-token term, by K:
         loss = sum_i w_{t_i} ce_i / D + z_loss * sum_i lse_i^2 / K        (kept rows i)
-    (PaLM's z-loss averages over tokens, unweighted.) A divisor D of 0 leaves the weights as they are."""
+    (PaLM's z-loss averages over tokens, unweighted.) Otherwise, or for a divisor D of 0, `weight` itself."""
+    if reduction != MEAN or weight is None or not z_loss > 0 or target.is_floating_point():
+        return weight
     count, divisor = mean_divisors(target, weight, ignore_index)
     return (weight.double() * torch.where(divisor != 0, count / divisor, 1.0)).to(weight.dtype)
 
@@ -379,8 +382,7 @@ def cross_entropy(input, target, weight=None, *, reduction="mean", ignore_index=
     if weight is not None:
         weight = weight.contiguous()
     if group is None:
-        if code == MEAN and weight is not None and z_loss > 0 and not prob:
-            weight = z_loss_weight(target, weight, ignore_index)  # z-loss's mean: over the kept rows, unweighted
+        weight = z_loss_weight(target, weight, ignore_index, code, z_loss)  # z-loss's mean: kept rows, unweighted
         loss, _, lse = _apply(logits, target, weight, code, ignore_index, label_smoothing, z_loss, softcap,
                               return_lse, inplace, backend)
     else:

@@ -338,8 +338,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
     out_shape = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])
     target = target.reshape(x.shape[0], V) if prob else target.reshape(-1)  # (V may be 0: a shard)
-    if code == MEAN and class_weight is not None and z_loss > 0 and not prob and group is None:
-        class_weight = z_loss_weight(target, class_weight, ignore_index)  # z-loss's mean: over the kept rows
+    if group is None:  # (the split reduces its z rows apart)
+        class_weight = z_loss_weight(target, class_weight, ignore_index, code, z_loss)  # z-loss's mean: kept rows
     if group is not None:  # the classes split across processes
         from . import vocab_parallel
 
