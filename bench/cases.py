@@ -3,9 +3,10 @@
 (input layouts, fused forms, options) and which of them run at which shape in which modes, its inputs,
 its providers and the targets fusedops should reach; for the training steps (the makemore MLP, a
 ResNet-18) their variants. bench/harness.py runs them; a new operator is one more entry in OPERATORS."""
+
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last
 @dataclass(frozen=True)
 class Table:
     """One results file, <out>/<file>.{md,csv,png}: its title and the provider its ratios are against."""
+
     file: str
     title: str
     baseline: str
@@ -35,6 +37,7 @@ class Table:
 class Targets:
     """What a fusedops provider should reach in a case, against the peers of the same run
     (forward+backward): faster than torch.compile, and these."""
+
     vs_eager: float = None  # the least speed-up against eager (None: none stated)
     over_eager_us: float = None  # where fixed costs dominate: the most µs per call over eager (None: none stated)
     vs_floor: float = None  # the most time as a multiple of the copy floor's (None: none stated)
@@ -88,10 +91,16 @@ CE_REFERENCE_MAX = 4096 * 1024  # logits the chunked reference runs at, at most:
 CE_OPTIONS_SHAPE = (4096, 1024)  # where the options' speed-up targets are stated
 # the least speed-up against eager, forward+backward, by (shape, variant, dtype; None: every dtype, provider:
 # "" both, "out of place" or "in place"); 2 threads. Everywhere else: faster than torch.compile.
-CE_SPEEDUP = {((4096, 1024), PLAIN, "fp32", ""): 3.0, ((4096, 1024), WEIGHTED, "fp32", ""): 2.5,
-              ((4096, 1024), PROBABILITIES, "fp32", ""): 2.5, ((4096, 1024), Z_LOSS_SOFTCAP, None, ""): 3.0,
-              ((333, 3001), PLAIN, "fp32", ""): 2.7, ((1024, 32768), PLAIN, "fp32", "out of place"): 8.0,
-              ((2048, 50257), PLAIN, "fp32", "out of place"): 8.0, ((8192, 8192), PLAIN, "fp32", "in place"): 10.0}
+CE_SPEEDUP = {
+    ((4096, 1024), PLAIN, "fp32", ""): 3.0,
+    ((4096, 1024), WEIGHTED, "fp32", ""): 2.5,
+    ((4096, 1024), PROBABILITIES, "fp32", ""): 2.5,
+    ((4096, 1024), Z_LOSS_SOFTCAP, None, ""): 3.0,
+    ((333, 3001), PLAIN, "fp32", ""): 2.7,
+    ((1024, 32768), PLAIN, "fp32", "out of place"): 8.0,
+    ((2048, 50257), PLAIN, "fp32", "out of place"): 8.0,
+    ((8192, 8192), PLAIN, "fp32", "in place"): 10.0,
+}
 CE_FLOOR = {((8192, 8192), "fp32", "in place"): 1.6}  # the most time as a multiple of the copy floor's
 PER_CALL_US = 20.0  # at the notebooks' sizes: the most µs per forward+backward over eager
 CE_PER_CALL = ((32, 27),)  # the notebooks' batch: fixed costs dominate
@@ -145,11 +154,13 @@ def cross_entropy_providers(shape, device, variant):
     for b in fusedops_backends(device):
         providers[f"fusedops {b}"] = partial(fusedops.cross_entropy, backend=b, **options)
         # writes the gradient over the logits: no N x V buffer
-        providers[f"fusedops {b} in-place"] = partial(fusedops.cross_entropy, backend=b, inplace_backward=True,
-                                                      **options)
+        providers[f"fusedops {b} in-place"] = partial(
+            fusedops.cross_entropy, backend=b, inplace_backward=True, **options
+        )
     if device.type == "cuda" and variant == PLAIN:
         try:
             from liger_kernel.transformers import LigerCrossEntropyLoss
+
             providers["liger"] = LigerCrossEntropyLoss()  # also writes the gradient over the logits
         except ImportError:
             pass
@@ -162,11 +173,21 @@ def cross_entropy_targets(shape, variant, provider, dtype="fp32"):
     per-call shapes, at most PER_CALL_US over eager."""
     in_place = provider.endswith("in-place")
     placement = "in place" if in_place else "out of place"
-    speedup = next((v for (s, var, d, p), v in CE_SPEEDUP.items()
-                    if (s, var) == (shape, variant) and d in (None, dtype) and p in ("", placement)), None)
-    return Targets(speedup, over_eager_us=PER_CALL_US if shape in CE_PER_CALL else None,
-                   vs_floor=CE_FLOOR.get((shape, dtype, placement)),
-                   peak_memory=CE_PEAK_IN_PLACE if in_place else CE_PEAK, peak_slack_mb=CE_ROW_BYTES * shape[0] / 2**20)
+    speedup = next(
+        (
+            v
+            for (s, var, d, p), v in CE_SPEEDUP.items()
+            if (s, var) == (shape, variant) and d in (None, dtype) and p in ("", placement)
+        ),
+        None,
+    )
+    return Targets(
+        speedup,
+        over_eager_us=PER_CALL_US if shape in CE_PER_CALL else None,
+        vs_floor=CE_FLOOR.get((shape, dtype, placement)),
+        peak_memory=CE_PEAK_IN_PLACE if in_place else CE_PEAK,
+        peak_slack_mb=CE_ROW_BYTES * shape[0] / 2**20,
+    )
 
 
 BN_PER_CALL = ((32, 64),)  # the notebooks' batch of hidden units
@@ -176,8 +197,9 @@ BN_SPEEDUP = {(16384, 256): 1.6, (65536, 256): 2.0, (8192, 1000): 1.5, (100000, 
 def batch_norm_targets(shape, variant, provider, dtype="fp32"):
     """Faster than torch.compile; BN_SPEEDUP against eager in fp32; at the per-call shape, at most PER_CALL_US
     over eager."""
-    return Targets(BN_SPEEDUP.get(shape) if dtype == "fp32" else None,
-                   over_eager_us=PER_CALL_US if shape in BN_PER_CALL else None)
+    return Targets(
+        BN_SPEEDUP.get(shape) if dtype == "fp32" else None, over_eager_us=PER_CALL_US if shape in BN_PER_CALL else None
+    )
 
 
 def batch_norm_inputs(shape, dtype, device, variant):
@@ -202,8 +224,9 @@ def batch_norm_providers(shape, device, variant):
 
 
 def _reference_batch_norm(layer, x):
-    return reference.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, True,
-                                layer.momentum, layer.eps)
+    return reference.batch_norm(
+        x, layer.running_mean, layer.running_var, layer.weight, layer.bias, True, layer.momentum, layer.eps
+    )
 
 
 # BatchNorm2d at ResNet shapes, alone and with what follows it in a ResNet: variants "<form>, <layout>"
@@ -278,7 +301,7 @@ def linear_cross_entropy_inputs(shape, dtype, device, variant):
     n, h, v = shape
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n, h, generator=g, device=device).to(dtype)
-    weight = (torch.randn(v, h, generator=g, device=device) / h ** 0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g, device=device) / h**0.5).to(dtype).requires_grad_()
     return x, (weight, torch.randint(0, v, (n,), generator=g, device=device)), None
 
 
@@ -336,17 +359,25 @@ def linear_cross_entropy_providers(shape, device, variant):
 def linear_cross_entropy_notes(device):
     """{peer: what it is, or why it does not run}: cut-cross-entropy, and on CUDA Liger-Kernel."""
     cce, why = cut_cross_entropy()
-    notes = {TORCH_CHUNKED: f"{TORCH_CHUNKED}: PyTorch's F.linear_cross_entropy with "
-                            "options=nn.LinearCrossEntropyOptions() (its chunked path; its defaults per device and "
-                            "dtype)." if torch_chunked() is not None else
-             f"{TORCH_CHUNKED}: not run: torch {torch.__version__} has no chunked linear_cross_entropy.",
-             CCE: f"{CCE} {why}: its `impl=\"torch_compile\"`, the CPU path (torch.compile of `e @ c.T`, then "
-                  "cross-entropy over the logits cast to fp32; dynamic shapes), at the issue's shapes; its first "
-                  "call compiles (not timed)." if cce is not None else f"{CCE}: not run: it does not import ({why})."}
+    notes = {
+        TORCH_CHUNKED: f"{TORCH_CHUNKED}: PyTorch's F.linear_cross_entropy with "
+        "options=nn.LinearCrossEntropyOptions() (its chunked path; its defaults per device and "
+        "dtype)."
+        if torch_chunked() is not None
+        else f"{TORCH_CHUNKED}: not run: torch {torch.__version__} has no chunked linear_cross_entropy.",
+        CCE: f'{CCE} {why}: its `impl="torch_compile"`, the CPU path (torch.compile of `e @ c.T`, then '
+        "cross-entropy over the logits cast to fp32; dynamic shapes), at the issue's shapes; its first "
+        "call compiles (not timed)."
+        if cce is not None
+        else f"{CCE}: not run: it does not import ({why}).",
+    }
     if device.type == "cuda":
         liger, why = liger_fused_linear_cross_entropy()
-        notes[LIGER] = (f"{LIGER}: Liger-Kernel's LigerFusedLinearCrossEntropyLoss, at the issue's shapes."
-                        if liger is not None else f"{LIGER}: not run: it does not import ({why}).")
+        notes[LIGER] = (
+            f"{LIGER}: Liger-Kernel's LigerFusedLinearCrossEntropyLoss, at the issue's shapes."
+            if liger is not None
+            else f"{LIGER}: not run: it does not import ({why})."
+        )
     return notes
 
 
@@ -360,28 +391,61 @@ def linear_cross_entropy_targets(shape, variant, provider, dtype="fp32"):
 
 
 OPERATORS = {
-    "ce": Operator("cross_entropy", "Cross-entropy: plain, weighted, probability targets, z-loss + softcap", EAGER,
-                   shapes=(*CE_PER_CALL, (333, 3001), (4096, 1024), (1024, 32768), (8192, 8192),
-                           *CE_LARGE_VOCABULARIES),
-                   quick_shapes=(*CE_PER_CALL, (4096, 1024)), per_call_shapes=CE_PER_CALL,
-                   inputs=cross_entropy_inputs, providers=cross_entropy_providers, variants=CE_VARIANTS,
-                   variants_at=cross_entropy_variants_at, targets=cross_entropy_targets),
-    "bn": Operator("batch_norm", "Batch norm (training mode)", EAGER,
-                   shapes=(*BN_PER_CALL, *BN_SPEEDUP),
-                   quick_shapes=(*BN_PER_CALL, (16384, 256)), per_call_shapes=BN_PER_CALL,
-                   inputs=batch_norm_inputs, providers=batch_norm_providers, targets=batch_norm_targets),
-    "bn2d": Operator("batch_norm2d", "BatchNorm2d at ResNet shapes (training mode): alone, + ReLU, + add + ReLU",
-                     EAGER, shapes=((32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7)),
-                     quick_shapes=((32, 512, 7, 7),), per_call_shapes=(), inputs=batch_norm2d_inputs,
-                     providers=batch_norm2d_providers, variants=BN2D_VARIANTS, modes=(FWD_BWD,),
-                     targets=lambda shape, variant, provider, dtype="fp32": BN2D_TARGETS[bn2d_form(variant)[0]]),
-    "lce": Operator("linear_cross_entropy", "Linear cross-entropy (the LM head's loss): forward+backward", EAGER,
-                    shapes=(*LCE_SHAPES, *LCE_SWEEP), quick_shapes=LCE_QUICK, per_call_shapes=(),
-                    inputs=linear_cross_entropy_inputs, providers=linear_cross_entropy_providers, modes=(FWD_BWD,),
-                    targets=linear_cross_entropy_targets,
-                    dtypes_at=lambda shape: (torch.float32,) if shape in LCE_SWEEP else DTYPES,
-                    floor=False, min_runs=LCE_MIN_RUNS, memory_vs_baseline=True, sweep_dim=2,
-                    notes=linear_cross_entropy_notes),
+    "ce": Operator(
+        "cross_entropy",
+        "Cross-entropy: plain, weighted, probability targets, z-loss + softcap",
+        EAGER,
+        shapes=(*CE_PER_CALL, (333, 3001), (4096, 1024), (1024, 32768), (8192, 8192), *CE_LARGE_VOCABULARIES),
+        quick_shapes=(*CE_PER_CALL, (4096, 1024)),
+        per_call_shapes=CE_PER_CALL,
+        inputs=cross_entropy_inputs,
+        providers=cross_entropy_providers,
+        variants=CE_VARIANTS,
+        variants_at=cross_entropy_variants_at,
+        targets=cross_entropy_targets,
+    ),
+    "bn": Operator(
+        "batch_norm",
+        "Batch norm (training mode)",
+        EAGER,
+        shapes=(*BN_PER_CALL, *BN_SPEEDUP),
+        quick_shapes=(*BN_PER_CALL, (16384, 256)),
+        per_call_shapes=BN_PER_CALL,
+        inputs=batch_norm_inputs,
+        providers=batch_norm_providers,
+        targets=batch_norm_targets,
+    ),
+    "bn2d": Operator(
+        "batch_norm2d",
+        "BatchNorm2d at ResNet shapes (training mode): alone, + ReLU, + add + ReLU",
+        EAGER,
+        shapes=((32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7)),
+        quick_shapes=((32, 512, 7, 7),),
+        per_call_shapes=(),
+        inputs=batch_norm2d_inputs,
+        providers=batch_norm2d_providers,
+        variants=BN2D_VARIANTS,
+        modes=(FWD_BWD,),
+        targets=lambda shape, variant, provider, dtype="fp32": BN2D_TARGETS[bn2d_form(variant)[0]],
+    ),
+    "lce": Operator(
+        "linear_cross_entropy",
+        "Linear cross-entropy (the LM head's loss): forward+backward",
+        EAGER,
+        shapes=(*LCE_SHAPES, *LCE_SWEEP),
+        quick_shapes=LCE_QUICK,
+        per_call_shapes=(),
+        inputs=linear_cross_entropy_inputs,
+        providers=linear_cross_entropy_providers,
+        modes=(FWD_BWD,),
+        targets=linear_cross_entropy_targets,
+        dtypes_at=lambda shape: (torch.float32,) if shape in LCE_SWEEP else DTYPES,
+        floor=False,
+        min_runs=LCE_MIN_RUNS,
+        memory_vs_baseline=True,
+        sweep_dim=2,
+        notes=linear_cross_entropy_notes,
+    ),
 }
 
 
@@ -416,8 +480,13 @@ def fusedops_manual_backward(vocab_size, generator):
 
 # name -> (vocab size, generator) -> (model, step function: None is loss.backward()). torch.compile's
 # entry is the torch layers; the harness compiles their loss (forward and cross-entropy, and so the backward).
-TRAIN_VARIANTS = {TORCH_LAYERS: torch_layers, COMPILE: torch_layers, REFERENCE: reference_layers,
-                  "fusedops layers": fusedops_layers, "fusedops manual backward": fusedops_manual_backward}
+TRAIN_VARIANTS = {
+    TORCH_LAYERS: torch_layers,
+    COMPILE: torch_layers,
+    REFERENCE: reference_layers,
+    "fusedops layers": fusedops_layers,
+    "fusedops manual backward": fusedops_manual_backward,
+}
 
 
 # --- a ResNet-18-style training step (SGD): torch's batch norm against fusedops', converted ----------------

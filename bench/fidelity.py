@@ -7,9 +7,11 @@ prints the table (markdown). The relative error of one sample's values (cross-en
 channel's (batch norm) is max|actual - exact| / max|exact|; a row of the table gives the largest over
 samples or channels. --backend triton on CPU runs the Triton kernels in Triton's interpreter.
 """
+
 import argparse
 import os
 import sys
+from functools import partial
 
 if __name__ == "__main__":  # this checkout's fusedops, from any working directory
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,11 +74,12 @@ def batch_norm_results(fn, x, weight, bias, dy):
 def table(backend=None, device="cpu"):
     """Rows (op, inputs, quantity, dtype, fusedops error, PyTorch error) against float64, every tensor
     on `device`."""
-    ce = lambda x, t, **kw: fusedops.cross_entropy(x, t, backend=backend, **kw)
-    bn = lambda *args, **kw: fusedops.batch_norm(*args, backend=backend, **kw)
-    ops = [("cross_entropy", ("random", "confident"), cross_entropy_inputs, cross_entropy_results, ce,
-            F.cross_entropy),
-           ("batch_norm", ("random", "shifted"), batch_norm_inputs, batch_norm_results, bn, F.batch_norm)]
+    ce = partial(fusedops.cross_entropy, backend=backend)
+    bn = partial(fusedops.batch_norm, backend=backend)
+    ops = [
+        ("cross_entropy", ("random", "confident"), cross_entropy_inputs, cross_entropy_results, ce, F.cross_entropy),
+        ("batch_norm", ("random", "shifted"), batch_norm_inputs, batch_norm_results, bn, F.batch_norm),
+    ]
     rows = []
     for op, cases, make_inputs, results, fused, eager in ops:
         for case in cases:
@@ -99,10 +102,12 @@ def print_table(backend=None, device="cpu"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python bench/fidelity.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help="fusedops kernels (default: C++ on CPU, Triton on CUDA)")
+    parser = argparse.ArgumentParser(
+        prog="python bench/fidelity.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default=None, help="fusedops kernels (default: C++ on CPU, Triton on CUDA)"
+    )
     parser.add_argument("--device", default="cpu", help="(default: %(default)s)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -21,6 +21,7 @@ cross-entropy's memory is judged against eager's peak in the same run, and its p
 against the vocabulary (plot_sweep). Results go to
 <out>/{cross_entropy,batch_norm,batch_norm2d,linear_cross_entropy,train,resnet}.{md,csv,png}.
 """
+
 import contextlib
 import copy
 import csv
@@ -43,8 +44,26 @@ from fusedops.makemore import data
 from fusedops.makemore import model as makemore
 
 from . import resnet
-from .cases import (BACKWARD, CCE, COMPILE, DTYPES, FLOOR, FORWARD, FWD_BWD, LAYOUTS, MODES, OPERATORS, RESNET,
-                    RESNET_QUICK_SIZE, RESNET_SIZE, RESNET_VARIANTS, STEP, TABLES, TRAIN, TRAIN_VARIANTS)
+from .cases import (
+    BACKWARD,
+    CCE,
+    COMPILE,
+    DTYPES,
+    FLOOR,
+    FORWARD,
+    FWD_BWD,
+    LAYOUTS,
+    MODES,
+    OPERATORS,
+    RESNET,
+    RESNET_QUICK_SIZE,
+    RESNET_SIZE,
+    RESNET_VARIANTS,
+    STEP,
+    TABLES,
+    TRAIN,
+    TRAIN_VARIANTS,
+)
 
 # The profiler (the CPU memory view below) logs two lines each time it starts unless told not to;
 # it reads this when it first starts.
@@ -56,16 +75,35 @@ MIN_RUNS = 5  # measurements per median, at least
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # shapes: the Operator field naming the shapes to run
-FULL = dict(shapes="shapes", dtypes=DTYPES, modes=MODES, skip=(), min_run_time=0.5, train_steps=1000,
-            train_repeats=5, resnet=RESNET_SIZE, resnet_run_time=3.0)
+FULL = dict(
+    shapes="shapes",
+    dtypes=DTYPES,
+    modes=MODES,
+    skip=(),
+    min_run_time=0.5,
+    train_steps=1000,
+    train_repeats=5,
+    resnet=RESNET_SIZE,
+    resnet_run_time=3.0,
+)
 # --quick compiles nothing: neither torch.compile nor cut-cross-entropy (its CPU path is torch.compile)
-QUICK = dict(shapes="quick_shapes", dtypes=(torch.float32,), modes=(FWD_BWD,), skip=(COMPILE, CCE),
-             min_run_time=0.05, train_steps=200, train_repeats=3, resnet=RESNET_QUICK_SIZE, resnet_run_time=0.2)
+QUICK = dict(
+    shapes="quick_shapes",
+    dtypes=(torch.float32,),
+    modes=(FWD_BWD,),
+    skip=(COMPILE, CCE),
+    min_run_time=0.05,
+    train_steps=200,
+    train_repeats=3,
+    resnet=RESNET_QUICK_SIZE,
+    resnet_run_time=0.2,
+)
 
 
 @dataclass
 class Result:
     """One (op, shape, variant, dtype, mode, provider): times in ms; the comparisons are filled by add_ratios."""
+
     op: str
     shape: str
     variant: str  # "" where the operator has none
@@ -102,6 +140,7 @@ def provider_names(op, device):
 
 # --- measuring ------------------------------------------------------------------------------------
 
+
 def median_iqr(times):
     """(median, interquartile range) of a list of times."""
     q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
@@ -113,6 +152,7 @@ def measure(fn, device, min_run_time, min_runs=MIN_RUNS):
     On CPU, a call that takes min_run_time or more is a measurement by itself: min_runs calls, no more."""
     if device.type == "cuda":
         from triton.testing import do_bench
+
         q1, median, q3 = do_bench(fn, rep=min_run_time * 1e3, quantiles=[0.25, 0.5, 0.75])
         return median, q3 - q1
     from torch.utils.benchmark import Timer
@@ -250,12 +290,20 @@ def run_case(op, shape, variant, dtype, device, *, modes=MODES, skip=(), min_run
             continue
         fn, first_run = compiling(fn) if name == COMPILE else (fn, contextlib.nullcontext())
         with first_run:
-            first_s, peak, times = time_provider(fn, params, x, args, grad_out, device, modes, min_run_time,
-                                                 min_runs)
+            first_s, peak, times = time_provider(fn, params, x, args, grad_out, device, modes, min_run_time, min_runs)
         for mode, (median, iqr) in times.items():
-            rows.append(Result(**case, mode=mode, provider=name, median_ms=median, iqr_ms=iqr,
-                               peak_mb=peak / 2**20 if mode == FWD_BWD else math.nan, input_mb=input_mb,
-                               compile_s=first_s if name == COMPILE else math.nan))
+            rows.append(
+                Result(
+                    **case,
+                    mode=mode,
+                    provider=name,
+                    median_ms=median,
+                    iqr_ms=iqr,
+                    peak_mb=peak / 2**20 if mode == FWD_BWD else math.nan,
+                    input_mb=input_mb,
+                    compile_s=first_s if name == COMPILE else math.nan,
+                )
+            )
     return rows
 
 
@@ -264,24 +312,32 @@ def run_op(op, shapes, dtypes, device, *, modes=MODES, skip=(), min_run_time, lo
     the operator runs it at, in the modes of `modes` it has there (Operator.plan), in the dtypes of
     `dtypes` it runs there (Operator.dtypes), comparisons included; a progress line per case."""
     operator = OPERATORS[op]
-    cases = [(shape, variant, dtype, case_modes) for shape in shapes
-             for variant, variant_modes in operator.plan(shape).items()
-             if (case_modes := [m for m in modes if m in variant_modes]) for dtype in operator.dtypes(shape, dtypes)]
+    cases = [
+        (shape, variant, dtype, case_modes)
+        for shape in shapes
+        for variant, variant_modes in operator.plan(shape).items()
+        if (case_modes := [m for m in modes if m in variant_modes])
+        for dtype in operator.dtypes(shape, dtypes)
+    ]
     rows = []
     for i, (shape, variant, dtype, case_modes) in enumerate(cases, 1):
         start = time.perf_counter()
-        case_rows = run_case(op, shape, variant, dtype, device, modes=case_modes, skip=skip,
-                             min_run_time=min_run_time)
+        case_rows = run_case(op, shape, variant, dtype, device, modes=case_modes, skip=skip, min_run_time=min_run_time)
         rows += case_rows
         shown = [r for r in case_rows if r.mode == case_modes[0]]
-        print(f"[{op} {i}/{len(cases)}] {' '.join(filter(None, (shown[0].shape, shown[0].variant, shown[0].dtype)))} "
-              f"{case_modes[0]}: "
-              + ", ".join(f"{r.provider} {r.median_ms:.3g} ms" for r in shown)
-              + f" ({time.perf_counter() - start:.0f} s)", file=log, flush=True)
+        print(
+            f"[{op} {i}/{len(cases)}] {' '.join(filter(None, (shown[0].shape, shown[0].variant, shown[0].dtype)))} "
+            f"{case_modes[0]}: "
+            + ", ".join(f"{r.provider} {r.median_ms:.3g} ms" for r in shown)
+            + f" ({time.perf_counter() - start:.0f} s)",
+            file=log,
+            flush=True,
+        )
     return add_ratios(rows, OPERATORS[op].baseline)
 
 
 # --- the makemore training step ---------------------------------------------------------------------
+
 
 def run_train(data_path, device, *, steps, repeats, skip=(), log=sys.stderr):
     """ms per training step (batch 32, SGD) of the makemore MLP, for every variant of TRAIN_VARIANTS
@@ -298,8 +354,9 @@ def run_train(data_path, device, *, steps, repeats, skip=(), log=sys.stderr):
         g = torch.Generator().manual_seed(reference.SEED)
         model, step_fn = build(len(vocab), g)
         model.to(device)
-        train = partial(makemore.train, model, X, Y, batch_size=32, lr=0.1, generator=g, step_fn=step_fn,
-                        progress=False)  # -> (losses, seconds per step)
+        train = partial(
+            makemore.train, model, X, Y, batch_size=32, lr=0.1, generator=g, step_fn=step_fn, progress=False
+        )  # -> (losses, seconds per step)
         first_run = contextlib.nullcontext()
         if name == COMPILE:
             model.loss, first_run = compiling(model.loss)
@@ -308,8 +365,19 @@ def run_train(data_path, device, *, steps, repeats, skip=(), log=sys.stderr):
             train(steps=min(steps, 50))  # warm-up
         first_s = time.perf_counter() - start
         median, iqr = median_iqr([train(steps=steps)[1] * 1e3 for _ in range(repeats)])
-        rows.append(Result("train", "batch 32", "", "fp32", STEP, name, median, iqr,
-                           compile_s=first_s if name == COMPILE else math.nan))
+        rows.append(
+            Result(
+                "train",
+                "batch 32",
+                "",
+                "fp32",
+                STEP,
+                name,
+                median,
+                iqr,
+                compile_s=first_s if name == COMPILE else math.nan,
+            )
+        )
         print(f"[train] {name}: {median:.3g} ms per step", file=log, flush=True)
     return add_ratios(rows, TRAIN.baseline)
 
@@ -329,7 +397,7 @@ def run_resnet(device, *, batch, image_size, width, min_run_time, log=sys.stderr
             model = convert(copy.deepcopy(initial).to(device, memory_format=memory_format))
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-            def step(model=model, optimizer=optimizer):
+            def step(model=model, optimizer=optimizer, x=x):
                 optimizer.zero_grad()
                 F.cross_entropy(model(x), labels).backward()
                 optimizer.step()
@@ -337,8 +405,20 @@ def run_resnet(device, *, batch, image_size, width, min_run_time, log=sys.stderr
             step()  # warm-up: the gradients' and momentum's buffers
             peak = peak_extra_bytes(step, device)
             median, iqr = measure(step, device, min_run_time)
-            rows.append(Result("resnet", f"batch {batch}, {image_size}x{image_size}", layout, "fp32", STEP, name,
-                               median, iqr, peak_mb=peak / 2**20, input_mb=x.numel() * x.element_size() / 2**20))
+            rows.append(
+                Result(
+                    "resnet",
+                    f"batch {batch}, {image_size}x{image_size}",
+                    layout,
+                    "fp32",
+                    STEP,
+                    name,
+                    median,
+                    iqr,
+                    peak_mb=peak / 2**20,
+                    input_mb=x.numel() * x.element_size() / 2**20,
+                )
+            )
             print(f"[resnet] {layout} {name}: {median:.3g} ms per step", file=log, flush=True)
     return add_ratios(rows, RESNET.baseline)
 
@@ -361,10 +441,12 @@ def add_ratios(rows, baseline):
 
 # --- results: markdown, CSV, plot ---------------------------------------------------------------------
 
+
 def machine(device):
     """The device, threads, torch version and date, in one line."""
     if device.type == "cuda":
         import triton
+
         name = f"{torch.cuda.get_device_name(device)}, triton {triton.__version__}"
     else:
         name = platform.processor() or "CPU"
@@ -424,26 +506,47 @@ def markdown(rows, op, about, notes=()):
     modes = unique(r.mode for r in rows)
     spread = max(rows, key=lambda r: r.iqr_ms / r.median_ms)
     per_call_shapes = unique(r.shape for r in rows if per_call(op, r.shape))
-    lines = [f"# {TABLES[op].title}", "", about, "", *notes, *([""] if notes else []),
-             f"Median ms; in brackets the speed-up against {baseline} ({baseline}'s median / this one, "
-             "> 1 is faster)" + (f" and, at {', '.join(per_call_shapes)}, where fixed costs dominate, this "
-                                 f"median - {baseline}'s in µs (the cost per call over {baseline})."
-                                 if per_call_shapes else ".")]
+    lines = [
+        f"# {TABLES[op].title}",
+        "",
+        about,
+        "",
+        *notes,
+        *([""] if notes else []),
+        f"Median ms; in brackets the speed-up against {baseline} ({baseline}'s median / this one, "
+        "> 1 is faster)"
+        + (
+            f" and, at {', '.join(per_call_shapes)}, where fixed costs dominate, this "
+            f"median - {baseline}'s in µs (the cost per call over {baseline})."
+            if per_call_shapes
+            else "."
+        ),
+    ]
     if compared:
         lines += [f"`vs {COMPILE}`: {COMPILE}'s median / this one (> 1: faster than {COMPILE})."]
     if floored:
-        lines += [f"{FLOOR}: a `copy_` of the input's bytes into an existing buffer (one measurement, shown "
-                  "under every mode); its speed-up is about the most one pass over the input could reach. "
-                  f"`/ {FLOOR}`: the median over the floor's."]
+        lines += [
+            f"{FLOOR}: a `copy_` of the input's bytes into an existing buffer (one measurement, shown "
+            "under every mode); its speed-up is about the most one pass over the input could reach. "
+            f"`/ {FLOOR}`: the median over the floor's."
+        ]
     if FORWARD in modes or BACKWARD in modes:
-        lines += ["forward runs with grad enabled, as in training"
-                  + (" (fusedops' cross-entropy computes its gradient there, so its backward only hands it over)"
-                     if op == "ce" else "")
-                  + "; backward is timed alone, its forward outside the timed region."]
-    lines += [f"Spread (IQR / median): median {statistics.median(r.iqr_ms / r.median_ms for r in rows):.1%}, "
-              f"largest {spread.iqr_ms / spread.median_ms:.1%} ({spread.provider}, "
-              f"{' '.join(filter(None, (spread.shape, spread.variant, spread.dtype)))} {spread.mode}); each row's "
-              "IQR is in the CSV.", ""]
+        lines += [
+            "forward runs with grad enabled, as in training"
+            + (
+                " (fusedops' cross-entropy computes its gradient there, so its backward only hands it over)"
+                if op == "ce"
+                else ""
+            )
+            + "; backward is timed alone, its forward outside the timed region."
+        ]
+    lines += [
+        f"Spread (IQR / median): median {statistics.median(r.iqr_ms / r.median_ms for r in rows):.1%}, "
+        f"largest {spread.iqr_ms / spread.median_ms:.1%} ({spread.provider}, "
+        f"{' '.join(filter(None, (spread.shape, spread.variant, spread.dtype)))} {spread.mode}); each row's "
+        "IQR is in the CSV.",
+        "",
+    ]
 
     def table(header, cells_of, cases):
         out = ["| " + " | ".join(["shape", *(["variant"] if with_variant else []), "dtype", *header]) + " |"]
@@ -455,13 +558,18 @@ def markdown(rows, op, about, notes=()):
         return [cell(by_key[case + (mode, p)]) if case + (mode, p) in by_key else "" for p in providers]
 
     for mode in modes:
+
         def cells(case, mode=mode):
-            return [*column(case, mode, providers, partial(fmt_cell, baseline=baseline)),
-                    *column(case, mode, compared, lambda r: fmt_ratio(r.vs_compile)),
-                    *column(case, mode, floored, lambda r: fmt_ratio(r.vs_floor))]
+            return [
+                *column(case, mode, providers, partial(fmt_cell, baseline=baseline)),
+                *column(case, mode, compared, lambda result: fmt_ratio(result.vs_compile)),
+                *column(case, mode, floored, lambda result: fmt_ratio(result.vs_floor)),
+            ]
+
         timed = unique((r.shape, r.variant, r.dtype) for r in rows if r.mode == mode)
-        lines += [f"## {mode}", ""] + table([*providers, *(f"{p} vs {COMPILE}" for p in compared),
-                                             *(f"{p} / {FLOOR}" for p in floored)], cells, timed)
+        lines += [f"## {mode}", ""] + table(
+            [*providers, *(f"{p} vs {COMPILE}" for p in compared), *(f"{p} / {FLOOR}" for p in floored)], cells, timed
+        )
 
     measured = [r for r in rows if not math.isnan(r.peak_mb)]
     if measured:
@@ -474,28 +582,50 @@ def markdown(rows, op, about, notes=()):
                 base = by_key[case + (mode, baseline)].peak_mb
                 got = column(case, mode, memory_providers, lambda r: f"{r.peak_mb:.3g} ({r.peak_mb / base:.1%})")
             else:
-                got = column(case, mode, memory_providers,
-                             lambda r: f"{r.peak_mb:.3g} ({r.peak_mb / r.input_mb:.2f}×)")
+                got = column(case, mode, memory_providers, lambda r: f"{r.peak_mb:.3g} ({r.peak_mb / r.input_mb:.2f}×)")
             input_mb = next(r.input_mb for r in measured if (r.shape, r.variant, r.dtype) == case)
-            return [*[f"{input_mb:.3g}"] * (not vs_baseline), *got,
-                    *column(case, mode, [COMPILE] * compiled, lambda r: f"{r.compile_s:.1f}")]
-        lines += [f"## Peak extra memory of {mode}" + (", and compile time" if compiled else ""), "",
-                  "MB allocated beyond the inputs (the gradients included); in brackets, "
-                  + (f"the fraction of {baseline}'s (same case, same run)." if vs_baseline else "× the input's size.")
-                  + (" Last column: the wall time of torch.compile's first forward+backward (tracing and code "
-                     "generation from an empty cache; not counted in the times above; the first case's includes "
-                     "the compiler's start-up)." if compiled else ""), ""]
-        lines += table([*["input MB"] * (not vs_baseline), *memory_providers, *([f"{COMPILE} s"] * compiled)],
-                       memory_cells, unique((r.shape, r.variant, r.dtype) for r in measured))
+            return [
+                *[f"{input_mb:.3g}"] * (not vs_baseline),
+                *got,
+                *column(case, mode, [COMPILE] * compiled, lambda r: f"{r.compile_s:.1f}"),
+            ]
+
+        lines += [
+            f"## Peak extra memory of {mode}" + (", and compile time" if compiled else ""),
+            "",
+            "MB allocated beyond the inputs (the gradients included); in brackets, "
+            + (f"the fraction of {baseline}'s (same case, same run)." if vs_baseline else "× the input's size.")
+            + (
+                " Last column: the wall time of torch.compile's first forward+backward (tracing and code "
+                "generation from an empty cache; not counted in the times above; the first case's includes "
+                "the compiler's start-up)."
+                if compiled
+                else ""
+            ),
+            "",
+        ]
+        lines += table(
+            [*["input MB"] * (not vs_baseline), *memory_providers, *([f"{COMPILE} s"] * compiled)],
+            memory_cells,
+            unique((r.shape, r.variant, r.dtype) for r in measured),
+        )
     else:
-        lines += [f"{COMPILE}: its first run (compiling from an empty cache; not counted above) took "
-                  f"{r.compile_s:.1f} s ({r.shape} {r.dtype})." for r in rows if not math.isnan(r.compile_s)]
+        lines += [
+            f"{COMPILE}: its first run (compiling from an empty cache; not counted above) took "
+            f"{r.compile_s:.1f} s ({r.shape} {r.dtype})."
+            for r in rows
+            if not math.isnan(r.compile_s)
+        ]
     return "\n".join(lines + target_lines(op, rows, fused))
 
 
 MEMORY_SLACK = 0.01  # of an input's size: per-channel statistics and the like, no activation-sized tensor
-TARGET_COLUMNS = ("speed-up against eager", f"faster than {COMPILE}", "peak extra memory below eager's",
-                  "peak extra memory")
+TARGET_COLUMNS = (
+    "speed-up against eager",
+    f"faster than {COMPILE}",
+    "peak extra memory below eager's",
+    "peak extra memory",
+)
 # an operator whose memory is judged against the baseline's (Operator.memory_vs_baseline): its last column
 TARGET_COLUMNS_VS_EAGER = (*TARGET_COLUMNS[:2], "peak extra memory / eager's")
 MARK = {True: "✓", False: "✗"}
@@ -532,8 +662,9 @@ def _own_cells(targets, r, eager, memory_vs_eager):
         speed = f"{fmt_ratio(r.vs_eager)} {'≥' if holds[-1] else '<'} {fmt_ratio(targets.vs_eager)} {MARK[holds[-1]]}"
     if targets.over_eager_us is not None:  # the cost per call over eager
         holds.append(r.over_eager_us <= targets.over_eager_us)
-        speed += (f"; {r.over_eager_us:+.1f} µs {'≤' if holds[-1] else '>'} +{targets.over_eager_us:g} µs "
-                  f"{MARK[holds[-1]]}")
+        speed += (
+            f"; {r.over_eager_us:+.1f} µs {'≤' if holds[-1] else '>'} +{targets.over_eager_us:g} µs {MARK[holds[-1]]}"
+        )
     if targets.vs_floor is not None and not math.isnan(r.vs_floor):  # against one pass over the input
         holds.append(r.vs_floor <= targets.vs_floor)
         speed += f"; {r.vs_floor:.2f}× floor {'≤' if holds[-1] else '>'} {targets.vs_floor:g}× {MARK[holds[-1]]}"
@@ -579,25 +710,43 @@ def target_lines(op, rows, fused):
     vs_eager = operator.memory_vs_baseline
     with_variant = any(r.variant for r in rows)
     table, holds = [], []
-    judged = [(r, operator.targets(shape_of(r.shape), r.variant, r.provider, r.dtype)) for r in rows
-              if r.provider in fused and r.mode == FWD_BWD]
+    judged = [
+        (r, operator.targets(shape_of(r.shape), r.variant, r.provider, r.dtype))
+        for r in rows
+        if r.provider in fused and r.mode == FWD_BWD
+    ]
     peer_names = unique(peer for _, targets in judged for peer in targets.peers)
     for r, targets in judged:
         peers = [by_key.get(case_key(r) + (peer,)) if peer in targets.peers else None for peer in peer_names]
         cells, held = target_cells(targets, r, by_key[case_key(r) + (operator.baseline,)], vs_eager, peers)
         if not targets.peers:  # a case without peer targets: nothing to judge in their columns
-            cells[len(cells) - len(peer_names):] = ["(no target)"] * len(peer_names)
+            cells[len(cells) - len(peer_names) :] = ["(no target)"] * len(peer_names)
         table.append("| " + " | ".join([r.shape, *[r.variant] * with_variant, r.dtype, r.provider, *cells]) + " |")
         holds += held
-    header = ["shape", *["variant"] * with_variant, "dtype", "provider",
-              *(TARGET_COLUMNS_VS_EAGER if vs_eager else TARGET_COLUMNS),
-              *(f"against {peer} (faster, at most its memory)" for peer in peer_names)]
-    memory = ("Memory: fusedops' peak extra memory as a fraction of eager's, both measured in this run." if vs_eager
-              else f"Memory: eager's peak extra memory minus fusedops', in input-sized tensors (with a slack of "
-                   f"{MEMORY_SLACK:g} input for per-channel tensors); then fusedops' own peak extra memory, in "
-                   "input-sized tensors, beyond the slack its target allows for per-row values.")
-    return ["## Targets (forward+backward)", "", f"{sum(holds)} of {len(holds)} hold (✓; ✗: missed). {memory}",
-            "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *table]
+    header = [
+        "shape",
+        *["variant"] * with_variant,
+        "dtype",
+        "provider",
+        *(TARGET_COLUMNS_VS_EAGER if vs_eager else TARGET_COLUMNS),
+        *(f"against {peer} (faster, at most its memory)" for peer in peer_names),
+    ]
+    memory = (
+        "Memory: fusedops' peak extra memory as a fraction of eager's, both measured in this run."
+        if vs_eager
+        else f"Memory: eager's peak extra memory minus fusedops', in input-sized tensors (with a slack of "
+        f"{MEMORY_SLACK:g} input for per-channel tensors); then fusedops' own peak extra memory, in "
+        "input-sized tensors, beyond the slack its target allows for per-row values."
+    )
+    return [
+        "## Targets (forward+backward)",
+        "",
+        f"{sum(holds)} of {len(holds)} hold (✓; ✗: missed). {memory}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+        *table,
+    ]
 
 
 def pyplot():
@@ -605,6 +754,7 @@ def pyplot():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -614,12 +764,13 @@ def sweep_of(rows, dim):
     groups = {}
     for r in rows:
         shape = shape_of(r.shape)
-        groups.setdefault((r.dtype != "fp32", r.dtype, shape[:dim] + shape[dim + 1:]), set()).add(shape[dim])
+        groups.setdefault((r.dtype != "fp32", r.dtype, shape[:dim] + shape[dim + 1 :]), set()).add(shape[dim])
     key, values = min(groups.items(), key=lambda item: (-len(item[1]), item[0]))
 
     def in_sweep(r):
         shape = shape_of(r.shape)
-        return (r.dtype != "fp32", r.dtype, shape[:dim] + shape[dim + 1:]) == key
+        return (r.dtype != "fp32", r.dtype, shape[:dim] + shape[dim + 1 :]) == key
+
     return [r for r in rows if in_sweep(r)], sorted(values)
 
 
@@ -642,12 +793,21 @@ def plot_sweep(rows, op, path, about):
         points = [by_value[p][v] for v in values]
         memory.plot(values, [r.peak_mb for r in points], marker="o", label=p)
         timing.plot(values, [r.median_ms for r in points], marker="o", label=p)
-    fractions = {operator.targets(shape_of(r.shape), r.variant, r.provider, r.dtype).peak_vs_eager
-                 for r in sweep if operator.targets and r.provider.startswith("fusedops")} - {None}
+    fractions = {
+        operator.targets(shape_of(r.shape), r.variant, r.provider, r.dtype).peak_vs_eager
+        for r in sweep
+        if operator.targets and r.provider.startswith("fusedops")
+    } - {None}
     if fractions and operator.baseline in providers:
         fraction = min(fractions)
-        memory.plot(values, [fraction * by_value[operator.baseline][v].peak_mb for v in values], color="black",
-                    linewidth=0.8, linestyle="--", label=f"{fraction:.0%} of {operator.baseline}'s (fusedops' target)")
+        memory.plot(
+            values,
+            [fraction * by_value[operator.baseline][v].peak_mb for v in values],
+            color="black",
+            linewidth=0.8,
+            linestyle="--",
+            label=f"{fraction:.0%} of {operator.baseline}'s (fusedops' target)",
+        )
     shape = shape_of(sweep[0].shape)
     names = "NHV" if len(shape) == 3 else [f"dim {i}" for i in range(len(shape))]
     fixed = ", ".join(f"{names[i]}={n}" for i, n in enumerate(shape) if i != dim)
@@ -662,8 +822,10 @@ def plot_sweep(rows, op, path, about):
         ax.set_xlabel(names[dim])
         ax.set_ylabel(label)
         ax.grid(True, which="both", linewidth=0.3)
-        ax.set_title(f"forward+backward: {label.split(' (')[0]} against {names[dim]} ({fixed}, {sweep[0].dtype})",
-                     fontsize="medium")
+        ax.set_title(
+            f"forward+backward: {label.split(' (')[0]} against {names[dim]} ({fixed}, {sweep[0].dtype})",
+            fontsize="medium",
+        )
     memory.legend(fontsize="small", loc="upper left")
     fig.suptitle(textwrap.fill(f"{TABLES[op].title}. {about}", 180), fontsize="small")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
@@ -751,8 +913,9 @@ def run(ops=OPS, *, out_dir=None, quick=False, device=None, min_run_time=None, d
         load_before = load_average()
         notes = []
         if op == "train":
-            rows = run_train(data_path, device, steps=cfg["train_steps"], repeats=cfg["train_repeats"],
-                             skip=cfg["skip"], log=log)
+            rows = run_train(
+                data_path, device, steps=cfg["train_steps"], repeats=cfg["train_repeats"], skip=cfg["skip"], log=log
+            )
             settings = f"median of {cfg['train_repeats']} runs of {cfg['train_steps']} steps"
         elif op == "resnet":
             run_time = cfg["resnet_run_time"] if min_run_time is None else min_run_time
@@ -761,18 +924,33 @@ def run(ops=OPS, *, out_dir=None, quick=False, device=None, min_run_time=None, d
         else:
             operator = OPERATORS[op]
             run_time = cfg["min_run_time"] if min_run_time is None else min_run_time
-            rows = run_op(op, getattr(operator, cfg["shapes"]), dtypes, device, modes=cfg["modes"],
-                          skip=cfg["skip"], min_run_time=run_time, log=log)
+            rows = run_op(
+                op,
+                getattr(operator, cfg["shapes"]),
+                dtypes,
+                device,
+                modes=cfg["modes"],
+                skip=cfg["skip"],
+                min_run_time=run_time,
+                log=log,
+            )
             settings = f"{run_time:g} s per measurement"
             if operator.min_runs:
-                settings += (f" (a call longer than that is a measurement by itself), the median of at least "
-                             f"{operator.min_runs}")
+                settings += (
+                    f" (a call longer than that is a measurement by itself), the median of at least {operator.min_runs}"
+                )
             # (a peer that does not import says so, whatever the settings)
-            notes = [f"{name}: not run (--quick compiles nothing)." if name in cfg["skip"] and "not run" not in note
-                     else note for name, note in (operator.notes(device) if operator.notes else {}).items()]
+            notes = [
+                f"{name}: not run (--quick compiles nothing)."
+                if name in cfg["skip"] and "not run" not in note
+                else note
+                for name, note in (operator.notes(device) if operator.notes else {}).items()
+            ]
         # others' work on the machine skews the times (the run itself adds about its threads): say how busy it was
-        about = (f"{machine(device)}, load average {load_before} → {load_average()} (start → end); "
-                 f"`python bench/run.py --op {op}{' --quick' if quick else ''} --device {device.type}`, {settings}.")
+        about = (
+            f"{machine(device)}, load average {load_before} → {load_average()} (start → end); "
+            f"`python bench/run.py --op {op}{' --quick' if quick else ''} --device {device.type}`, {settings}."
+        )
         print("wrote " + ", ".join(write_results(rows, op, out_dir, about, notes)), file=log, flush=True)
         results[op] = rows
     return results

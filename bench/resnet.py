@@ -1,5 +1,6 @@
 """A ResNet-18-style image classifier in torch layers, for the benchmark's whole training step (what
 fusedops.convert_batchnorm converts): a conv stem, 4 stages of 2 basic blocks, average pool, linear."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,8 +20,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
         self.downsample = None
         if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
-                                            nn.BatchNorm2d(channels))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
+            )
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)

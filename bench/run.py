@@ -20,6 +20,7 @@ bench/results/cuda/; it installs nothing, and fails at once when there is no CUD
 
     bash bench/gpu.sh [options for bench/run.py, e.g. --quick]
 """
+
 import argparse
 import os
 import sys
@@ -34,21 +35,33 @@ from fusedops.makemore.data import DataError  # noqa: E402
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python bench/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--op", nargs="+", choices=harness.OPS, default=list(harness.OPS))
-    parser.add_argument("--quick", action="store_true",
-                        help="small shapes, fp32, forward+backward, nothing compiled (no torch.compile, no "
-                             "cut-cross-entropy): about a minute")
-    parser.add_argument("--out", default=None,
-                        help="(default: bench/results, bench/results/cuda on CUDA; quick/ inside with --quick)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small shapes, fp32, forward+backward, nothing compiled (no torch.compile, no "
+        "cut-cross-entropy): about a minute",
+    )
+    parser.add_argument(
+        "--out", default=None, help="(default: bench/results, bench/results/cuda on CUDA; quick/ inside with --quick)"
+    )
     parser.add_argument("--device", default=None, help="(default: cuda if available, else cpu)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="(default: %(default)s)")
-    parser.add_argument("--min-run-time", type=float, default=None,
-                        help="seconds per measurement (default: 0.5, 0.05 with --quick; resnet: 3, 0.2)")
-    parser.add_argument("--data", default=None,
-                        help="names for --op train: a path or an http(s) URL (default: names.txt here, at "
-                             "the repository's root or in the cache, else downloaded)")
+    parser.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="seconds per measurement (default: 0.5, 0.05 with --quick; resnet: 3, 0.2)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="names for --op train: a path or an http(s) URL (default: names.txt here, at "
+        "the repository's root or in the cache, else downloaded)",
+    )
     return parser
 
 
@@ -59,8 +72,14 @@ def main(argv=None):
         parser.error(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False)")
     torch.set_num_threads(args.threads)
     try:
-        harness.run(args.op, out_dir=args.out, quick=args.quick, device=args.device,
-                    min_run_time=args.min_run_time, data_path=args.data)
+        harness.run(
+            args.op,
+            out_dir=args.out,
+            quick=args.quick,
+            device=args.device,
+            min_run_time=args.min_run_time,
+            data_path=args.data,
+        )
     except DataError as e:
         print(f"python bench/run.py: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """How the C++ library is built: its sources and flags, shared by setup.py and the first-use build
 (fusedops/_ops.py). Imports nothing of fusedops, so that setup.py can load it on its own."""
+
 import glob
 import os
 
@@ -20,8 +21,16 @@ def cpp_flags():
     if os.environ.get("FUSEDOPS_NO_AVX2", "0") == "1" or capability not in ("AVX2", "AVX512"):
         return flags + ["-DCPU_CAPABILITY=DEFAULT"]
     if capability == "AVX512" and os.environ.get("FUSEDOPS_NO_AVX512", "0") != "1":
-        return flags + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+        return flags + [
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512dq",
+            "-mfma",
+            "-mf16c",
+            "-DCPU_CAPABILITY=AVX512",
+            "-DCPU_CAPABILITY_AVX512",
+        ]
     return flags + ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 

@@ -1,6 +1,7 @@
 """What the ops split across processes share: the group they run over, and an all-reduce that turns a
 failed peer into an error saying so. The collectives are torch.distributed's functional ones, which
 torch.compile traces."""
+
 import torch
 import torch.distributed as dist
 
@@ -21,5 +22,7 @@ def all_reduce(tensor, group, name, op="sum"):
         reduced = torch.ops._c10d_functional.all_reduce(tensor, op, group.group_name)
         return torch.ops._c10d_functional.wait_tensor(reduced)
     except RuntimeError as e:
-        raise RuntimeError(f"{name}: all_reduce over the process group failed: a peer process may have exited or "
-                           f"stalled past the group's timeout ({e})") from e
+        raise RuntimeError(
+            f"{name}: all_reduce over the process group failed: a peer process may have exited or "
+            f"stalled past the group's timeout ({e})"
+        ) from e

@@ -10,6 +10,7 @@ and `triton` is imported only by the `*_triton` modules, right before a launch.
 backend="triton" on CPU tensors (under TRITON_INTERPRET=1, which is how the Triton kernels are
 tested without a GPU) calls each op's CUDA kernel directly, as the dispatcher would for CUDA tensors.
 """
+
 import os
 import sys
 import types
@@ -51,8 +52,13 @@ def load() -> bool:
             from torch.utils.cpp_extension import load as build
 
             print("fusedops: compiling the C++ CPU kernels (first use only)...", file=sys.stderr)
-            build(name="fusedops_cpu", sources=cpp_sources(), extra_cflags=cpp_flags(),
-                  extra_ldflags=CPP_LDFLAGS, is_python_module=False)
+            build(
+                name="fusedops_cpu",
+                sources=cpp_sources(),
+                extra_cflags=cpp_flags(),
+                extra_ldflags=CPP_LDFLAGS,
+                is_python_module=False,
+            )
         _library = torch.library.Library("fusedops", "IMPL")
         for registration in _registrations:
             _register(*registration)
@@ -72,8 +78,10 @@ def kernels(backend, tensor):
     load()
     if backend == "triton" and tensor.device.type == "cpu":
         if torch.compiler.is_compiling():
-            raise RuntimeError("backend='triton' on CPU tensors (Triton's interpreter) runs eagerly only; "
-                               "torch.compile traces the Triton kernels on CUDA tensors")
+            raise RuntimeError(
+                "backend='triton' on CPU tensors (Triton's interpreter) runs eagerly only; "
+                "torch.compile traces the Triton kernels on CUDA tensors"
+            )
         return triton_on_cpu
     return torch.ops.fusedops
 
@@ -89,15 +97,17 @@ def check_backend(backend, tensor, op=None):
     if backend == "cpp" and tensor.device.type != "cpu":
         raise ArgumentValueError(f"{prefix}backend='cpp' runs on CPU tensors, got a tensor on {tensor.device}")
     if backend == "triton" and tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ArgumentValueError(f"{prefix}backend='triton' on CPU tensors needs TRITON_INTERPRET=1 "
-                                 "(set before triton is first imported)")
+        raise ArgumentValueError(
+            f"{prefix}backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before triton is first imported)"
+        )
 
 
 def not_differentiable(op, name, what="requires_grad=True"):
     """The error for an input the op is not differentiable with respect to (class weights, running statistics)
     that requires grad or has a forward-mode tangent: raised, never a silently dropped derivative."""
-    return ArgumentValueError(f"{op}: not differentiable with respect to {name}, which cannot have {what} "
-                              "(as in PyTorch); detach it")
+    return ArgumentValueError(
+        f"{op}: not differentiable with respect to {name}, which cannot have {what} (as in PyTorch); detach it"
+    )
 
 
 def check_no_grad(op, name, tensor):

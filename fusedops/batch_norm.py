@@ -10,12 +10,22 @@ residual's gradient), then one elementwise pass for
 `unbiased=False` with the biased one (as PyTorch); running_var always takes the unbiased one. In eval
 mode the statistics are constants and dx = dy * gamma * invstd.
 """
+
 import torch
 from torch import Tensor
 from torch.nn.modules import batchnorm
 
-from ._ops import (acc_dtype, batched_first, check_backend, check_no_grad, fast_apply, kernels, no_tangent,
-                   not_differentiable, register)
+from ._ops import (
+    acc_dtype,
+    batched_first,
+    check_backend,
+    check_no_grad,
+    fast_apply,
+    kernels,
+    no_tangent,
+    not_differentiable,
+    register,
+)
 from .errors import ArgumentDtypeError, ArgumentTypeError, ArgumentValueError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -37,13 +47,16 @@ def empty_like_input(t, dtype=None):
     return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
 
 
-def _forward_fake(input, weight, bias, running_mean, running_var, training, unbiased, eps, residual=None,
-                  activation=0):
+def _forward_fake(input, weight, bias, running_mean, running_var, training, unbiased, eps, residual=None, activation=0):
     """out, mean (fp64), invstd, var: the last two per channel in the compute dtype."""
     channels = input.shape[1]
     acc = acc_dtype(input.dtype)
-    return (empty_like_input(input), input.new_empty(channels, dtype=torch.float64),
-            input.new_empty(channels, dtype=acc), input.new_empty(channels, dtype=acc))
+    return (
+        empty_like_input(input),
+        input.new_empty(channels, dtype=torch.float64),
+        input.new_empty(channels, dtype=acc),
+        input.new_empty(channels, dtype=acc),
+    )
 
 
 def _backward_fake(grad_out, input, mean, invstd, weight, training, unbiased, output=None, grad_residual=False):
@@ -51,8 +64,12 @@ def _backward_fake(grad_out, input, mean, invstd, weight, training, unbiased, ou
     the relu output is given and grad_residual is set)."""
     channels = input.shape[1]
     acc = acc_dtype(input.dtype)
-    return (empty_like_input(input), input.new_empty(channels, dtype=acc), input.new_empty(channels, dtype=acc),
-            empty_like_input(input) if output is not None and grad_residual else input.new_empty(0))
+    return (
+        empty_like_input(input),
+        input.new_empty(channels, dtype=acc),
+        input.new_empty(channels, dtype=acc),
+        empty_like_input(input) if output is not None and grad_residual else input.new_empty(0),
+    )
 
 
 def _per_channel_sums_fake(input, *_):
@@ -66,6 +83,7 @@ def _backward_elemt_fake(grad_out, input, *_):
 
 def _cuda(step):
     """The CUDA kernel of batch_norm_<step>: batch_norm_triton.<step>, imported on first use."""
+
     def launch(*args):
         from . import batch_norm_triton
 
@@ -74,9 +92,13 @@ def _cuda(step):
     return launch
 
 
-for _step, _fake in {"forward": _forward_fake, "backward": _backward_fake, "stats": _per_channel_sums_fake,
-                     "backward_reduce": lambda grad_out, input, mean: _per_channel_sums_fake(input),
-                     "backward_elemt": _backward_elemt_fake}.items():
+for _step, _fake in {
+    "forward": _forward_fake,
+    "backward": _backward_fake,
+    "stats": _per_channel_sums_fake,
+    "backward_reduce": lambda grad_out, input, mean: _per_channel_sums_fake(input),
+    "backward_elemt": _backward_elemt_fake,
+}.items():
     register(f"batch_norm_{_step}", _fake, _cuda(_step))
 # one kernel for every device (C++, CompositeExplicitAutograd); writes its inputs only
 register("batch_norm_update_stats", lambda *args: None, None)
@@ -97,11 +119,19 @@ class BatchNormFunction(torch.autograd.Function):
     written in torch ops, so double backward is exact."""
 
     @staticmethod
-    def forward(input, weight, bias, running_mean, running_var, training, unbiased, eps, backend, residual,
-                activation):
+    def forward(input, weight, bias, running_mean, running_var, training, unbiased, eps, backend, residual, activation):
         out, mean, invstd, var = kernels(backend, input).batch_norm_forward(
-            input, weight, bias, None if training else running_mean, None if training else running_var, training,
-            unbiased, eps, residual, activation)
+            input,
+            weight,
+            bias,
+            None if training else running_mean,
+            None if training else running_var,
+            training,
+            unbiased,
+            eps,
+            residual,
+            activation,
+        )
         return out, mean, invstd, var
 
     @staticmethod
@@ -125,19 +155,36 @@ class BatchNormFunction(torch.autograd.Function):
         if grad_out is None:
             return (None,) * 11
         if torch.is_grad_enabled():  # create_graph: the backward in torch ops, differentiable
-            grads = _composite_grads(grad_out, input, weight, bias, mean, invstd, relu_out, training, unbiased, eps,
-                                     needs)
+            grads = _composite_grads(
+                grad_out, input, weight, bias, mean, invstd, relu_out, training, unbiased, eps, needs
+            )
         else:
-            dx, dw, db, dz = kernels(backend, input).batch_norm_backward(grad_out, input, mean, invstd, weight,
-                                                                         training, unbiased, relu_out, needs[3])
-            grads = (dx if needs[0] else None, dw.to(weight.dtype) if needs[1] else None,
-                     db.to(bias.dtype) if needs[2] else None,
-                     (grad_out if relu_out is None else dz) if needs[3] else None)
+            dx, dw, db, dz = kernels(backend, input).batch_norm_backward(
+                grad_out, input, mean, invstd, weight, training, unbiased, relu_out, needs[3]
+            )
+            grads = (
+                dx if needs[0] else None,
+                dw.to(weight.dtype) if needs[1] else None,
+                db.to(bias.dtype) if needs[2] else None,
+                (grad_out if relu_out is None else dz) if needs[3] else None,
+            )
         return *grads[:3], None, None, None, None, None, None, grads[3], None
 
     @staticmethod
-    def jvp(ctx, input_t, weight_t, bias_t, running_mean_t, running_var_t, training_t, unbiased_t, eps_t, backend_t,
-            residual_t, activation_t):
+    def jvp(
+        ctx,
+        input_t,
+        weight_t,
+        bias_t,
+        running_mean_t,
+        running_var_t,
+        training_t,
+        unbiased_t,
+        eps_t,
+        backend_t,
+        residual_t,
+        activation_t,
+    ):
         input, weight, mean, invstd, relu_out = ctx.saved_tensors
         training, unbiased, _, _ = ctx.options
         if not training:  # (in training the output does not depend on them: their tangent's share is 0)
@@ -149,8 +196,9 @@ class BatchNormFunction(torch.autograd.Function):
         if training and input_t is not None:  # d xhat = invstd * (dx - mean(dx) - xhat * sum(xhat*dx) / d)
             n = input.numel() // input.shape[1]
             d = n - 1 if unbiased else n
-            xhat_t = invstd * (input_t - input_t.mean(dims, keepdim=True)
-                               - xhat * (xhat * input_t).sum(dims, keepdim=True) / d)
+            xhat_t = invstd * (
+                input_t - input_t.mean(dims, keepdim=True) - xhat * (xhat * input_t).sum(dims, keepdim=True) / d
+            )
         out_t = xhat_t if weight is None else weight.view(shape) * xhat_t
         if weight_t is not None:
             out_t = out_t + weight_t.view(shape) * xhat
@@ -163,8 +211,21 @@ class BatchNormFunction(torch.autograd.Function):
         return out_t.to(input.dtype), None, None, None  # the statistics are not differentiable
 
     @staticmethod
-    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, unbiased, eps, backend,
-             residual, activation):
+    def vmap(
+        info,
+        in_dims,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        unbiased,
+        eps,
+        backend,
+        residual,
+        activation,
+    ):
         """Each mapped slice its own batch: (B, N, C, *) runs as (N, B*C, *), every (slice, channel)
         pair a channel of its own."""
         B = info.batch_size
@@ -174,12 +235,15 @@ class BatchNormFunction(torch.autograd.Function):
 
         x = batch_second(input, in_dims[0])
         N, C = x.shape[0], x.shape[2]
-        per_channel = [None if t is None else batched_first(t, dim, B).reshape(B * C)
-                       for t, dim in zip((weight, bias, running_mean, running_var), in_dims[1:5])]
+        per_channel = [
+            None if t is None else batched_first(t, dim, B).reshape(B * C)
+            for t, dim in zip((weight, bias, running_mean, running_var), in_dims[1:5])
+        ]
         if residual is not None:
             residual = batch_second(residual, in_dims[9]).reshape(N, B * C, *x.shape[3:])
-        out, mean, invstd, var = BatchNormFunction.apply(x.reshape(N, B * C, *x.shape[3:]), *per_channel, training,
-                                                         unbiased, eps, backend, residual, activation)
+        out, mean, invstd, var = BatchNormFunction.apply(
+            x.reshape(N, B * C, *x.shape[3:]), *per_channel, training, unbiased, eps, backend, residual, activation
+        )
         out = out.view(N, B, C, *x.shape[3:])
         return (out, mean.view(B, C), invstd.view(B, C), var.view(B, C)), (1, 0, 0, 0)
 
@@ -207,8 +271,11 @@ def _composite_grads(grad_out, input, weight, bias, mean, invstd, relu_out, trai
     g = dy if weight is None else dy * weight.view(shape)  # d loss / d xhat
     dx = dw = db = None
     if needs[0]:  # training: dx = invstd * (g - mean(g) - xhat * sum(g * xhat) / d); eval: g * invstd
-        dx = inv * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).sum(dims, keepdim=True) / d) if training \
+        dx = (
+            inv * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).sum(dims, keepdim=True) / d)
+            if training
             else g * inv
+        )
         dx = dx.to(input.dtype)
     if needs[1]:  # dw = sum(dy * xhat)
         dw = (dy * xhat).sum(dims).to(weight.dtype)
@@ -220,8 +287,21 @@ def _composite_grads(grad_out, input, weight, bias, mean, invstd, relu_out, trai
 _apply = fast_apply(BatchNormFunction)
 
 
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-               eps=1e-5, *, residual=None, activation=None, unbiased=False, backend=None):
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    residual=None,
+    activation=None,
+    unbiased=False,
+    backend=None,
+):
     """Like `torch.nn.functional.batch_norm` for (N, C, *) input, contiguous or channels-last, fused with
     an optional residual and activation: act(batch_norm(input) + residual) in one elementwise pass.
 
@@ -233,27 +313,77 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     of the biased one (PyTorch). backend: None (C++ on CPU, Triton on CUDA), "cpp" or "triton".
     """
     if training and momentum is None:
-        raise ArgumentTypeError("batch_norm: momentum must be a float, got None (momentum=None, the cumulative "
-                                "average, needs the batch count that the BatchNorm modules keep)")
-    _check_args(input, running_mean, running_var, weight, bias, training, eps, momentum=momentum, backend=backend,
-                residual=residual, activation=activation)
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend,
-                       residual=residual, activation=activation)
+        raise ArgumentTypeError(
+            "batch_norm: momentum must be a float, got None (momentum=None, the cumulative "
+            "average, needs the batch count that the BatchNorm modules keep)"
+        )
+    _check_args(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        eps,
+        momentum=momentum,
+        backend=backend,
+        residual=residual,
+        activation=activation,
+    )
+    return _batch_norm(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        unbiased,
+        backend,
+        residual=residual,
+        activation=activation,
+    )
 
 
-def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, backend,
-                num_batches_tracked=None, residual=None, activation=None):
+def _batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    momentum,
+    eps,
+    unbiased,
+    backend,
+    num_batches_tracked=None,
+    residual=None,
+    activation=None,
+):
     """batch_norm on checked arguments. In training with running statistics, counts the batch in
     num_batches_tracked when given, and momentum=None then takes the cumulative average over the
     counted batches. An empty batch is counted and leaves the statistics as they are, as in torch."""
     if residual is input:  # relu(bn(x) + x): torch.compile traces no Function given one tensor twice
         residual = input.view_as(input)
-    out, mean, _, var = _apply(input, weight, bias, running_mean, running_var, training, unbiased, eps, backend,
-                               residual, ACTIVATIONS[activation])
+    out, mean, _, var = _apply(
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        unbiased,
+        eps,
+        backend,
+        residual,
+        ACTIVATIONS[activation],
+    )
     if training and running_mean is not None:
         if input.numel():
-            torch.ops.fusedops.batch_norm_update_stats(running_mean, running_var, num_batches_tracked, mean, var,
-                                                       momentum)
+            torch.ops.fusedops.batch_norm_update_stats(
+                running_mean, running_var, num_batches_tracked, mean, var, momentum
+            )
         elif num_batches_tracked is not None:
             num_batches_tracked.add_(1)
     return out
@@ -264,26 +394,40 @@ def update_running_stats(module, mean, var):
     with the batch mean and unbiased variance, as its forward does (fusedops::batch_norm_update_stats), for
     callers that run the forward op themselves."""
     if module.track_running_stats:
-        torch.ops.fusedops.batch_norm_update_stats(module.running_mean, module.running_var,
-                                                   module.num_batches_tracked, mean, var, module.momentum)
+        torch.ops.fusedops.batch_norm_update_stats(
+            module.running_mean, module.running_var, module.num_batches_tracked, mean, var, module.momentum
+        )
 
 
-def _check_args(input, running_mean, running_var, weight, bias, training, eps, min_values=2, momentum=None,
-                backend=None, residual=None, activation=None):
+def _check_args(
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    eps,
+    min_values=2,
+    momentum=None,
+    backend=None,
+    residual=None,
+    activation=None,
+):
     """Every argument check of batch norm, one message each. min_values: the values per channel that
     training needs here (SyncBatchNorm counts all processes'); an empty batch passes, as in torch.
     momentum: checked in training only, a float in [0, 1] or None (the cumulative average)."""
     if not isinstance(input, Tensor) or input.dtype not in FLOAT_DTYPES:
         raise (ArgumentDtypeError if isinstance(input, Tensor) else ArgumentTypeError)(
             f"batch_norm: input must be a float16, bfloat16, float32 or float64 tensor, got "
-            f"{getattr(input, 'dtype', type(input))}")
+            f"{getattr(input, 'dtype', type(input))}"
+        )
     if input.dim() < 2:
-        raise ArgumentValueError(f"batch_norm: input must be (N, C, *), got {input.dim()}-D input of shape "
-                                 f"{tuple(input.shape)}")
+        raise ArgumentValueError(
+            f"batch_norm: input must be (N, C, *), got {input.dim()}-D input of shape {tuple(input.shape)}"
+        )
     channels = input.shape[1]
     if channels == 0:
-        raise ArgumentValueError(f"batch_norm: input must have at least one channel, got shape "
-                                 f"{tuple(input.shape)}")
+        raise ArgumentValueError(f"batch_norm: input must have at least one channel, got shape {tuple(input.shape)}")
     # per-channel tensors: the input's dtype, or float32 for float16/bfloat16 input (mixed precision)
     dtypes = (input.dtype,) if input.dtype in (torch.float32, torch.float64) else (input.dtype, torch.float32)
     named = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
@@ -296,23 +440,29 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps, m
         if t.device != device:
             raise ArgumentValueError(f"batch_norm: {name} is on {t.device} but input is on {device}")
         if t.dtype not in dtypes:
-            raise ArgumentTypeError(f"batch_norm: {name} has dtype {t.dtype} but input has {input.dtype}; "
-                                    f"expected {' or '.join(map(str, dtypes))}")
+            raise ArgumentTypeError(
+                f"batch_norm: {name} has dtype {t.dtype} but input has {input.dtype}; "
+                f"expected {' or '.join(map(str, dtypes))}"
+            )
         if t.shape != (channels,):
-            raise ArgumentValueError(f"batch_norm: {name} has shape {tuple(t.shape)} but input has {channels} "
-                                     f"channels, expected ({channels},)")
+            raise ArgumentValueError(
+                f"batch_norm: {name} has shape {tuple(t.shape)} but input has {channels} "
+                f"channels, expected ({channels},)"
+            )
         if name.startswith("running"):
             check_no_grad("batch_norm", name, t)
     if (running_mean is None) != (running_var is None):
-        raise ArgumentValueError("batch_norm: running_mean and running_var must both be tensors or both be None, "
-                                 f"got running_mean={type(running_mean).__name__}, "
-                                 f"running_var={type(running_var).__name__}")
+        raise ArgumentValueError(
+            "batch_norm: running_mean and running_var must both be tensors or both be None, "
+            f"got running_mean={type(running_mean).__name__}, "
+            f"running_var={type(running_var).__name__}"
+        )
     if not training and running_mean is None:
-        raise ArgumentValueError("batch_norm: training=False normalises with running_mean and running_var, "
-                                 "got None")
+        raise ArgumentValueError("batch_norm: training=False normalises with running_mean and running_var, got None")
     if training and 0 < input.numel() // channels < min_values:
-        raise ArgumentValueError("batch_norm: expected more than 1 value per channel when training, got input "
-                                 f"of shape {tuple(input.shape)}")
+        raise ArgumentValueError(
+            f"batch_norm: expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
+        )
     if not isinstance(training, bool):
         raise ArgumentTypeError(f"batch_norm: training must be a bool, got {training!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
@@ -334,8 +484,9 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps, m
         if residual.device != device:
             raise ArgumentValueError(f"batch_norm: residual is on {residual.device} but input is on {device}")
         if residual.shape != input.shape:
-            raise ArgumentValueError(f"batch_norm: residual has shape {tuple(residual.shape)} but input has "
-                                     f"{tuple(input.shape)}")
+            raise ArgumentValueError(
+                f"batch_norm: residual has shape {tuple(residual.shape)} but input has {tuple(input.shape)}"
+            )
     _check_activation(activation)
     check_backend(backend, input)
 
@@ -352,8 +503,21 @@ class _BatchNorm(batchnorm._BatchNorm):
     unbiased=True normalises with the Bessel-corrected batch variance (the makemore notebooks).
     backend: as `batch_norm`. Subclasses name the input ranks they take."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, bias=True, activation=None, unbiased=False, backend=None):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        device=None,
+        dtype=None,
+        *,
+        bias=True,
+        activation=None,
+        unbiased=False,
+        backend=None,
+    ):
         _check_activation(activation)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.activation, self.unbiased, self.backend = activation, unbiased, backend
@@ -365,12 +529,35 @@ class _BatchNorm(batchnorm._BatchNorm):
         use_batch_stats = training or running_mean is None
         if training and not self.track_running_stats:  # batch statistics, nothing to update
             running_mean = running_var = None
-        _check_args(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps,
-                    momentum=self.momentum if training else None, backend=self.backend, residual=residual,
-                    activation=self.activation)
+        _check_args(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            use_batch_stats,
+            self.eps,
+            momentum=self.momentum if training else None,
+            backend=self.backend,
+            residual=residual,
+            activation=self.activation,
+        )
         counter = counter if training and running_mean is not None else None
-        return _batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, self.momentum,
-                           self.eps, self.unbiased, self.backend, counter, residual, self.activation)
+        return _batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            self.unbiased,
+            self.backend,
+            counter,
+            residual,
+            self.activation,
+        )
 
     def _tensors(self):
         """weight, bias, running_mean, running_var, num_batches_tracked. Read from the module's dicts:
@@ -378,8 +565,13 @@ class _BatchNorm(batchnorm._BatchNorm):
         more than the kernel at the notebooks' sizes. Attributes as a fallback (a parametrized weight)."""
         params, buffers = self._parameters, self._buffers
         try:
-            return (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
-                    buffers["num_batches_tracked"])
+            return (
+                params["weight"],
+                params["bias"],
+                buffers["running_mean"],
+                buffers["running_var"],
+                buffers["num_batches_tracked"],
+            )
         except KeyError:
             return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
 

@@ -17,6 +17,7 @@ is in fp64.
 The forward fuses out = act(y + residual); given the forward's relu output, the backward reads
 dz = grad_out * (output > 0) in place of grad_out, in the reduction and in the elementwise pass.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -90,8 +91,9 @@ def _mean_hi_lo(mean_ptr, cols, cmask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _grad_z(dy_ptr, out_ptr, ns, cols, ls, mask, sd_n, sd_c, sd_l, so_n, so_c, so_l, HAS_OUTPUT: tl.constexpr,
-            ACC: tl.constexpr):
+def _grad_z(
+    dy_ptr, out_ptr, ns, cols, ls, mask, sd_n, sd_c, sd_l, so_n, so_c, so_l, HAS_OUTPUT: tl.constexpr, ACC: tl.constexpr
+):
     """A tile of dz: grad_out, times (output > 0) when the forward's relu output is given (NaN output: 0)."""
     dz = tl.load(_at(dy_ptr, ns, cols, ls, sd_n, sd_c, sd_l), mask=mask, other=0.0).to(ACC)
     if HAS_OUTPUT:
@@ -101,8 +103,22 @@ def _grad_z(dy_ptr, out_ptr, ns, cols, ls, mask, sd_n, sd_c, sd_l, so_n, so_c, s
 
 
 @triton.jit
-def _stats_kernel(x_ptr, part_ptr, N, C, L, sx_n, sx_c, sx_l, tiles, tiles_l, tiles_per_split,
-                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+def _stats_kernel(
+    x_ptr,
+    part_ptr,
+    N,
+    C,
+    L,
+    sx_n,
+    sx_c,
+    sx_l,
+    tiles,
+    tiles_l,
+    tiles_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     cols, cmask = _channels(C, BLOCK_C)
     # shifted by the first value, x - shift is exact when |mean| >> std and the sums stay small
     shift = tl.load(x_ptr + cols * sx_c, mask=cmask, other=0.0).to(tl.float64)
@@ -130,8 +146,20 @@ def _stats_kernel(x_ptr, part_ptr, N, C, L, sx_n, sx_c, sx_l, tiles, tiles_l, ti
 
 
 @triton.jit
-def _stats_merge_kernel(x_ptr, sx_c, part_ptr, mean_ptr, m2_ptr, invstd_ptr, var_ptr, C, splits, eps,
-                        UNBIASED: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stats_merge_kernel(
+    x_ptr,
+    sx_c,
+    part_ptr,
+    mean_ptr,
+    m2_ptr,
+    invstd_ptr,
+    var_ptr,
+    C,
+    splits,
+    eps,
+    UNBIASED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     cols, cmask = _channels(C, BLOCK_C)
     count = tl.zeros((BLOCK_C,), tl.float64)
     mean = tl.zeros((BLOCK_C,), tl.float64)
@@ -160,11 +188,38 @@ def _stats_merge_kernel(x_ptr, sx_c, part_ptr, mean_ptr, m2_ptr, invstd_ptr, var
 
 
 @triton.jit
-def _normalize_kernel(x_ptr, y_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, N, C, L, sx_n, sx_c, sx_l,
-                      sy_n, sy_c, sy_l, sr_n, sr_c, sr_l, tiles, tiles_l, tiles_per_split,
-                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                      RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_L: tl.constexpr):
+def _normalize_kernel(
+    x_ptr,
+    y_ptr,
+    r_ptr,
+    mean_ptr,
+    invstd_ptr,
+    w_ptr,
+    b_ptr,
+    N,
+    C,
+    L,
+    sx_n,
+    sx_c,
+    sx_l,
+    sy_n,
+    sy_c,
+    sy_l,
+    sr_n,
+    sr_c,
+    sr_l,
+    tiles,
+    tiles_l,
+    tiles_per_split,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     cols, cmask = _channels(C, BLOCK_C)
     hi, lo = _mean_hi_lo(mean_ptr, cols, cmask, ACC)
     a = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
@@ -187,9 +242,33 @@ def _normalize_kernel(x_ptr, y_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, N
 
 
 @triton.jit
-def _grad_sums_kernel(dy_ptr, out_ptr, x_ptr, mean_ptr, part_ptr, N, C, L, sd_n, sd_c, sd_l, so_n, so_c, so_l,
-                      sx_n, sx_c, sx_l, tiles, tiles_l, tiles_per_split, HAS_OUTPUT: tl.constexpr,
-                      ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+def _grad_sums_kernel(
+    dy_ptr,
+    out_ptr,
+    x_ptr,
+    mean_ptr,
+    part_ptr,
+    N,
+    C,
+    L,
+    sd_n,
+    sd_c,
+    sd_l,
+    so_n,
+    so_c,
+    so_l,
+    sx_n,
+    sx_c,
+    sx_l,
+    tiles,
+    tiles_l,
+    tiles_per_split,
+    HAS_OUTPUT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     cols, cmask = _channels(C, BLOCK_C)
     hi, lo = _mean_hi_lo(mean_ptr, cols, cmask, ACC)
     sum_dz = tl.zeros((BLOCK_N, BLOCK_C, BLOCK_L), ACC)
@@ -207,9 +286,24 @@ def _grad_sums_kernel(dy_ptr, out_ptr, x_ptr, mean_ptr, part_ptr, N, C, L, sd_n,
 
 
 @triton.jit
-def _grad_merge_kernel(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, coef_ptr, count_ptr, count, C, splits,
-                       TRAINING: tl.constexpr, UNBIASED: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                       COUNT_IN_MEMORY: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+def _grad_merge_kernel(
+    part_ptr,
+    invstd_ptr,
+    w_ptr,
+    dw_ptr,
+    db_ptr,
+    coef_ptr,
+    count_ptr,
+    count,
+    C,
+    splits,
+    TRAINING: tl.constexpr,
+    UNBIASED: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    COUNT_IN_MEMORY: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     cols, cmask = _channels(C, BLOCK_C)
     sum_dz = tl.zeros((BLOCK_C,), tl.float64)
     sum_dzx = tl.zeros((BLOCK_C,), tl.float64)
@@ -243,11 +337,43 @@ def _grad_merge_kernel(part_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, coef_ptr, co
 
 
 @triton.jit
-def _grad_input_kernel(dy_ptr, out_ptr, x_ptr, mean_ptr, coef_ptr, dx_ptr, dz_ptr, N, C, L, sd_n, sd_c, sd_l,
-                       so_n, so_c, so_l, sx_n, sx_c, sx_l, sdx_n, sdx_c, sdx_l, sdz_n, sdz_c, sdz_l, tiles, tiles_l,
-                       tiles_per_split, HAS_OUTPUT: tl.constexpr, GRAD_RESIDUAL: tl.constexpr,
-                       TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_L: tl.constexpr):
+def _grad_input_kernel(
+    dy_ptr,
+    out_ptr,
+    x_ptr,
+    mean_ptr,
+    coef_ptr,
+    dx_ptr,
+    dz_ptr,
+    N,
+    C,
+    L,
+    sd_n,
+    sd_c,
+    sd_l,
+    so_n,
+    so_c,
+    so_l,
+    sx_n,
+    sx_c,
+    sx_l,
+    sdx_n,
+    sdx_c,
+    sdx_l,
+    sdz_n,
+    sdz_c,
+    sdz_l,
+    tiles,
+    tiles_l,
+    tiles_per_split,
+    HAS_OUTPUT: tl.constexpr,
+    GRAD_RESIDUAL: tl.constexpr,
+    TRAINING: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     cols, cmask = _channels(C, BLOCK_C)
     hi, lo = _mean_hi_lo(mean_ptr, cols, cmask, ACC)
     k1 = _bc(tl.load(coef_ptr + cols, mask=cmask, other=0.0))
@@ -308,8 +434,9 @@ def _beside(name, t, input, plan):
     unless stored in the other layout than input's (contiguous or channels-last) or in strides that rows
     cannot be read through; then copied into input's layout."""
     if t.shape != input.shape:
-        raise ArgumentValueError(f"batch_norm: {name} must have the input's shape {tuple(input.shape)}, got "
-                                 f"{tuple(t.shape)}")
+        raise ArgumentValueError(
+            f"batch_norm: {name} must have the input's shape {tuple(input.shape)}, got {tuple(t.shape)}"
+        )
     t3 = _ncl(t)
     other_layout = is_channels_last(t) != is_channels_last(input) and (t.is_contiguous() or is_channels_last(t))
     N, _, L = t3.shape
@@ -336,8 +463,9 @@ def _batch_stats(x, plan, eps, unbiased):
         return mean, m2, invstd.fill_(float("nan")), var.fill_(float("nan"))
     part = torch.empty((4, plan.splits, C), dtype=torch.float64, device=x.device)
     _stats_kernel[plan.grid](x, part, *plan.sizes, *plan.strides(x), *plan.loop, **plan.blocks)
-    _stats_merge_kernel[plan.merge_grid](x, x.stride(1), part, mean, m2, invstd, var, C, plan.splits, eps,
-                                         UNBIASED=unbiased, BLOCK_C=plan.merge_block_c)
+    _stats_merge_kernel[plan.merge_grid](
+        x, x.stride(1), part, mean, m2, invstd, var, C, plan.splits, eps, UNBIASED=unbiased, BLOCK_C=plan.merge_block_c
+    )
     return mean, m2, invstd, var
 
 
@@ -366,9 +494,25 @@ def forward(input, weight, bias, running_mean, running_var, training, unbiased, 
         r = None if residual is None else _beside("residual", residual, input, plan)
         y = _ncl(out)
         _normalize_kernel[plan.grid](
-            x, y, r, mean, invstd, weight, bias, *plan.sizes, *plan.strides(x), *plan.strides(y), *plan.strides(r),
-            *plan.loop, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=r is not None,
-            RELU=activation == 1, ACC=_tl_acc(input.dtype), **plan.blocks)
+            x,
+            y,
+            r,
+            mean,
+            invstd,
+            weight,
+            bias,
+            *plan.sizes,
+            *plan.strides(x),
+            *plan.strides(y),
+            *plan.strides(r),
+            *plan.loop,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=r is not None,
+            RELU=activation == 1,
+            ACC=_tl_acc(input.dtype),
+            **plan.blocks,
+        )
     return out, mean, invstd, var
 
 
@@ -376,9 +520,21 @@ def _grad_sums(dy, out, x, mean, plan):
     """Per slice of the tiles, sum(dz) and sum(dz * (x - mean)), dz = dy (times output > 0 when given):
     (2, splits, C) fp64."""
     part = torch.empty((2, plan.splits, x.shape[1]), dtype=torch.float64, device=x.device)
-    _grad_sums_kernel[plan.grid](dy, out, x, mean, part, *plan.sizes, *plan.strides(dy), *plan.strides(out),
-                                 *plan.strides(x), *plan.loop, HAS_OUTPUT=out is not None, ACC=_tl_acc(x.dtype),
-                                 **plan.blocks)
+    _grad_sums_kernel[plan.grid](
+        dy,
+        out,
+        x,
+        mean,
+        part,
+        *plan.sizes,
+        *plan.strides(dy),
+        *plan.strides(out),
+        *plan.strides(x),
+        *plan.loop,
+        HAS_OUTPUT=out is not None,
+        ACC=_tl_acc(x.dtype),
+        **plan.blocks,
+    )
     return part
 
 
@@ -390,16 +546,47 @@ def _grad_input(dy, out, x, mean, invstd, weight, part, count, training, unbiase
     grad_weight, grad_bias = (torch.empty(C, dtype=acc, device=x.device) for _ in range(2))
     coef = torch.empty((3, C), dtype=acc, device=x.device)
     in_memory = isinstance(count, torch.Tensor)
-    _grad_merge_kernel[plan.merge_grid](part, invstd, weight, grad_weight, grad_bias, coef,
-                                        count if in_memory else None, 0 if in_memory else count, C, part.shape[1],
-                                        TRAINING=training, UNBIASED=unbiased, HAS_WEIGHT=weight is not None,
-                                        COUNT_IN_MEMORY=in_memory, ACC=_tl_acc(x.dtype), BLOCK_C=plan.merge_block_c)
+    _grad_merge_kernel[plan.merge_grid](
+        part,
+        invstd,
+        weight,
+        grad_weight,
+        grad_bias,
+        coef,
+        count if in_memory else None,
+        0 if in_memory else count,
+        C,
+        part.shape[1],
+        TRAINING=training,
+        UNBIASED=unbiased,
+        HAS_WEIGHT=weight is not None,
+        COUNT_IN_MEMORY=in_memory,
+        ACC=_tl_acc(x.dtype),
+        BLOCK_C=plan.merge_block_c,
+    )
     dx = _ncl(grad_input)
     dz = None if grad_z is None else _ncl(grad_z)
-    _grad_input_kernel[plan.grid](dy, out, x, mean, coef, dx, dz, *plan.sizes, *plan.strides(dy),
-                                  *plan.strides(out), *plan.strides(x), *plan.strides(dx), *plan.strides(dz),
-                                  *plan.loop, HAS_OUTPUT=out is not None, GRAD_RESIDUAL=dz is not None,
-                                  TRAINING=training, ACC=_tl_acc(x.dtype), **plan.blocks)
+    _grad_input_kernel[plan.grid](
+        dy,
+        out,
+        x,
+        mean,
+        coef,
+        dx,
+        dz,
+        *plan.sizes,
+        *plan.strides(dy),
+        *plan.strides(out),
+        *plan.strides(x),
+        *plan.strides(dx),
+        *plan.strides(dz),
+        *plan.loop,
+        HAS_OUTPUT=out is not None,
+        GRAD_RESIDUAL=dz is not None,
+        TRAINING=training,
+        ACC=_tl_acc(x.dtype),
+        **plan.blocks,
+    )
     return grad_weight, grad_bias
 
 
@@ -413,13 +600,17 @@ def backward(grad_out, input, mean, invstd, weight, training, unbiased, output=N
     grad_z = empty_like_input(input) if output is not None and grad_residual else None
     grad_res = input.new_empty(0) if grad_z is None else grad_z
     if N * L == 0:
-        return (grad_input, *(torch.zeros(C, dtype=acc_dtype(input.dtype), device=input.device) for _ in range(2)),
-                grad_res)
+        return (
+            grad_input,
+            *(torch.zeros(C, dtype=acc_dtype(input.dtype), device=input.device) for _ in range(2)),
+            grad_res,
+        )
     dy = _beside("grad_out", grad_out, input, plan)
     out = None if output is None else _beside("output", output, input, plan)
     part = _grad_sums(dy, out, x, mean, plan)
-    grad_weight, grad_bias = _grad_input(dy, out, x, mean, invstd, weight, part, N * L, training, unbiased, plan,
-                                         grad_input, grad_z)
+    grad_weight, grad_bias = _grad_input(
+        dy, out, x, mean, invstd, weight, part, N * L, training, unbiased, plan, grad_input, grad_z
+    )
     return grad_input, grad_weight, grad_bias, grad_res
 
 
@@ -444,6 +635,19 @@ def backward_elemt(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, co
     grad_input = empty_like_input(input)
     if grad_input.numel() > 0:
         part = torch.stack((sum_dy, sum_dy_xmu)).to(torch.float64).view(2, 1, x.shape[1])  # one slice
-        _grad_input(_beside("grad_out", grad_out, input, plan), None, x, mean, invstd, weight, part, count, True,
-                    unbiased, plan, grad_input, None)
+        _grad_input(
+            _beside("grad_out", grad_out, input, plan),
+            None,
+            x,
+            mean,
+            invstd,
+            weight,
+            part,
+            count,
+            True,
+            unbiased,
+            plan,
+            grad_input,
+            None,
+        )
     return grad_input

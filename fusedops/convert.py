@@ -4,6 +4,7 @@ add before it) that follows each one into the batch norm's own elementwise pass:
     relu(bn(x))             -> bn(x)            with bn.activation = "relu"
     relu(bn(x) + identity)  -> bn(x, identity)  with bn.activation = "relu"
 """
+
 import operator
 from collections import Counter
 
@@ -17,10 +18,18 @@ from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, adopt_state
 from .errors import ArgumentTypeError, ArgumentValueError
 
 FUSEDOPS_CLASS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
-RELUS = {("call_function", F.relu), ("call_function", torch.relu), ("call_function", torch.relu_),  # F.relu_ too
-         ("call_method", "relu"), ("call_method", "relu_")}
-ADDS = {("call_function", operator.add), ("call_function", torch.add),
-        ("call_method", "add")}  # fx records `out += identity` as operator.add
+RELUS = {
+    ("call_function", F.relu),
+    ("call_function", torch.relu),
+    ("call_function", torch.relu_),  # F.relu_ too
+    ("call_method", "relu"),
+    ("call_method", "relu_"),
+}
+ADDS = {
+    ("call_function", operator.add),
+    ("call_function", torch.add),
+    ("call_method", "add"),
+}  # fx records `out += identity` as operator.add
 
 
 def convert_batchnorm(model, fuse_activations=False):
@@ -55,9 +64,18 @@ def _converted(module):
 
 def _rebuilt(module, cls, activation=None):
     """A `cls` batch norm with `module`'s options and mode, holding `module`'s own parameters and buffers."""
-    new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-              device="meta", bias=module.bias is not None, activation=activation,
-              unbiased=getattr(module, "unbiased", False), backend=getattr(module, "backend", None))
+    new = cls(
+        module.num_features,
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        device="meta",
+        bias=module.bias is not None,
+        activation=activation,
+        unbiased=getattr(module, "unbiased", False),
+        backend=getattr(module, "backend", None),
+    )
     return adopt_state(new, module)
 
 
@@ -98,7 +116,8 @@ def _traced(model):
         raise ArgumentValueError(
             f"convert_batchnorm: fuse_activations=True needs a model that torch.fx can trace, and "
             f"{type(model).__name__} cannot be traced ({type(e).__name__}: {e}); convert_batchnorm(model) without "
-            f"fusion still converts its batch norms") from e
+            f"fusion still converts its batch norms"
+        ) from e
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     for name, sub in gm.named_modules():  # the containers GraphModule makes afresh take the model's mode too
         sub.training = model.get_submodule(name).training

@@ -11,6 +11,7 @@ K / divisor (K the kept rows' count; z_loss_weight), which makes the divisor K a
 The forward op returns the loss, G and lse; backward scales G by the upstream gradient. With
 `inplace_backward=True` G is written over the logits.
 """
+
 import math
 import weakref
 
@@ -18,8 +19,17 @@ import torch
 from torch import Tensor, nn
 
 from ._collectives import sync_group
-from ._ops import (acc_dtype, batched_first, check_backend, check_no_grad, fast_apply, kernels, no_tangent,
-                   not_differentiable, register)
+from ._ops import (
+    acc_dtype,
+    batched_first,
+    check_backend,
+    check_no_grad,
+    fast_apply,
+    kernels,
+    no_tangent,
+    not_differentiable,
+    register,
+)
 from .errors import ArgumentDtypeError, ArgumentEmptyError, ArgumentTypeError, ArgumentValueError
 
 NONE, MEAN, SUM = 0, 1, 2  # torch's reduction numbering, as the kernels take it
@@ -34,8 +44,7 @@ def _forward_inplace_fake(logits, target, weight, reduction, ignore_index, label
 
 
 def _forward_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap):
-    loss, lse = _forward_inplace_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss,
-                                      softcap)
+    loss, lse = _forward_inplace_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap)
     return loss, torch.empty_like(logits, memory_format=torch.contiguous_format), lse
 
 
@@ -43,16 +52,18 @@ def _forward_cuda(logits, target, weight, reduction, ignore_index, label_smoothi
     from . import cross_entropy_triton
 
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    loss, lse = cross_entropy_triton.forward(logits, target, weight, grad, reduction, ignore_index,
-                                             label_smoothing, z_loss, softcap)
+    loss, lse = cross_entropy_triton.forward(
+        logits, target, weight, grad, reduction, ignore_index, label_smoothing, z_loss, softcap
+    )
     return loss, grad, lse
 
 
 def _forward_inplace_cuda(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap):
     from . import cross_entropy_triton
 
-    out = cross_entropy_triton.forward(logits, target, weight, logits, reduction, ignore_index, label_smoothing,
-                                       z_loss, softcap)
+    out = cross_entropy_triton.forward(
+        logits, target, weight, logits, reduction, ignore_index, label_smoothing, z_loss, softcap
+    )
     torch.autograd.graph.increment_version(logits)  # as every in-place op: autograd sees the write
     return out
 
@@ -82,8 +93,9 @@ def consumable(create_graph):
     """Whether backward may scale its saved gradients in place (cross_entropy_scale_grad) and hand them out:
     nothing can ask for them again (no create_graph, no retain_graph), and neither torch.compile nor a
     torch.func transform runs (they take the out-of-place product)."""
-    return not (create_graph or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-                or _keeps_graph())
+    return not (
+        create_graph or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or _keeps_graph()
+    )
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -102,8 +114,19 @@ class CrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse,
-                inplace_backward, backend):
+    def forward(
+        logits,
+        target,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        return_lse,
+        inplace_backward,
+        backend,
+    ):
         ops = kernels(backend, logits)
         args = (target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap)
         if inplace_backward:
@@ -136,8 +159,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         reduction = ctx.options[0]
         create_graph = torch.is_grad_enabled()
         if create_graph and ctx.inplace:
-            raise RuntimeError("cross_entropy: inplace_backward=True has no double backward (the logits it "
-                               "needs are overwritten by their gradient)")
+            raise RuntimeError(
+                "cross_entropy: inplace_backward=True has no double backward (the logits it "
+                "needs are overwritten by their gradient)"
+            )
         grad_lse = grad_lse if ctx.lse_differentiable else None  # (zeros, not None, while compiled)
         needs_rows = grad_grad is not None or grad_lse is not None or ctx.needs_input_grad[1]
         rows = _Rows(grad, target, weight, lse, logits, *ctx.options) if needs_rows else None
@@ -181,8 +206,21 @@ class CrossEntropyFunction(torch.autograd.Function):
         return (row if reduction == NONE else row.sum()), grad_tangent, lse_tangent
 
     @staticmethod
-    def vmap(info, in_dims, logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-             return_lse, inplace_backward, backend):
+    def vmap(
+        info,
+        in_dims,
+        logits,
+        target,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        return_lse,
+        inplace_backward,
+        backend,
+    ):
         """Each mapped slice its own batch of rows: the slices' rows are folded into one call of
         reduction none, then reduced per slice (a batched weight: one call per slice)."""
         if inplace_backward:
@@ -191,12 +229,15 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits, target = batched_first(logits, in_dims[0], B), batched_first(target, in_dims[1], B)
         options = (reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, False, backend)
         if in_dims[2] is not None:
-            outs = [CrossEntropyFunction.apply(logits[b], target[b], weight.select(in_dims[2], b), *options)
-                    for b in range(B)]
+            outs = [
+                CrossEntropyFunction.apply(logits[b], target[b], weight.select(in_dims[2], b), *options)
+                for b in range(B)
+            ]
             return tuple(torch.stack(out) for out in zip(*outs)), (0, 0, 0)
         _, N, V = logits.shape
-        rows, grad, lse = CrossEntropyFunction.apply(logits.reshape(B * N, V), target.reshape(B * N, *target.shape[2:]),
-                                                     weight, NONE, *options[1:])
+        rows, grad, lse = CrossEntropyFunction.apply(
+            logits.reshape(B * N, V), target.reshape(B * N, *target.shape[2:]), weight, NONE, *options[1:]
+        )
         rows, grad, lse = rows.view(B, N), grad.view(B, N, V), lse.view(B, N)
         if reduction == SUM:
             return (rows.sum(1), grad, lse), (0, 0, 0)
@@ -279,8 +320,11 @@ class _Rows:
         self.w = w
         self.wq = w * ((1 - eps) * q + eps / V) * self.kept  # w q'
         self.A = self.wq.sum(1, keepdim=True) + 2 * z_loss * lse.unsqueeze(1)  # W + 2 z lse
-        self.scale = (_mean_scale(target, weight, ignore_index) if reduction == MEAN else
-                      torch.ones((), dtype=torch.float64, device=grad.device)).to(acc)
+        self.scale = (
+            _mean_scale(target, weight, ignore_index)
+            if reduction == MEAN
+            else torch.ones((), dtype=torch.float64, device=grad.device)
+        ).to(acc)
         self.lse = lse.unsqueeze(1)
         if logits is not None:
             self.y, self.dy_dx = capped(logits, acc, softcap)
@@ -289,8 +333,9 @@ class _Rows:
         else:  # (no softcap: it keeps the logits)
             self.y, self.dy_dx = None, 1.0
             A = torch.where(self.A == 0, 1, self.A)
-            self.p = torch.where(self.A == 0, 0, (grad.to(acc) / torch.where(self.scale == 0, 1, self.scale)
-                                                  + self.wq) / A)
+            self.p = torch.where(
+                self.A == 0, 0, (grad.to(acc) / torch.where(self.scale == 0, 1, self.scale) + self.wq) / A
+            )
         self.dtype = grad.dtype
 
     def hessian_vp(self, v):
@@ -317,16 +362,30 @@ class _Rows:
     def target_hessian_vp(self, dq):
         """d G / d q . dq = scale (1-eps) (<w, dq> p - w dq) y'."""
         dq = dq.to(self.p.dtype)
-        return (self.scale * (1 - self.eps) * ((self.w * dq).sum(1, keepdim=True) * self.p - self.w * dq)
-                * self.dy_dx).to(self.dtype)
+        return (
+            self.scale * (1 - self.eps) * ((self.w * dq).sum(1, keepdim=True) * self.p - self.w * dq) * self.dy_dx
+        ).to(self.dtype)
 
 
 _apply = fast_apply(CrossEntropyFunction)
 
 
-def cross_entropy(input, target, weight=None, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-                  z_loss=0.0, softcap=None, return_lse=False, inplace_backward=False, backend=None,
-                  process_group=None, vocab_size=None):
+def cross_entropy(
+    input,
+    target,
+    weight=None,
+    *,
+    reduction="mean",
+    ignore_index=-100,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    return_lse=False,
+    inplace_backward=False,
+    backend=None,
+    process_group=None,
+    vocab_size=None,
+):
     """Like `torch.nn.functional.cross_entropy`, fused: loss and gradient from one pass over the logits.
 
     input: (N, V), (V,) or (N, V, d1, ...) logits. target: class indices shaped (N,), () or (N, d1, ...)
@@ -350,8 +409,19 @@ def cross_entropy(input, target, weight=None, *, reduction="mean", ignore_index=
     initialised, it is the plain call. No inplace_backward then. vocab_size: the number of classes of the
     whole vocabulary, checked against the shards' sizes (without a split, the logits' V).
     """
-    _check_args(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse,
-                backend, split=process_group is not None)
+    _check_args(
+        input,
+        target,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        return_lse,
+        backend,
+        split=process_group is not None,
+    )
     group = None
     if process_group is not None or vocab_size is not None:
         group = _vocab_group(input, process_group, vocab_size, inplace_backward)
@@ -367,8 +437,7 @@ def cross_entropy(input, target, weight=None, *, reduction="mean", ignore_index=
         logits, target = logits.unsqueeze(0), target.reshape(1, -1) if prob else target.reshape(1)
     elif logits.dim() > 2:
         if inplace_backward:
-            raise ArgumentValueError(f"inplace_backward=True needs 1-D or 2-D logits, got shape "
-                                     f"{tuple(logits.shape)}")
+            raise ArgumentValueError(f"inplace_backward=True needs 1-D or 2-D logits, got shape {tuple(logits.shape)}")
         V = logits.shape[1]
         logits = logits.movedim(1, -1).reshape(-1, V)
         target = target.movedim(1, -1).reshape(-1, V) if prob else target.reshape(-1)
@@ -383,13 +452,15 @@ def cross_entropy(input, target, weight=None, *, reduction="mean", ignore_index=
         weight = weight.contiguous()
     if group is None:
         weight = z_loss_weight(target, weight, ignore_index, code, z_loss)  # z-loss's mean: kept rows, unweighted
-        loss, _, lse = _apply(logits, target, weight, code, ignore_index, label_smoothing, z_loss, softcap,
-                              return_lse, inplace, backend)
+        loss, _, lse = _apply(
+            logits, target, weight, code, ignore_index, label_smoothing, z_loss, softcap, return_lse, inplace, backend
+        )
     else:
         from . import vocab_parallel
 
-        loss, lse = vocab_parallel.cross_entropy(logits, target, weight, code, ignore_index, label_smoothing, z_loss,
-                                                 softcap, return_lse, group, vocab_size)
+        loss, lse = vocab_parallel.cross_entropy(
+            logits, target, weight, code, ignore_index, label_smoothing, z_loss, softcap, return_lse, group, vocab_size
+        )
     return shaped(loss, lse, code, out_shape, return_lse)
 
 
@@ -408,14 +479,19 @@ def _vocab_group(logits, process_group, vocab_size, inplace_backward, op="cross_
     group = None if process_group is None else sync_group(process_group)
     V = logits.shape[1 if logits.dim() > 1 else 0]
     if group is None and V == 0:  # only a shard of a split may be empty
-        raise ArgumentEmptyError(f"{op}: logits must have at least one class when the classes are not split "
-                                 f"across processes, got shape {tuple(logits.shape)}")
+        raise ArgumentEmptyError(
+            f"{op}: logits must have at least one class when the classes are not split "
+            f"across processes, got shape {tuple(logits.shape)}"
+        )
     if group is None and vocab_size is not None and vocab_size != V:
-        raise ArgumentValueError(f"{op}: vocab_size={vocab_size} but the logits have {V} classes, not split "
-                                 "across processes")
+        raise ArgumentValueError(
+            f"{op}: vocab_size={vocab_size} but the logits have {V} classes, not split across processes"
+        )
     if group is not None and inplace_backward:
-        raise ArgumentValueError(f"{op}: inplace_backward=True cannot be used with a process_group that "
-                                 "splits the classes (the gradient comes from autograd there)")
+        raise ArgumentValueError(
+            f"{op}: inplace_backward=True cannot be used with a process_group that "
+            "splits the classes (the gradient comes from autograd there)"
+        )
     return group
 
 
@@ -423,13 +499,17 @@ def _check_inplace(logits, return_lse):
     """The gradient can be written over the logits: unit stride along the classes, rows apart, and no
     differentiable lse asked for (its gradient needs the logits)."""
     if return_lse:
-        raise ArgumentValueError("inplace_backward=True cannot return_lse=True while the logits require grad: the "
-                                 "lse's gradient needs the logits, which are overwritten by their gradient")
+        raise ArgumentValueError(
+            "inplace_backward=True cannot return_lse=True while the logits require grad: the "
+            "lse's gradient needs the logits, which are overwritten by their gradient"
+        )
     N, V = logits.shape
     if logits.stride(1) != 1 or (N > 1 and abs(logits.stride(0)) < V):
-        raise ArgumentValueError("inplace_backward=True needs logits with unit stride along the classes and rows "
-                                 f"that do not overlap, got shape {tuple(logits.shape)} and strides "
-                                 f"{logits.stride()}")
+        raise ArgumentValueError(
+            "inplace_backward=True needs logits with unit stride along the classes and rows "
+            f"that do not overlap, got shape {tuple(logits.shape)} and strides "
+            f"{logits.stride()}"
+        )
 
 
 def _check_number(name, value, low, allow_low, op):
@@ -437,8 +517,9 @@ def _check_number(name, value, low, allow_low, op):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ArgumentTypeError(f"{op}: {name} must be a float, got {value!r}")
     if not low <= value < math.inf or (value == low and not allow_low):  # comparisons: SymFloat-safe, NaN fails
-        raise ArgumentValueError(f"{op}: {name} must be a finite number {'>=' if allow_low else '>'} "
-                                 f"{low}, got {value}")
+        raise ArgumentValueError(
+            f"{op}: {name} must be a finite number {'>=' if allow_low else '>'} {low}, got {value}"
+        )
 
 
 def _check_target(logits, target, ignore_index, op):
@@ -448,22 +529,32 @@ def _check_target(logits, target, ignore_index, op):
         raise ArgumentValueError(f"{op}: target is on {target.device} but logits on {logits.device}")
     if target.is_floating_point():  # class probabilities
         if target.dtype != logits.dtype:
-            raise ArgumentTypeError(f"{op}: a probability target must have the logits' dtype "
-                                    f"{logits.dtype}, got {target.dtype} (argument 'target')")
+            raise ArgumentTypeError(
+                f"{op}: a probability target must have the logits' dtype "
+                f"{logits.dtype}, got {target.dtype} (argument 'target')"
+            )
         if target.shape != logits.shape:
-            raise ArgumentValueError(f"{op}: target has shape {tuple(target.shape)} but logits of shape "
-                                     f"{tuple(logits.shape)} need the same shape for class probabilities")
+            raise ArgumentValueError(
+                f"{op}: target has shape {tuple(target.shape)} but logits of shape "
+                f"{tuple(logits.shape)} need the same shape for class probabilities"
+            )
         if ignore_index != -100:
-            raise ArgumentValueError(f"{op}: ignore_index={ignore_index} is not supported with class-"
-                                     "probability targets (argument 'target' is floating-point)")
+            raise ArgumentValueError(
+                f"{op}: ignore_index={ignore_index} is not supported with class-"
+                "probability targets (argument 'target' is floating-point)"
+            )
         return
     if target.dtype not in INDEX_DTYPES:
-        raise ArgumentTypeError(f"{op}: target must be class indices (int64, int32 or uint8) or class "
-                                f"probabilities (floating point), got {target.dtype}")
+        raise ArgumentTypeError(
+            f"{op}: target must be class indices (int64, int32 or uint8) or class "
+            f"probabilities (floating point), got {target.dtype}"
+        )
     expected = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else torch.Size([])
     if target.shape != expected:
-        raise ArgumentValueError(f"{op}: target has shape {tuple(target.shape)} but logits of shape "
-                                 f"{tuple(logits.shape)} need {tuple(expected)}")
+        raise ArgumentValueError(
+            f"{op}: target has shape {tuple(target.shape)} but logits of shape "
+            f"{tuple(logits.shape)} need {tuple(expected)}"
+        )
 
 
 def _check_weight(logits, weight, name, op):
@@ -473,28 +564,39 @@ def _check_weight(logits, weight, name, op):
         raise ArgumentTypeError(f"{op}: {name} must be a tensor or None, got {type(weight)}")
     V = logits.shape[1 if logits.dim() > 1 else 0]
     if weight.shape != (V,):
-        raise ArgumentValueError(f"{op}: {name} must have shape ({V},), one per class, got "
-                                 f"{tuple(weight.shape)}")
+        raise ArgumentValueError(f"{op}: {name} must have shape ({V},), one per class, got {tuple(weight.shape)}")
     if weight.dtype != logits.dtype:
-        raise ArgumentTypeError(f"{op}: {name} must have the logits' dtype {logits.dtype}, got "
-                                f"{weight.dtype}")
+        raise ArgumentTypeError(f"{op}: {name} must have the logits' dtype {logits.dtype}, got {weight.dtype}")
     if weight.device != logits.device:
         raise ArgumentValueError(f"{op}: {name} is on {weight.device} but logits on {logits.device}")
     check_no_grad(op, name, weight)
 
 
-def _check_args(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse,
-                backend, weight_name="weight", split=False, op="cross_entropy"):
+def _check_args(
+    logits,
+    target,
+    weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    return_lse,
+    backend,
+    weight_name="weight",
+    split=False,
+    op="cross_entropy",
+):
     """Every argument check of cross_entropy, one message each. The kernels check the targets' range:
     the C++ kernel before it writes anything, the Triton kernel by a device-side assert (as PyTorch's
     CUDA kernel), so that no value is read on the host. split: the classes are split across processes,
     and this one's shard may hold none."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise (ArgumentDtypeError if isinstance(logits, Tensor) else ArgumentTypeError)(
-            f"{op}: logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
+            f"{op}: logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}"
+        )
     if logits.dim() == 0 or (logits.shape[1 if logits.dim() > 1 else 0] == 0 and not split):
-        raise ArgumentEmptyError(f"{op}: logits must have at least one class, got shape "
-                                 f"{tuple(logits.shape)}")
+        raise ArgumentEmptyError(f"{op}: logits must have at least one class, got shape {tuple(logits.shape)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
         raise ArgumentTypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     _check_target(logits, target, ignore_index, op)
@@ -518,15 +620,30 @@ class CrossEntropyLoss(nn.Module):
     state_dict), plus z_loss, softcap, return_lse, inplace_backward, backend, process_group and vocab_size (see
     `cross_entropy`)."""
 
-    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
-                 label_smoothing=0.0, *, z_loss=0.0, softcap=None, return_lse=False, inplace_backward=False,
-                 backend=None, process_group=None, vocab_size=None):
+    def __init__(
+        self,
+        weight=None,
+        size_average=None,
+        ignore_index=-100,
+        reduce=None,
+        reduction="mean",
+        label_smoothing=0.0,
+        *,
+        z_loss=0.0,
+        softcap=None,
+        return_lse=False,
+        inplace_backward=False,
+        backend=None,
+        process_group=None,
+        vocab_size=None,
+    ):
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
         if reduction not in REDUCTIONS:
-            raise ArgumentValueError(f"CrossEntropyLoss: reduction must be one of {tuple(REDUCTIONS)}, got "
-                                     f"{reduction!r}")
+            raise ArgumentValueError(
+                f"CrossEntropyLoss: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}"
+            )
         if weight is not None and not isinstance(weight, Tensor):
             raise ArgumentTypeError(f"CrossEntropyLoss: weight must be a tensor or None, got {type(weight)}")
         self.register_buffer("weight", weight)
@@ -536,14 +653,29 @@ class CrossEntropyLoss(nn.Module):
         self.process_group, self.vocab_size = process_group, vocab_size
 
     def forward(self, input, target):
-        return cross_entropy(input, target, self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
-                             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                             return_lse=self.return_lse, inplace_backward=self.inplace_backward,
-                             backend=self.backend, process_group=self.process_group, vocab_size=self.vocab_size)
+        return cross_entropy(
+            input,
+            target,
+            self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            return_lse=self.return_lse,
+            inplace_backward=self.inplace_backward,
+            backend=self.backend,
+            process_group=self.process_group,
+            vocab_size=self.vocab_size,
+        )
 
     def extra_repr(self):
-        extra = "".join(f", {name}={getattr(self, name)!r}" for name, default in
-                        (("z_loss", 0.0), ("softcap", None), ("return_lse", False), ("vocab_size", None))
-                        if getattr(self, name) != default)
-        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing}{extra}")
+        extra = "".join(
+            f", {name}={getattr(self, name)!r}"
+            for name, default in (("z_loss", 0.0), ("softcap", None), ("return_lse", False), ("vocab_size", None))
+            if getattr(self, name) != default
+        )
+        return (
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}{extra}"
+        )

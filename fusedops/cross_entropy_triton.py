@@ -5,6 +5,7 @@ the gradient and sums the loss terms that need the final max. Math in fp32 (fp64
 in int64. Each option (class weights, probability targets, label smoothing, z-loss, soft-capping) is a
 constexpr flag, so the plain case compiles to the plain kernel.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -23,8 +24,22 @@ def _tanh(a):
     e = tl.exp(-2.0 * tl.abs(a))
     big = (1.0 - e) / (1.0 + e)
     s = a * a
-    series = a * (1.0 + s * (-1 / 3 + s * (2 / 15 + s * (-17 / 315 + s * (62 / 2835 + s * (
-        -1382 / 155925 + s * (21844 / 6081075 + s * (-929569 / 638512875))))))))
+    series = a * (
+        1.0
+        + s
+        * (
+            -1 / 3
+            + s
+            * (
+                2 / 15
+                + s
+                * (
+                    -17 / 315
+                    + s * (62 / 2835 + s * (-1382 / 155925 + s * (21844 / 6081075 + s * (-929569 / 638512875))))
+                )
+            )
+        )
+    )
     small = tl.abs(a) < 0.125
     th = tl.where(small, series, tl.where(a < 0, -big, big))
     return th, tl.where(small, 1.0 - th * th, 4.0 * e / ((1.0 + e) * (1.0 + e)))
@@ -41,8 +56,18 @@ def _capped(x, cap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _target_weight(t_row, w_ptr, offs, mask, eps, V, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                   SMOOTH: tl.constexpr, ACC: tl.constexpr):
+def _target_weight(
+    t_row,
+    w_ptr,
+    offs,
+    mask,
+    eps,
+    V,
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """w_j q'_j at columns offs (0 off the row), without the one-hot part of a class target:
     q' = (1-eps) q + eps/V for a probability target q, eps/V for a class target."""
     if PROB_TARGET:
@@ -57,11 +82,32 @@ def _target_weight(t_row, w_ptr, offs, mask, eps, V, PROB_TARGET: tl.constexpr, 
 
 
 @triton.jit(debug=True)  # keeps the device-side assert on the targets' range
-def _forward_kernel(x_ptr, x_stride, t_ptr, t_stride, w_ptr, g_ptr, g_stride, loss_ptr, lse_ptr, div_ptr,
-                    sum_w_ptr, eps_ptr, z_ptr, cap_ptr, V, ignore_index,
-                    IS_MEAN: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                    SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    x_stride,
+    t_ptr,
+    t_stride,
+    w_ptr,
+    g_ptr,
+    g_stride,
+    loss_ptr,
+    lse_ptr,
+    div_ptr,
+    sum_w_ptr,
+    eps_ptr,
+    z_ptr,
+    cap_ptr,
+    V,
+    ignore_index,
+    IS_MEAN: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     g_row = g_ptr + row * g_stride
@@ -208,8 +254,9 @@ def cross_entropy_scale_grad(grad, scale):
         return
     acc = acc_dtype(grad.dtype)
     block = _block(V)
-    _scale_kernel[(N, triton.cdiv(V, block))](grad, grad.stride(0), scale.to(acc).contiguous(), V,
-                                              PER_ROW=scale.dim() == 1, ACC=_tl_dtype(acc), BLOCK=block)
+    _scale_kernel[(N, triton.cdiv(V, block))](
+        grad, grad.stride(0), scale.to(acc).contiguous(), V, PER_ROW=scale.dim() == 1, ACC=_tl_dtype(acc), BLOCK=block
+    )
 
 
 def _tl_dtype(acc):
@@ -242,13 +289,32 @@ def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothi
     sum_w = weight.sum(dtype=torch.float64) if weight is not None and smooth and not prob else None
     if N > 0:
         _forward_kernel[(N,)](
-            logits, logits.stride(0), target, target.stride(0), weight, grad, grad.stride(0), row_loss, lse,
-            divisor, sum_w, scalar(label_smoothing) if smooth else None, scalar(z_loss) if z_loss > 0 else None,
-            scalar(softcap) if softcap is not None else None, V, ignore_index,
-            IS_MEAN=reduction == MEAN, PROB_TARGET=prob, HAS_WEIGHT=weight is not None, SMOOTH=smooth,
-            HAS_Z=z_loss > 0, HAS_SOFTCAP=softcap is not None,
-            ACC=_tl_dtype(acc), BLOCK=_block(V),
-            num_warps=8 if V >= 2048 else 4)
+            logits,
+            logits.stride(0),
+            target,
+            target.stride(0),
+            weight,
+            grad,
+            grad.stride(0),
+            row_loss,
+            lse,
+            divisor,
+            sum_w,
+            scalar(label_smoothing) if smooth else None,
+            scalar(z_loss) if z_loss > 0 else None,
+            scalar(softcap) if softcap is not None else None,
+            V,
+            ignore_index,
+            IS_MEAN=reduction == MEAN,
+            PROB_TARGET=prob,
+            HAS_WEIGHT=weight is not None,
+            SMOOTH=smooth,
+            HAS_Z=z_loss > 0,
+            HAS_SOFTCAP=softcap is not None,
+            ACC=_tl_dtype(acc),
+            BLOCK=_block(V),
+            num_warps=8 if V >= 2048 else 4,
+        )
     if reduction == NONE:
         return row_loss.to(logits.dtype), lse
     total = row_loss.sum(dtype=torch.float64)

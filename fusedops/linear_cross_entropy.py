@@ -11,13 +11,26 @@ scales them by the upstream gradient: three matrix multiplies in all, as eager's
 none, return_lse, probability targets that require grad, double backward, torch.func) backward
 recomputes each chunk's logits and takes their gradient through fusedops.cross_entropy.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._ops import acc_dtype, batched_first, fast_apply, kernels, no_tangent, not_differentiable
-from .cross_entropy import (MEAN, NONE, REDUCTIONS, SUM, _check_args, _mean_scale, _vocab_group, capped, consumable,
-                            cross_entropy, shaped, z_loss_weight)
+from .cross_entropy import (
+    MEAN,
+    NONE,
+    REDUCTIONS,
+    SUM,
+    _check_args,
+    _mean_scale,
+    _vocab_group,
+    capped,
+    consumable,
+    cross_entropy,
+    shaped,
+    z_loss_weight,
+)
 from .errors import ArgumentTypeError, ArgumentValueError
 
 CHUNK_BYTES = 64 * 2**20  # default: the most bytes one chunk of logits takes
@@ -32,8 +45,21 @@ def _chunks(N, rows):
     return ((start, min(start + rows, N)) for start in range(0, N, rows))
 
 
-def _forward(input, weight, bias, target, class_weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-             chunk_bytes, with_grads, backend):
+def _forward(
+    input,
+    weight,
+    bias,
+    target,
+    class_weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_bytes,
+    with_grads,
+    backend,
+):
     """(loss, lse, dX, dW, db) of 2-D input; the gradients (of a unit upstream gradient) only when with_grads
     (reduction mean or sum), else None."""
     N, V = input.shape[0], weight.shape[0]
@@ -101,7 +127,7 @@ class _WeightGrad:
             self.sum.addmm_(grad.t(), x)
             return
         for a in range(0, self.sum.shape[0], self.BLOCK):
-            self.sum[a:a + self.BLOCK] += grad[:, a:a + self.BLOCK].t() @ x  # fp32 += the block's product
+            self.sum[a : a + self.BLOCK] += grad[:, a : a + self.BLOCK].t() @ x  # fp32 += the block's product
 
     def result(self, scale=None):
         """scale * dW (scale: a tensor or None), rounded once to the weight's dtype."""
@@ -123,16 +149,57 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     (create_graph)."""
 
     @staticmethod
-    def forward(input, weight, bias, target, class_weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-                return_lse, chunk_bytes, with_grads, backend):
-        out = _forward(input, weight, bias, target, class_weight, reduction, ignore_index, label_smoothing, z_loss,
-                       softcap, chunk_bytes, with_grads, backend)
+    def forward(
+        input,
+        weight,
+        bias,
+        target,
+        class_weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        return_lse,
+        chunk_bytes,
+        with_grads,
+        backend,
+    ):
+        out = _forward(
+            input,
+            weight,
+            bias,
+            target,
+            class_weight,
+            reduction,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            softcap,
+            chunk_bytes,
+            with_grads,
+            backend,
+        )
         return out if with_grads else out[:2]  # (no None outputs where it can: torch.compile's backward)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, target, class_weight, reduction, ignore_index, eps, z_loss, softcap, return_lse, \
-            chunk_bytes, with_grads, backend = inputs
+        (
+            input,
+            weight,
+            bias,
+            target,
+            class_weight,
+            reduction,
+            ignore_index,
+            eps,
+            z_loss,
+            softcap,
+            return_lse,
+            chunk_bytes,
+            with_grads,
+            backend,
+        ) = inputs
         _, lse, dX, dW, db = output if with_grads else (*output, None, None, None)
         ctx.save_for_backward(input, weight, bias, target, class_weight, dX, dW, db)
         ctx.save_for_forward(input, weight, bias, target, class_weight, lse)
@@ -149,18 +216,23 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             raise not_differentiable("linear_cross_entropy", "class_weight")
         # a differentiable backward (double backward; not a torch.func pullback, whose saved tensors need no grad)
-        create_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                       for t in (input, weight, bias, target))
+        create_graph = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, weight, bias, target)
+        )
         grad_lse = grad_lse if ctx.return_lse else None  # (zeros, not None, while compiled)
         if ctx.with_grads and grad_lse is None and not create_graph and not ctx.needs_input_grad[3]:
             if grad_loss is None:
                 return (None,) * 14
             in_place = consumable(create_graph)
-            grads = [(_scaled(g, grad_loss, ctx.backend) if in_place else g * grad_loss) if needed else None
-                     for g, needed in zip((dX, dW, db), ctx.needs_input_grad[:3])]
+            grads = [
+                (_scaled(g, grad_loss, ctx.backend) if in_place else g * grad_loss) if needed else None
+                for g, needed in zip((dX, dW, db), ctx.needs_input_grad[:3])
+            ]
             return (*grads, *(None,) * 11)
-        return (*_recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, grad_lse,
-                                  create_graph), *(None,) * 10)
+        return (
+            *_recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, grad_lse, create_graph),
+            *(None,) * 10,
+        )
 
     @staticmethod
     def jvp(ctx, input_t, weight_t, bias_t, target_t, class_weight_t, *_):
@@ -187,8 +259,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if target_t is not None:  # d loss_i += sum_j (1-eps) w_j (lse_i - y_ij) dq_ij
                     w = 1.0 if class_weight is None else class_weight.to(lse.dtype)
                     row = ((1 - eps) * w * (lse[start:stop, None] - y) * target_t[start:stop].to(lse.dtype)).sum(1)
-            kernels(ctx.backend, input).cross_entropy_forward_inplace(logits, target[start:stop], class_weight, NONE,
-                                                                     ignore_index, eps, z_loss, softcap)
+            kernels(ctx.backend, input).cross_entropy_forward_inplace(
+                logits, target[start:stop], class_weight, NONE, ignore_index, eps, z_loss, softcap
+            )
             row_t.append(row + (logits.to(lse.dtype) * d_logits.to(lse.dtype)).sum(1))  # + <G_i, dZ_i>
         rows = torch.cat(row_t) if row_t else lse.new_zeros(0)
         if reduction == MEAN:
@@ -198,15 +271,35 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return (loss_t.to(input.dtype), lse_t) + ((None, None, None) if ctx.with_grads else ())
 
     @staticmethod
-    def vmap(info, in_dims, input, weight, bias, target, class_weight, reduction, ignore_index, label_smoothing,
-             z_loss, softcap, return_lse, chunk_bytes, with_grads, backend):
+    def vmap(
+        info,
+        in_dims,
+        input,
+        weight,
+        bias,
+        target,
+        class_weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        return_lse,
+        chunk_bytes,
+        with_grads,
+        backend,
+    ):
         """One call per mapped slice."""
         B = info.batch_size
-        tensors = [None if t is None else batched_first(t, d, B)
-                   for t, d in zip((input, weight, bias, target, class_weight), in_dims)]
+        tensors = [
+            None if t is None else batched_first(t, d, B)
+            for t, d in zip((input, weight, bias, target, class_weight), in_dims)
+        ]
         options = (reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, chunk_bytes, False, backend)
-        outs = [LinearCrossEntropyFunction.apply(*(None if t is None else t[b] for t in tensors), *options)
-                for b in range(B)]
+        outs = [
+            LinearCrossEntropyFunction.apply(*(None if t is None else t[b] for t in tensors), *options)
+            for b in range(B)
+        ]
         return tuple(torch.stack(out) for out in zip(*outs)), (0, 0)
 
 
@@ -241,21 +334,31 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
     for start, stop in _chunks(N, _chunk_rows(V, input.dtype, ctx.chunk_bytes)):
         x, t = input[start:stop], target[start:stop]
         if create_graph:
-            d_logits, d_target = _chunk_vjp(ctx, x, weight, bias, t, class_weight, row_grad[start:stop],
-                                            None if grad_lse is None else grad_lse[start:stop])
+            d_logits, d_target = _chunk_vjp(
+                ctx,
+                x,
+                weight,
+                bias,
+                t,
+                class_weight,
+                row_grad[start:stop],
+                None if grad_lse is None else grad_lse[start:stop],
+            )
         else:  # G from the kernel, times the row's upstream gradient
             with torch.no_grad():
                 d_logits = F.linear(x, weight, bias)
             if grad_lse is not None or need_target:  # the capped logits, kept from the kernel's write of G
                 y, dy_dx = capped(d_logits, acc, softcap)
                 y = y.clone() if y is d_logits else y
-            _, lse = kernels(ctx.backend, input).cross_entropy_forward_inplace(d_logits, t, class_weight, NONE,
-                                                                              ignore_index, eps, z_loss, softcap)
+            _, lse = kernels(ctx.backend, input).cross_entropy_forward_inplace(
+                d_logits, t, class_weight, NONE, ignore_index, eps, z_loss, softcap
+            )
             upstream = row_grad[start:stop, None]
             d_logits = d_logits.mul_(upstream) if in_place else d_logits * upstream  # dZ = G * upstream
             if grad_lse is not None:  # + d lse / dZ = p dy/dx, times the lse's upstream gradient
-                d_logits = d_logits + (torch.exp(y - lse[:, None]) * dy_dx
-                                       * grad_lse[start:stop, None]).to(d_logits.dtype)
+                d_logits = d_logits + (torch.exp(y - lse[:, None]) * dy_dx * grad_lse[start:stop, None]).to(
+                    d_logits.dtype
+                )
             if need_target:  # d loss_i / d q_ij = (1-eps) w_j (lse_i - y_ij), times the row's upstream gradient
                 w = 1.0 if class_weight is None else class_weight.to(acc)
                 d_target = ((1 - eps) * w * (lse[:, None] - y) * upstream).to(t.dtype)
@@ -272,9 +375,12 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
             if need_bias:
                 db += d_logits.sum(0)
     empty_rows = input.new_zeros(0, input.shape[1])
-    return (torch.cat(dX) if dX else empty_rows) if need_input else None, \
-        _finish(_cast(dW, weight), weight, need_weight), _finish(db, bias, need_bias), \
-        (torch.cat(dT) if dT else torch.zeros_like(target)) if need_target else None
+    return (
+        (torch.cat(dX) if dX else empty_rows) if need_input else None,
+        _finish(_cast(dW, weight), weight, need_weight),
+        _finish(db, bias, need_bias),
+        (torch.cat(dT) if dT else torch.zeros_like(target)) if need_target else None,
+    )
 
 
 def _chunk_vjp(ctx, x, weight, bias, target, class_weight, row_grad, lse_grad):
@@ -283,8 +389,18 @@ def _chunk_vjp(ctx, x, weight, bias, target, class_weight, row_grad, lse_grad):
     reduction, ignore_index, eps, z_loss, softcap = ctx.options
 
     def loss_and_lse(logits, target):
-        return cross_entropy(logits, target, class_weight, reduction="none", ignore_index=ignore_index,
-                             label_smoothing=eps, z_loss=z_loss, softcap=softcap, return_lse=True, backend=ctx.backend)
+        return cross_entropy(
+            logits,
+            target,
+            class_weight,
+            reduction="none",
+            ignore_index=ignore_index,
+            label_smoothing=eps,
+            z_loss=z_loss,
+            softcap=softcap,
+            return_lse=True,
+            backend=ctx.backend,
+        )
 
     logits = F.linear(x, weight, bias)
     if ctx.needs_input_grad[3]:  # probability targets
@@ -293,6 +409,7 @@ def _chunk_vjp(ctx, x, weight, bias, target, class_weight, row_grad, lse_grad):
         (loss, lse), pullback = torch.func.vjp(lambda logits: loss_and_lse(logits, target), logits)
     grads = pullback((row_grad.to(loss.dtype), torch.zeros_like(lse) if lse_grad is None else lse_grad.to(lse.dtype)))
     return grads[0], grads[1] if len(grads) > 1 else None
+
 
 def _plus(a, b):
     return b if a is None else a + b
@@ -308,9 +425,24 @@ def _finish(grad, like, needed):
 _apply = fast_apply(LinearCrossEntropyFunction)
 
 
-def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None, reduction="mean", ignore_index=-100,
-                         label_smoothing=0.0, z_loss=0.0, softcap=None, return_lse=False, chunk_bytes=CHUNK_BYTES,
-                         process_group=None, vocab_size=None, backend=None):
+def linear_cross_entropy(
+    input,
+    weight,
+    target,
+    bias=None,
+    *,
+    class_weight=None,
+    reduction="mean",
+    ignore_index=-100,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    return_lse=False,
+    chunk_bytes=CHUNK_BYTES,
+    process_group=None,
+    vocab_size=None,
+    backend=None,
+):
     """`cross_entropy(F.linear(input, weight, bias), target, class_weight, ...)`, fused: the logits are
     computed, turned into their gradient and multiplied out chunk by chunk, never held whole.
 
@@ -330,9 +462,21 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
     # the logits' shape without the logits, (N, V, d1, ...) as cross_entropy takes them: one element (checks only)
     logits_like = input.new_empty(()).expand(*input.shape[:-1], V).movedim(-1, min(1, input.dim() - 1))
     # cross_entropy's checks of the loss options, in this function's name
-    _check_args(logits_like, target.movedim(-1, 1) if prob and target.dim() > 1 else target, class_weight,
-                reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, backend,
-                weight_name="class_weight", split=process_group is not None, op="linear_cross_entropy")
+    _check_args(
+        logits_like,
+        target.movedim(-1, 1) if prob and target.dim() > 1 else target,
+        class_weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        return_lse,
+        backend,
+        weight_name="class_weight",
+        split=process_group is not None,
+        op="linear_cross_entropy",
+    )
     group = _vocab_group(logits_like, process_group, vocab_size, False, op="linear_cross_entropy")
     code = REDUCTIONS[reduction]
     out_shape = input.shape[:-1]
@@ -343,17 +487,46 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
     if group is not None:  # the classes split across processes
         from . import vocab_parallel
 
-        loss, lse = vocab_parallel.linear_cross_entropy(x, weight, target, bias, class_weight, code, ignore_index,
-                                                        label_smoothing, z_loss, softcap, return_lse, group,
-                                                        vocab_size)
+        loss, lse = vocab_parallel.linear_cross_entropy(
+            x,
+            weight,
+            target,
+            bias,
+            class_weight,
+            code,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            softcap,
+            return_lse,
+            group,
+            vocab_size,
+        )
         return shaped(loss, lse, code, out_shape, return_lse)
-    with_grads = (code != NONE and not return_lse and torch.is_grad_enabled()
-                  and not torch._C._are_functorch_transforms_active()
-                  and not (prob and target.requires_grad)
-                  and any(t is not None and t.requires_grad for t in (input, weight, bias)))
-    loss, lse, *_ = _apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
-                           target.contiguous() if prob else target, class_weight, code, ignore_index,
-                           label_smoothing, z_loss, softcap, return_lse, chunk_bytes, with_grads, backend)
+    with_grads = (
+        code != NONE
+        and not return_lse
+        and torch.is_grad_enabled()
+        and not torch._C._are_functorch_transforms_active()
+        and not (prob and target.requires_grad)
+        and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    )
+    loss, lse, *_ = _apply(
+        x,
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        target.contiguous() if prob else target,
+        class_weight,
+        code,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        return_lse,
+        chunk_bytes,
+        with_grads,
+        backend,
+    )
     return shaped(loss, lse, code, out_shape, return_lse)
 
 
@@ -361,34 +534,42 @@ def _check_linear_args(input, weight, bias, target, chunk_bytes):
     """The projection's checks and the target's shape; the loss options are cross_entropy's."""
     for name, t in (("input", input), ("weight", weight)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise ArgumentTypeError(f"linear_cross_entropy: {name} must be a floating-point tensor, got "
-                                    f"{getattr(t, 'dtype', type(t))}")
+            raise ArgumentTypeError(
+                f"linear_cross_entropy: {name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}"
+            )
     if input.dim() < 1:
-        raise ArgumentValueError(f"linear_cross_entropy: input must have at least 1 dimension, got shape "
-                                 f"{tuple(input.shape)}")
+        raise ArgumentValueError(
+            f"linear_cross_entropy: input must have at least 1 dimension, got shape {tuple(input.shape)}"
+        )
     if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
-        raise ArgumentValueError(f"linear_cross_entropy: weight must have shape (V, {input.shape[-1]}) for input of "
-                                 f"shape {tuple(input.shape)}, got {tuple(weight.shape)}")
+        raise ArgumentValueError(
+            f"linear_cross_entropy: weight must have shape (V, {input.shape[-1]}) for input of "
+            f"shape {tuple(input.shape)}, got {tuple(weight.shape)}"
+        )
     if not isinstance(target, Tensor):
         raise ArgumentTypeError(f"linear_cross_entropy: target must be a tensor, got {type(target)}")
     expected = input.shape[:-1] + (weight.shape[:1] if target.is_floating_point() else ())
     if target.shape != expected:
-        raise ArgumentValueError(f"linear_cross_entropy: target has shape {tuple(target.shape)} but input of shape "
-                                 f"{tuple(input.shape)} needs {tuple(expected)} ("
-                                 f"{'class probabilities' if target.is_floating_point() else 'class indices'})")
+        raise ArgumentValueError(
+            f"linear_cross_entropy: target has shape {tuple(target.shape)} but input of shape "
+            f"{tuple(input.shape)} needs {tuple(expected)} ("
+            f"{'class probabilities' if target.is_floating_point() else 'class indices'})"
+        )
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise ArgumentTypeError(f"linear_cross_entropy: {name} must be a tensor, got {type(t)}")
         if t.dtype != input.dtype:
-            raise ArgumentTypeError(f"linear_cross_entropy: {name} must have the input's dtype {input.dtype}, got "
-                                    f"{t.dtype}")
+            raise ArgumentTypeError(
+                f"linear_cross_entropy: {name} must have the input's dtype {input.dtype}, got {t.dtype}"
+            )
         if t.device != input.device:
             raise ArgumentValueError(f"linear_cross_entropy: {name} is on {t.device} but input on {input.device}")
     if bias is not None and bias.shape != weight.shape[:1]:
-        raise ArgumentValueError(f"linear_cross_entropy: bias must have shape ({weight.shape[0]},), one per class, "
-                                 f"got {tuple(bias.shape)}")
+        raise ArgumentValueError(
+            f"linear_cross_entropy: bias must have shape ({weight.shape[0]},), one per class, got {tuple(bias.shape)}"
+        )
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
         raise ArgumentTypeError(f"linear_cross_entropy: chunk_bytes must be an int, got {chunk_bytes!r}")
     if chunk_bytes < 1:
@@ -401,36 +582,67 @@ class LinearCrossEntropy(nn.Module):
     state_dict), and `forward(input, target)` returns linear_cross_entropy(input, weight, target, bias,
     **options). `logits(input)` returns the logits, for inference. class_weight is kept as a buffer."""
 
-    def __init__(self, in_features, num_classes, bias=False, device=None, dtype=None, *, class_weight=None,
-                 reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                 chunk_bytes=CHUNK_BYTES, process_group=None, vocab_size=None, backend=None):
+    def __init__(
+        self,
+        in_features,
+        num_classes,
+        bias=False,
+        device=None,
+        dtype=None,
+        *,
+        class_weight=None,
+        reduction="mean",
+        ignore_index=-100,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        softcap=None,
+        chunk_bytes=CHUNK_BYTES,
+        process_group=None,
+        vocab_size=None,
+        backend=None,
+    ):
         super().__init__()
         linear = nn.Linear(in_features, num_classes, bias, device=device, dtype=dtype)  # its initialisation
         self.in_features, self.num_classes = in_features, num_classes
         self.weight = linear.weight
         self.bias = linear.bias
         if class_weight is not None and not isinstance(class_weight, Tensor):
-            raise ArgumentTypeError(f"LinearCrossEntropy: class_weight must be a tensor or None, got "
-                                    f"{type(class_weight)}")
+            raise ArgumentTypeError(
+                f"LinearCrossEntropy: class_weight must be a tensor or None, got {type(class_weight)}"
+            )
         self.register_buffer("class_weight", class_weight)
         if reduction not in REDUCTIONS:
-            raise ArgumentValueError(f"LinearCrossEntropy: reduction must be one of {tuple(REDUCTIONS)}, got "
-                                     f"{reduction!r}")
+            raise ArgumentValueError(
+                f"LinearCrossEntropy: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}"
+            )
         self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
         self.z_loss, self.softcap, self.chunk_bytes = z_loss, softcap, chunk_bytes
         self.process_group, self.vocab_size, self.backend = process_group, vocab_size, backend
 
     def forward(self, input, target):
-        return linear_cross_entropy(input, self.weight, target, self.bias, class_weight=self.class_weight,
-                                    reduction=self.reduction, ignore_index=self.ignore_index,
-                                    label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                                    chunk_bytes=self.chunk_bytes, process_group=self.process_group,
-                                    vocab_size=self.vocab_size, backend=self.backend)
+        return linear_cross_entropy(
+            input,
+            self.weight,
+            target,
+            self.bias,
+            class_weight=self.class_weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            chunk_bytes=self.chunk_bytes,
+            process_group=self.process_group,
+            vocab_size=self.vocab_size,
+            backend=self.backend,
+        )
 
     def logits(self, input):
         """input @ weight.T + bias: the whole logits, for inference."""
         return F.linear(input, self.weight, self.bias)
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
-                f"reduction={self.reduction!r}")
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
+            f"reduction={self.reduction!r}"
+        )

@@ -3,6 +3,7 @@ hand, and the cross-entropy and batch norm steps as functional references differ
 
     emb -> embcat -> hprebn (linear) -> batch norm -> hpreact -> h (tanh) -> logits (linear) -> loss
 """
+
 from collections import namedtuple
 
 import torch
@@ -12,14 +13,31 @@ SEED = 2147483647  # the notebooks' generator seed
 EPS = 1e-5  # batch norm's epsilon
 
 # the forward pass's intermediates, from the loss down to the embedding
-INTERMEDIATES = ("logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits",
-                 "logit_maxes", "logits", "h", "hpreact", "bnraw", "bnvar_inv", "bnvar", "bndiff2",
-                 "bndiff", "bnmeani", "hprebn", "embcat", "emb")
+INTERMEDIATES = (
+    "logprobs",
+    "probs",
+    "counts_sum_inv",
+    "counts_sum",
+    "counts",
+    "norm_logits",
+    "logit_maxes",
+    "logits",
+    "h",
+    "hpreact",
+    "bnraw",
+    "bnvar_inv",
+    "bnvar",
+    "bndiff2",
+    "bndiff",
+    "bnmeani",
+    "hprebn",
+    "embcat",
+    "emb",
+)
 PARAMETERS = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
 
 
-def init_params(vocab_size=27, n_embd=10, n_hidden=64, block_size=3, seed=SEED, generator=None,
-                bngain=(1.0, 0.0)):
+def init_params(vocab_size=27, n_embd=10, n_hidden=64, block_size=3, seed=SEED, generator=None, bngain=(1.0, 0.0)):
     """The notebooks' parameters, drawn in their order from `generator` (or a fresh one seeded with
     `seed`); all require grad. Pass your own generator to keep drawing minibatches from it after.
     bngain = randn * scale + shift: (1.0, 0.0) as the exercise notebook, which wants gains far from 1
@@ -72,11 +90,28 @@ def forward(params, Xb, Yb):
     probs = counts * counts_sum_inv
     logprobs = probs.log()
     loss = -logprobs[range(n), Yb].mean()
-    return dict(emb=emb, embcat=embcat, hprebn=hprebn, bnmeani=bnmeani, bndiff=bndiff,
-                bndiff2=bndiff2, bnvar=bnvar, bnvar_inv=bnvar_inv, bnraw=bnraw, hpreact=hpreact,
-                h=h, logits=logits, logit_maxes=logit_maxes, norm_logits=norm_logits, counts=counts,
-                counts_sum=counts_sum, counts_sum_inv=counts_sum_inv, probs=probs,
-                logprobs=logprobs, loss=loss)
+    return dict(
+        emb=emb,
+        embcat=embcat,
+        hprebn=hprebn,
+        bnmeani=bnmeani,
+        bndiff=bndiff,
+        bndiff2=bndiff2,
+        bnvar=bnvar,
+        bnvar_inv=bnvar_inv,
+        bnraw=bnraw,
+        hpreact=hpreact,
+        h=h,
+        logits=logits,
+        logit_maxes=logit_maxes,
+        norm_logits=norm_logits,
+        counts=counts,
+        counts_sum=counts_sum,
+        counts_sum_inv=counts_sum_inv,
+        probs=probs,
+        logprobs=logprobs,
+        loss=loss,
+    )
 
 
 @torch.no_grad()
@@ -84,9 +119,27 @@ def backward(params, acts, Xb, Yb):
     """The gradient of the loss with respect to every intermediate and parameter, by hand: a dict
     keyed like `acts` and `params`, in the order the notebooks backpropagate."""
     C, W1, b1, W2, b2, bngain, bnbias = (params[k] for k in PARAMETERS)
-    logprobs, probs, counts_sum_inv, counts_sum, counts, norm_logits, logit_maxes, logits, h, \
-        hpreact, bnraw, bnvar_inv, bnvar, bndiff2, bndiff, bnmeani, hprebn, embcat, emb = \
-        (acts[k] for k in INTERMEDIATES)
+    (
+        logprobs,
+        probs,
+        counts_sum_inv,
+        counts_sum,
+        counts,
+        norm_logits,
+        logit_maxes,
+        logits,
+        h,
+        hpreact,
+        bnraw,
+        bnvar_inv,
+        bnvar,
+        bndiff2,
+        bndiff,
+        bnmeani,
+        hprebn,
+        embcat,
+        emb,
+    ) = (acts[k] for k in INTERMEDIATES)
     n = Xb.shape[0]
     dlogprobs = torch.zeros_like(logprobs)
     dlogprobs[range(n), Yb] = -1.0 / n  # loss = -(sum of the n picked logprobs) / n
@@ -94,7 +147,7 @@ def backward(params, acts, Xb, Yb):
     dprobs = dlogprobs / probs
     dcounts_sum_inv = (counts * dprobs).sum(1, keepdim=True)  # probs = counts * counts_sum_inv
     dcounts = counts_sum_inv * dprobs  # ... and the other factor
-    dcounts_sum = (-counts_sum**-2) * dcounts_sum_inv  # (x^-1)' = -x^-2
+    dcounts_sum = (-(counts_sum**-2)) * dcounts_sum_inv  # (x^-1)' = -x^-2
     dcounts += torch.ones_like(counts) * dcounts_sum  # counts_sum = counts summed over the row
     dnorm_logits = counts * dcounts  # exp' = exp = counts
     dlogits = dnorm_logits.clone()  # norm_logits = logits - logit_maxes
@@ -121,11 +174,34 @@ def backward(params, acts, Xb, Yb):
     db1 = dhprebn.sum(0)
     demb = dembcat.view(emb.shape)  # embcat is a view of emb
     dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), demb.view(-1, C.shape[1]))  # emb = C[Xb]: scatter-add
-    return dict(logprobs=dlogprobs, probs=dprobs, counts_sum_inv=dcounts_sum_inv, counts_sum=dcounts_sum,
-                counts=dcounts, norm_logits=dnorm_logits, logit_maxes=dlogit_maxes, logits=dlogits, h=dh,
-                W2=dW2, b2=db2, hpreact=dhpreact, bngain=dbngain, bnraw=dbnraw, bnbias=dbnbias,
-                bnvar_inv=dbnvar_inv, bnvar=dbnvar, bndiff2=dbndiff2, bndiff=dbndiff, bnmeani=dbnmeani,
-                hprebn=dhprebn, embcat=dembcat, W1=dW1, b1=db1, emb=demb, C=dC)
+    return dict(
+        logprobs=dlogprobs,
+        probs=dprobs,
+        counts_sum_inv=dcounts_sum_inv,
+        counts_sum=dcounts_sum,
+        counts=dcounts,
+        norm_logits=dnorm_logits,
+        logit_maxes=dlogit_maxes,
+        logits=dlogits,
+        h=dh,
+        W2=dW2,
+        b2=db2,
+        hpreact=dhpreact,
+        bngain=dbngain,
+        bnraw=dbnraw,
+        bnbias=dbnbias,
+        bnvar_inv=dbnvar_inv,
+        bnvar=dbnvar,
+        bndiff2=dbndiff2,
+        bndiff=dbndiff,
+        bnmeani=dbnmeani,
+        hprebn=dhprebn,
+        embcat=dembcat,
+        W1=dW1,
+        b1=db1,
+        emb=demb,
+        C=dC,
+    )
 
 
 def autograd_grads(params, acts):
@@ -161,8 +237,10 @@ def cross_entropy(logits, target, weight=None, reduction="mean", ignore_index=-1
     """
     prob = target.is_floating_point()
     if logits.dim() != 2 or target.shape != (logits.shape if prob else logits.shape[:1]):
-        raise ValueError(f"cross_entropy: need logits (N, V) and target (N,) or (N, V), got "
-                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"cross_entropy: need logits (N, V) and target (N,) or (N, V), got "
+            f"{tuple(logits.shape)} and {tuple(target.shape)}"
+        )
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
@@ -197,8 +275,9 @@ def cross_entropy(logits, target, weight=None, reduction="mean", ignore_index=-1
     return loss.to(logits.dtype)
 
 
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, unbiased=False):
+def batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, unbiased=False
+):
     """F.batch_norm for (N, C) and (N, C, L) input, in the notebooks' steps: statistics over every
     dim but 1. unbiased=False normalises with the biased variance (as PyTorch), True with the
     Bessel-corrected one (as the notebooks). In training, given running stats are updated in place
@@ -211,8 +290,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     n = x.numel() // x.shape[1]  # values per channel
     if training:
         if n < 2:
-            raise ValueError("batch_norm: training needs more than 1 value per channel, "
-                             f"got input of shape {tuple(input.shape)}")
+            raise ValueError(
+                f"batch_norm: training needs more than 1 value per channel, got input of shape {tuple(input.shape)}"
+            )
         bnmeani = 1 / n * x.sum(dims, keepdim=True)
         bndiff = x - bnmeani
         bndiff2 = bndiff**2

@@ -12,6 +12,7 @@ The collectives are torch.distributed's functional ones, which torch.compile tra
 As in torch.nn.SyncBatchNorm, each process's weight and bias gradients are its own share (summed by
 DistributedDataParallel's gradient all-reduce).
 """
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -25,11 +26,13 @@ from .errors import ArgumentValueError
 def global_stats(count, mean, m2, group):
     """n (a one-element fp64 tensor), mean and m2 over the processes of `group` from this one's count (an
     int), mean and m2 (fp64)."""
-    sums = all_reduce(torch.cat((mean.new_full((1,), count), count * mean)), group,
-                      "SyncBatchNorm")  # [n, sum(n_r * mean_r)]
+    sums = all_reduce(
+        torch.cat((mean.new_full((1,), count), count * mean)), group, "SyncBatchNorm"
+    )  # [n, sum(n_r * mean_r)]
     n, mean_all = sums[:1], sums[1:] / sums[:1]
-    m2_all = all_reduce(m2 + count * (mean - mean_all).square(), group,
-                        "SyncBatchNorm")  # sum(m2_r + n_r * (mean_r - mean)^2)
+    m2_all = all_reduce(
+        m2 + count * (mean - mean_all).square(), group, "SyncBatchNorm"
+    )  # sum(m2_r + n_r * (mean_r - mean)^2)
     return n, mean_all, m2_all
 
 
@@ -47,8 +50,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         count, mean, m2 = global_stats(input.numel() // input.shape[1], mean, m2, group)
         var = m2 / (count - 1)  # running_var always takes the unbiased variance
         # the batch's statistics given as running ones: the forward kernel normalises with them as they are
-        out, mean, invstd, _ = ops.batch_norm_forward(input, weight, bias, mean,
-                                                      m2 / (count - 1 if unbiased else count), False, unbiased, eps)
+        out, mean, invstd, _ = ops.batch_norm_forward(
+            input, weight, bias, mean, m2 / (count - 1 if unbiased else count), False, unbiased, eps
+        )
         return out, mean, invstd, var, count
 
     @staticmethod
@@ -69,13 +73,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
         grad_input = None
         if ctx.needs_input_grad[0]:
             total_dy, total_dy_xmu = all_reduce(torch.cat((sum_dy, sum_dy_xmu)), group, "SyncBatchNorm").view(2, -1)
-            grad_input = ops.batch_norm_backward_elemt(grad_out, input, mean, invstd, weight, total_dy,
-                                                       total_dy_xmu, count, unbiased)
+            grad_input = ops.batch_norm_backward_elemt(
+                grad_out, input, mean, invstd, weight, total_dy, total_dy_xmu, count, unbiased
+            )
         need_weight, need_bias = ctx.needs_input_grad[1:3]
-        return (grad_input,
-                (sum_dy_xmu * invstd).to(weight.dtype) if need_weight else None,  # sum(dy * xhat), this share
-                sum_dy.to(bias_dtype) if need_bias else None,  # sum(dy), this share
-                None, None, None, None)
+        return (
+            grad_input,
+            (sum_dy_xmu * invstd).to(weight.dtype) if need_weight else None,  # sum(dy * xhat), this share
+            sum_dy.to(bias_dtype) if need_bias else None,  # sum(dy), this share
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 _apply = fast_apply(SyncBatchNormFunction)
@@ -92,10 +102,33 @@ class SyncBatchNorm(_BatchNorm):
     reading it would stall every step. With one value over all processes the variance is 0 (unbiased:
     NaN) and running_var takes NaN; with none at all the running statistics stay as they are."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None, *, bias=True, unbiased=False, backend=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         unbiased=unbiased, backend=backend)
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        bias=True,
+        unbiased=False,
+        backend=None,
+    ):
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            unbiased=unbiased,
+            backend=backend,
+        )
         self.process_group = process_group
 
     def _check_input_dim(self, input):
@@ -108,12 +141,23 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         weight, bias, running_mean, running_var, _ = self._tensors()
-        _check_args(input, running_mean, running_var, weight, bias, True, self.eps, min_values=0,
-                    momentum=self.momentum, backend=self.backend)  # the count over all processes is not known here
+        _check_args(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            True,
+            self.eps,
+            min_values=0,
+            momentum=self.momentum,
+            backend=self.backend,
+        )  # the count over all processes is not known here
         out, mean, _, var, count = _apply(input, weight, bias, self.unbiased, self.eps, group, self.backend)
         if self.track_running_stats:  # an empty batch everywhere (count 0) leaves them as they are
-            update_running_stats(self, torch.where(count > 0, mean, running_mean),
-                                 torch.where(count > 0, var, running_var))
+            update_running_stats(
+                self, torch.where(count > 0, mean, running_mean), torch.where(count > 0, var, running_var)
+            )
         return out
 
 
@@ -127,12 +171,23 @@ def convert_sync_batchnorm(module, process_group=None):
     itself replaced if it is one."""
     if isinstance(module, BATCH_NORMS) and not isinstance(module, SyncBatchNorm):
         if getattr(module, "activation", None) is not None:
-            raise ArgumentValueError(f"convert_sync_batchnorm: SyncBatchNorm has no fused activation, got a "
-                                     f"{type(module).__name__} with activation={module.activation!r}")
+            raise ArgumentValueError(
+                f"convert_sync_batchnorm: SyncBatchNorm has no fused activation, got a "
+                f"{type(module).__name__} with activation={module.activation!r}"
+            )
         group = getattr(module, "process_group", None) if process_group is None else process_group
-        sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                             module.track_running_stats, group, device="meta", bias=module.bias is not None,
-                             unbiased=getattr(module, "unbiased", False), backend=getattr(module, "backend", None))
+        sync = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            group,
+            device="meta",
+            bias=module.bias is not None,
+            unbiased=getattr(module, "unbiased", False),
+            backend=getattr(module, "backend", None),
+        )
         return adopt_state(sync, module)
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, process_group))

@@ -29,6 +29,7 @@ The checks (vocab_size, the targets' range over all shards) need the shards' siz
 collective, on the same sizes and target everywhere, so every rank raises alike and none waits.
 The shard's logits (N x V_r) are held whole, with a few tensors like them that autograd saves.
 """
+
 import math
 
 import torch
@@ -77,25 +78,73 @@ class _CopyToRanks(torch.autograd.Function):
         return _ReduceFromRanks.apply(grad, ctx.group, ctx.name), None, None
 
 
-def cross_entropy(logits, target, weight, reduction_code, ignore_index, label_smoothing, z_loss, softcap,
-                  return_lse, group, vocab_size):
+def cross_entropy(
+    logits,
+    target,
+    weight,
+    reduction_code,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    return_lse,
+    group,
+    vocab_size,
+):
     """(loss, lse) of this rank's shard of checked 2-D logits (N, V_r) over the whole vocabulary of `group`'s
     shards, as CrossEntropyFunction's: the loss in the logits' dtype, reduced by reduction_code (0 none,
     1 mean, 2 sum); lse (N,) in the accumulation dtype, differentiable when return_lse. target: (N,)
     global class indices or the shard's (N, V_r) probabilities; weight: the shard's (V_r,) class weights or
     None; vocab_size: None or the whole V, checked."""
-    return _loss(logits, target, weight, reduction_code, ignore_index, label_smoothing, z_loss, softcap, return_lse,
-                 group, vocab_size, "cross_entropy")
+    return _loss(
+        logits,
+        target,
+        weight,
+        reduction_code,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        return_lse,
+        group,
+        vocab_size,
+        "cross_entropy",
+    )
 
 
-def linear_cross_entropy(input, weight, target, bias, class_weight, reduction_code, ignore_index, label_smoothing,
-                         z_loss, softcap, return_lse, group, vocab_size):
+def linear_cross_entropy(
+    input,
+    weight,
+    target,
+    bias,
+    class_weight,
+    reduction_code,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    return_lse,
+    group,
+    vocab_size,
+):
     """cross_entropy of the shard's logits F.linear(input, weight, bias), held whole (N x V_r): input (N, H)
     the same on every rank, weight (V_r, H) and bias (V_r,) this rank's rows. input's gradient is the whole
     vocabulary's on every rank (all-reduced in backward)."""
     logits = F.linear(_CopyToRanks.apply(input, group, "linear_cross_entropy"), weight, bias)
-    return _loss(logits, target, class_weight, reduction_code, ignore_index, label_smoothing, z_loss, softcap,
-                 return_lse, group, vocab_size, "linear_cross_entropy")
+    return _loss(
+        logits,
+        target,
+        class_weight,
+        reduction_code,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        return_lse,
+        group,
+        vocab_size,
+        "linear_cross_entropy",
+    )
 
 
 def _loss(logits, target, weight, code, ignore_index, eps, z_loss, softcap, return_lse, group, vocab_size, name):
@@ -112,7 +161,7 @@ def _loss(logits, target, weight, code, ignore_index, eps, z_loss, softcap, retu
         parts = _probability_sums(y, target.to(y.dtype), w, eps, eps_V)
     else:
         kept = target != ignore_index
-        offset = sizes[:dist.get_rank(group)].sum()  # the shard's first class
+        offset = sizes[: dist.get_rank(group)].sum()  # the shard's first class
         parts = _class_sums(y, target.long() - offset, w, kept, eps, eps_V, code == MEAN and w is not None)
     s = y.exp().sum(1)  # s_i = sum_j exp(y_ij - M_i), this shard's part
     s, S, D, *kept_weights = _ReduceFromRanks.apply(torch.stack((s, *parts)), group, name)  # all shards' sums
@@ -150,18 +199,23 @@ def _check(sizes, V, target, ignore_index, vocab_size, name):
         if not on_host:
             torch._assert_async(V == vocab_size, f"{name}: the shards' sizes do not add up to vocab_size={vocab_size}")
         elif V != vocab_size:
-            raise ArgumentValueError(f"{name}: vocab_size={vocab_size} but the {sizes.numel()} shards' sizes "
-                                     f"{sizes.tolist()} add up to {int(V)}")
+            raise ArgumentValueError(
+                f"{name}: vocab_size={vocab_size} but the {sizes.numel()} shards' sizes "
+                f"{sizes.tolist()} add up to {int(V)}"
+            )
     if target.is_floating_point():
         return
     bad = ((target < 0) & (target != ignore_index)) | (target >= V)
     if not on_host:
-        torch._assert_async(~bad.any(), f"{name}: target out of range for the classes of all shards (argument "
-                                        "'target')")
+        torch._assert_async(
+            ~bad.any(), f"{name}: target out of range for the classes of all shards (argument 'target')"
+        )
     elif bad.any():
         i = int(bad.nonzero()[0])
-        raise ArgumentIndexError(f"{name}: target[{i}] = {int(target[i])} is out of range for the {int(V)} classes "
-                                 f"of the shards of sizes {sizes.tolist()} (argument 'target')")
+        raise ArgumentIndexError(
+            f"{name}: target[{i}] = {int(target[i])} is out of range for the {int(V)} classes "
+            f"of the shards of sizes {sizes.tolist()} (argument 'target')"
+        )
 
 
 def _probability_sums(y, q, w, eps, eps_V):

@@ -1,5 +1,6 @@
 """Running a function in a group of processes over gloo on 127.0.0.1, for the tests of the ops split
 across processes."""
+
 import datetime
 import os
 import socket
@@ -23,8 +24,13 @@ def _free_port():
 def _rank_main(rank, world, port, out_dir, fn, args):
     """One process: joins the group, runs fn(rank, world, *args), saves its result or its error."""
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
+        )
         result = fn(rank, world, *args)
     except Exception as e:  # noqa: BLE001  (handed to the test, which asserts on it)
         result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}

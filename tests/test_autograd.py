@@ -3,19 +3,20 @@ F.batch_norm; for unbiased=True, which PyTorch lacks, batch norm written in torc
 backward, forward-mode AD, torch.func, vmap, autocast, gradients that are never aliased, and the
 exception classes a drop-in user catches. Every test runs the C++ kernels and the Triton kernels (on
 CPU tensors, under the interpreter, which is slow: tiny shapes, and numerical checks in fast mode)."""
+
 import re
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from cases import batch_norm as bn_cases
+from cases import cross_entropy as ce_cases
+from cases.cross_entropy import composite
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import fusedops
-from cases import batch_norm as bn_cases
-from cases import cross_entropy as ce_cases
-from cases.cross_entropy import composite
 from fusedops import errors
 
 # PyTorch's own jacfwd/jacrev warn so on first use
@@ -63,8 +64,9 @@ LOGITS = randn(4, 5, seed=1)
 
 
 def ce_fused(backend, reduction, label_smoothing=0.0, **kw):
-    return lambda x, t: fusedops.cross_entropy(x, t, reduction=reduction, label_smoothing=label_smoothing,
-                                               backend=backend, **kw)
+    return lambda x, t: fusedops.cross_entropy(
+        x, t, reduction=reduction, label_smoothing=label_smoothing, backend=backend, **kw
+    )
 
 
 def ce_torch(reduction, label_smoothing=0.0):
@@ -124,8 +126,8 @@ def test_cross_entropy_inplace_backward_refuses_double_backward(backend, reducti
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cross_entropy_forward_mode(backend, reduction):
     target = torch.tensor(TARGETS["some_ignored"])
-    fused = lambda x: ce_fused(backend, reduction, 0.1)(x, target)  # noqa: E731
-    oracle = lambda x: ce_torch(reduction, 0.1)(x, target)  # noqa: E731
+    fused = lambda x: ce_fused(backend, reduction, 0.1)(x, target)
+    oracle = lambda x: ce_torch(reduction, 0.1)(x, target)
     assert_forward_mode_matches(fused, oracle)
 
 
@@ -148,9 +150,9 @@ def assert_forward_mode_matches(fused, oracle):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cross_entropy_torch_func(backend, reduction):
     target = torch.tensor(TARGETS["some_ignored"])
-    fused = lambda x: ce_fused(backend, reduction, 0.1)(x, target)  # noqa: E731
-    oracle = lambda x: ce_torch(reduction, 0.1)(x, target)  # noqa: E731
-    scalar = lambda fn: (lambda x: (fn(x) * torch.linspace(1, 2, 4, dtype=F64)).sum())  # noqa: E731
+    fused = lambda x: ce_fused(backend, reduction, 0.1)(x, target)
+    oracle = lambda x: ce_torch(reduction, 0.1)(x, target)
+    scalar = lambda fn: lambda x: (fn(x) * torch.linspace(1, 2, 4, dtype=F64)).sum()
     cotangent = randn(4, seed=5) if reduction == "none" else torch.tensor(1.7, dtype=F64)
     for transform in (grad, hessian):
         torch.testing.assert_close(transform(scalar(fused))(LOGITS), transform(scalar(oracle))(LOGITS))
@@ -167,14 +169,16 @@ def test_cross_entropy_vmap_each_slice_its_own_batch(backend, reduction):
     targets), and of single rows, against a loop."""
     logits = randn(3, 4, 5, seed=6)
     target = torch.tensor([[1, 2, -100, 0], [3, 4, 0, 1], [-100, -100, 2, 2]])
-    fused = lambda x, t: ce_fused(backend, reduction, 0.1)(x, t).sum()  # noqa: E731
-    oracle = lambda x, t: ce_torch(reduction, 0.1)(x, t).sum()  # noqa: E731
+    fused = lambda x, t: ce_fused(backend, reduction, 0.1)(x, t).sum()
+    oracle = lambda x, t: ce_torch(reduction, 0.1)(x, t).sum()
     torch.testing.assert_close(vmap(fused)(logits, target), torch.stack([oracle(*s) for s in zip(logits, target)]))
-    torch.testing.assert_close(vmap(grad(fused))(logits, target),
-                               torch.stack([grad(oracle)(*s) for s in zip(logits, target)]))
+    torch.testing.assert_close(
+        vmap(grad(fused))(logits, target), torch.stack([grad(oracle)(*s) for s in zip(logits, target)])
+    )
     rows, row_targets = logits[0], torch.tensor([1, 2, 3, 0])  # one sample: (V,) logits, a 0-d target
-    torch.testing.assert_close(vmap(grad(fused))(rows, row_targets),
-                               torch.stack([grad(oracle)(*s) for s in zip(rows, row_targets)]))
+    torch.testing.assert_close(
+        vmap(grad(fused))(rows, row_targets), torch.stack([grad(oracle)(*s) for s in zip(rows, row_targets)])
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -201,8 +205,10 @@ def test_cross_entropy_options_autocast(backend, kind):
     target = CE_PROBS.bfloat16() if kind == "probs" else torch.tensor(TARGETS["some_ignored"])
     weight = CE_WEIGHT.bfloat16()
     results = []
-    for fn in (lambda x: fusedops.cross_entropy(x, target, weight, label_smoothing=0.1, backend=backend),
-               lambda x: F.cross_entropy(x, target, weight, label_smoothing=0.1)):
+    for fn in (
+        lambda x: fusedops.cross_entropy(x, target, weight, label_smoothing=0.1, backend=backend),
+        lambda x: F.cross_entropy(x, target, weight, label_smoothing=0.1),
+    ):
         (x,) = fresh(LOGITS.bfloat16())
         with torch.autocast("cpu", torch.bfloat16):
             loss = fn(x)
@@ -244,11 +250,22 @@ def test_cross_entropy_gradients_are_never_aliased(backend, reduction, upstream)
 CODES = {0: "none", 1: "mean", 2: "sum"}  # CrossEntropyFunction's reduction argument
 
 
-def ce_function(x, target, code, backend, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                softcap=None, return_lse=False):
+def ce_function(
+    x,
+    target,
+    code,
+    backend,
+    weight=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    return_lse=False,
+):
     """CrossEntropyFunction.apply: (loss, G, lse) of 2-D logits, not in place."""
-    return fusedops.CrossEntropyFunction.apply(x, target, weight, code, ignore_index, label_smoothing, z_loss,
-                                               softcap, return_lse, False, backend)
+    return fusedops.CrossEntropyFunction.apply(
+        x, target, weight, code, ignore_index, label_smoothing, z_loss, softcap, return_lse, False, backend
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -289,8 +306,11 @@ def test_cross_entropy_function_both_outputs_differentiated(backend, code):
 def test_cross_entropy_function_options(backend, option):
     """CrossEntropyFunction with the new options: G is the loss's gradient (times nothing), lse the rows'
     logsumexp of the soft-capped logits in the accumulation dtype, and both differentiate as the composite."""
-    target, kw = (CE_PROBS, dict(weight=CE_WEIGHT, label_smoothing=0.1)) if option == "weight_probs" else (
-        torch.tensor(TARGETS["some_ignored"]), dict(z_loss=0.1, softcap=1.5, label_smoothing=0.1))
+    target, kw = (
+        (CE_PROBS, dict(weight=CE_WEIGHT, label_smoothing=0.1))
+        if option == "weight_probs"
+        else (torch.tensor(TARGETS["some_ignored"]), dict(z_loss=0.1, softcap=1.5, label_smoothing=0.1))
+    )
     weights = randn(4, 5, seed=7)
     (x,) = fresh(LOGITS)
     loss, G, lse = ce_function(x, target, 1, backend, return_lse=True, **kw)
@@ -329,14 +349,21 @@ def ce_options(option, backend, reduction, return_lse=False):
         def output(x, target=target):
             out = fn(x, target, reduction=reduction, return_lse=return_lse, **kw)
             return torch.cat([out[0].reshape(-1), out[1].reshape(-1)]) if return_lse else out
+
         return output
 
     return of(lambda *a, **k: fusedops.cross_entropy(*a, **k, backend=backend)), of(composite)
 
 
 # the C++ kernels: every option, reduction and lse; the interpreter: a spread
-CE_GRID = [(b, o, r, lse) for o in CE_OPTIONS for r in REDUCTIONS for lse in (False, True)
-           for b in BACKENDS if b == "cpp" or (list(CE_OPTIONS).index(o) + REDUCTIONS.index(r) + lse) % 4 == 0]
+CE_GRID = [
+    (b, o, r, lse)
+    for o in CE_OPTIONS
+    for r in REDUCTIONS
+    for lse in (False, True)
+    for b in BACKENDS
+    if b == "cpp" or (list(CE_OPTIONS).index(o) + REDUCTIONS.index(r) + lse) % 4 == 0
+]
 
 
 @pytest.mark.parametrize("backend,option,reduction,return_lse", CE_GRID)
@@ -371,7 +398,7 @@ def test_cross_entropy_options_torch_func(backend, option):
     for reduction in ("mean", "none"):
         fused, oracle = ce_options(option, backend, reduction, return_lse=True)
         n = 5 if reduction == "mean" else 8
-        scalar = lambda fn: (lambda x: (fn(x) * torch.linspace(1, 2, n, dtype=F64)).sum())  # noqa: E731
+        scalar = lambda fn: lambda x: (fn(x) * torch.linspace(1, 2, n, dtype=F64)).sum()
         for transform in (grad, hessian):
             torch.testing.assert_close(transform(scalar(fused))(LOGITS), transform(scalar(oracle))(LOGITS))
         torch.testing.assert_close(jacrev(fused)(LOGITS), jacrev(oracle)(LOGITS))
@@ -394,10 +421,11 @@ def test_cross_entropy_options_vmap_each_slice_its_own_batch(backend, option, re
     else:
         target = torch.tensor([[1, 2, -100, 0], [3, 4, 0, 1], [-100, -100, 2, 2]])
     n = 5 if reduction == "mean" else 8  # the loss (flattened) and the lse
-    scalar = lambda fn: (lambda x, t: (fn(x, t) * torch.linspace(1, 2, n, dtype=F64)).sum())  # noqa: E731
+    scalar = lambda fn: lambda x, t: (fn(x, t) * torch.linspace(1, 2, n, dtype=F64)).sum()
     torch.testing.assert_close(vmap(fused)(logits, target), torch.stack([oracle(*s) for s in zip(logits, target)]))
-    torch.testing.assert_close(vmap(grad(scalar(fused)))(logits, target),
-                               torch.stack([grad(scalar(oracle))(*s) for s in zip(logits, target)]))
+    torch.testing.assert_close(
+        vmap(grad(scalar(fused)))(logits, target), torch.stack([grad(scalar(oracle))(*s) for s in zip(logits, target)])
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -406,12 +434,15 @@ def test_cross_entropy_vmap_over_class_weights(backend):
     logits, target = randn(2, 4, 5, seed=63), torch.tensor([[1, 2, -100, 0], [3, 4, 0, 1]])
     weights = torch.rand(2, 5, generator=torch.Generator().manual_seed(64), dtype=F64) + 0.5
     kw = dict(label_smoothing=0.1, z_loss=0.1)
-    fused = lambda x, t, w: fusedops.cross_entropy(x, t, w, **kw, backend=backend)  # noqa: E731
-    oracle = lambda x, t, w: composite(x, t, w, **kw)  # noqa: E731
-    torch.testing.assert_close(vmap(fused)(logits, target, weights),
-                               torch.stack([oracle(*s) for s in zip(logits, target, weights)]))
-    torch.testing.assert_close(vmap(grad(fused))(logits, target, weights),
-                               torch.stack([grad(oracle)(*s) for s in zip(logits, target, weights)]))
+    fused = lambda x, t, w: fusedops.cross_entropy(x, t, w, **kw, backend=backend)
+    oracle = lambda x, t, w: composite(x, t, w, **kw)
+    torch.testing.assert_close(
+        vmap(fused)(logits, target, weights), torch.stack([oracle(*s) for s in zip(logits, target, weights)])
+    )
+    torch.testing.assert_close(
+        vmap(grad(fused))(logits, target, weights),
+        torch.stack([grad(oracle)(*s) for s in zip(logits, target, weights)]),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -430,7 +461,7 @@ def test_cross_entropy_probability_target_gradient(backend, reduction):
     assert_close_all([out, *first, *second], [out_t, *first_t, *second_t])
     assert first[1].abs().amax() > 1e-3
     x, q = fresh(LOGITS, CE_PROBS)
-    fn = lambda x, q: fusedops.cross_entropy(x, q, backend=backend, **kw)  # noqa: E731
+    fn = lambda x, q: fusedops.cross_entropy(x, q, backend=backend, **kw)
     assert gradcheck(fn, (x, q), **numerical_options(backend))
     if backend == "cpp":
         assert gradgradcheck(fn, (x, q))
@@ -439,17 +470,24 @@ def test_cross_entropy_probability_target_gradient(backend, reduction):
 # --- batch norm ------------------------------------------------------------------------------------
 
 # (input shape, training, affine, unbiased); unbiased changes nothing in eval
-BN_OPTIONS = [(shape, True, affine, unbiased) for shape in [(6, 3), (4, 3, 2)] for affine in (True, False)
-              for unbiased in (False, True)] + [(shape, False, affine, False) for shape in [(6, 3), (4, 3, 2)]
-                                                for affine in (True, False)]
-RUNNING_MEAN, RUNNING_VAR = randn(3, seed=10), torch.rand(3, generator=torch.Generator().manual_seed(11),
-                                                          dtype=F64) + 0.5
+BN_OPTIONS = [
+    (shape, True, affine, unbiased)
+    for shape in [(6, 3), (4, 3, 2)]
+    for affine in (True, False)
+    for unbiased in (False, True)
+] + [(shape, False, affine, False) for shape in [(6, 3), (4, 3, 2)] for affine in (True, False)]
+RUNNING_MEAN, RUNNING_VAR = (
+    randn(3, seed=10),
+    torch.rand(3, generator=torch.Generator().manual_seed(11), dtype=F64) + 0.5,
+)
 
 
 def bn_id(option):
     shape, training, affine, unbiased = option
-    return (f"{len(shape)}d-{'train' if training else 'eval'}-{'affine' if affine else 'plain'}"
-            f"{'-unbiased' if unbiased else ''}")
+    return (
+        f"{len(shape)}d-{'train' if training else 'eval'}-{'affine' if affine else 'plain'}"
+        f"{'-unbiased' if unbiased else ''}"
+    )
 
 
 def bn_composite(x, weight, bias, training, unbiased):
@@ -466,8 +504,9 @@ def bn_composite(x, weight, bias, training, unbiased):
 
 def bn_fused(backend, training, unbiased, running=(RUNNING_MEAN, RUNNING_VAR)):
     running = (None, None) if training else running
-    return lambda x, w, b: fusedops.batch_norm(x, *running, w, b, training=training, eps=EPS, unbiased=unbiased,
-                                               backend=backend)
+    return lambda x, w, b: fusedops.batch_norm(
+        x, *running, w, b, training=training, eps=EPS, unbiased=unbiased, backend=backend
+    )
 
 
 def bn_oracle(training, unbiased, running=(RUNNING_MEAN, RUNNING_VAR)):
@@ -509,7 +548,7 @@ def test_batch_norm_double_backward(backend, option):
         (g,) = fresh(u)
         leaves = [t for t in (x, w, b) if t is not None]
         out = fn(x, w, b)
-        results.append((out.detach(), *second_derivatives(out, leaves, g, directions[:len(leaves)])))
+        results.append((out.detach(), *second_derivatives(out, leaves, g, directions[: len(leaves)])))
     (out, first, second), (out_t, first_t, second_t) = results
     assert_close_all([out, *first, *second], [out_t, *first_t, *second_t])
     # never a silent zero: in training d dx / dx, in eval (where it is 0) d dx / d upstream
@@ -531,8 +570,8 @@ def test_batch_norm_forward_mode(backend, option):
     fused, oracle = bn_fused(backend, training, unbiased), bn_oracle(training, unbiased)
     if not affine:
         fused, oracle = (lambda x, fn=fused: fn(x, None, None)), (lambda x, fn=oracle: fn(x, None, None))
-    primals = bn_inputs(shape, True)[:3 if affine else 1]
-    tangents = (randn(*shape, seed=30), randn(3, seed=31), randn(3, seed=32))[:len(primals)]
+    primals = bn_inputs(shape, True)[: 3 if affine else 1]
+    tangents = (randn(*shape, seed=30), randn(3, seed=31), randn(3, seed=32))[: len(primals)]
     assert_close_all(jvp(fused, primals, tangents), jvp(oracle, primals, tangents))
     for argnum in range(len(primals)):
         jacobian = jacfwd(fused, argnums=argnum)(*primals)
@@ -558,7 +597,7 @@ def test_batch_norm_torch_func(backend, training, transform):
     fused, oracle = bn_fused(backend, training, False), bn_oracle(training, False)
     if transform == "hessian":  # F.batch_norm's own Hessian is wrong under torch.func in training (d2/dw dx;
         # its backward's batching rule, pytorch/functorch#534): batch norm in torch ops instead
-        oracle = lambda x, w, b: bn_composite(x, w, b, training, False)  # noqa: E731
+        oracle = lambda x, w, b: bn_composite(x, w, b, training, False)
     primals = bn_inputs((4, 3, 2), True)
     if transform == "vjp":
         cotangent = randn(4, 3, 2, seed=33)
@@ -577,8 +616,8 @@ def test_batch_norm_torch_func(backend, training, transform):
 @pytest.mark.parametrize("shape", [(6, 3), (4, 3, 2)])
 def test_batch_norm_vmap_training_each_slice_its_own_batch(backend, shape, weight_batched):
     xs, weights, bias = randn(2, *shape, seed=40), randn(2, 3, seed=41), randn(3, seed=42)
-    fused = lambda x, w: fusedops.batch_norm(x, None, None, w, bias, training=True, backend=backend)  # noqa: E731
-    oracle = lambda x, w: F.batch_norm(x, None, None, w, bias, training=True)  # noqa: E731
+    fused = lambda x, w: fusedops.batch_norm(x, None, None, w, bias, training=True, backend=backend)
+    oracle = lambda x, w: F.batch_norm(x, None, None, w, bias, training=True)
     if weight_batched:
         got, expected = vmap(fused)(xs, weights), torch.stack([oracle(x, w) for x, w in zip(xs, weights)])
     else:
@@ -586,8 +625,9 @@ def test_batch_norm_vmap_training_each_slice_its_own_batch(backend, shape, weigh
         expected = torch.stack([oracle(x, weights[0]) for x in xs])
     torch.testing.assert_close(got, expected)
     # the mapped dimension elsewhere than first
-    torch.testing.assert_close(vmap(fused, in_dims=(1, None))(xs.movedim(0, 1), weights[0]),
-                               torch.stack([oracle(x, weights[0]) for x in xs]))
+    torch.testing.assert_close(
+        vmap(fused, in_dims=(1, None))(xs.movedim(0, 1), weights[0]), torch.stack([oracle(x, weights[0]) for x in xs])
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -595,8 +635,12 @@ def test_per_sample_gradients_of_a_tiny_model(backend):
     """vmap(grad(...)) of a linear layer, batch norm in eval, another linear layer and cross-entropy,
     one sample at a time, against a loop over PyTorch's ops."""
     g = torch.Generator().manual_seed(50)
-    params = [torch.randn(4, 3, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64) + 1,
-              torch.randn(3, generator=g, dtype=F64), torch.randn(3, 5, generator=g, dtype=F64)]
+    params = [
+        torch.randn(4, 3, generator=g, dtype=F64),
+        torch.randn(3, generator=g, dtype=F64) + 1,
+        torch.randn(3, generator=g, dtype=F64),
+        torch.randn(3, 5, generator=g, dtype=F64),
+    ]
     inputs, targets = torch.randn(6, 4, generator=g, dtype=F64), torch.tensor([0, 4, 2, -100, 1, 3])
 
     def model(norm, loss):
@@ -604,10 +648,13 @@ def test_per_sample_gradients_of_a_tiny_model(backend):
             w1, gamma, beta, w2 = params
             h = norm((x @ w1).unsqueeze(0), RUNNING_MEAN, RUNNING_VAR, gamma, beta, training=False)
             return loss(h.squeeze(0) @ w2, t, label_smoothing=0.1, reduction="sum")
+
         return f
 
-    fused = model(lambda *a, **k: fusedops.batch_norm(*a, **k, backend=backend),
-                  lambda *a, **k: fusedops.cross_entropy(*a, **k, backend=backend))
+    fused = model(
+        lambda *a, **k: fusedops.batch_norm(*a, **k, backend=backend),
+        lambda *a, **k: fusedops.cross_entropy(*a, **k, backend=backend),
+    )
     oracle = model(F.batch_norm, F.cross_entropy)
     per_sample = vmap(grad(fused), in_dims=(None, 0, 0))(params, inputs, targets)
     loop = [grad(oracle)(params, x, t) for x, t in zip(inputs, targets)]
@@ -629,8 +676,11 @@ def test_batch_norm_autocast_dtypes(backend, dtype, training):
         grads = torch.autograd.grad(y.float().square().sum(), (x, w, b))
         results.append((y, *grads))
     (y, *grads), (y_t, *grads_t) = results
-    assert [t.dtype for t in (y, *grads)] == [t.dtype for t in (y_t, *grads_t)] == [dtype, dtype, torch.float32,
-                                                                                    torch.float32]
+    assert (
+        [t.dtype for t in (y, *grads)]
+        == [t.dtype for t in (y_t, *grads_t)]
+        == [dtype, dtype, torch.float32, torch.float32]
+    )
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
     assert_close_all((y, *grads), (y_t, *grads_t), **tol)
 
@@ -664,7 +714,8 @@ def assert_catchable_like_torch(torch_error, fused_error, expected, message):
     assert re.search(message, str(fused_error)), str(fused_error)
     if isinstance(torch_error, TORCH_ERRORS):
         assert isinstance(fused_error, type(torch_error)), (
-            f"torch raises {type(torch_error).__name__} ({torch_error}), fusedops {type(fused_error).__mro__}")
+            f"torch raises {type(torch_error).__name__} ({torch_error}), fusedops {type(fused_error).__mro__}"
+        )
 
 
 @pytest.mark.parametrize("api", ["function", "module"])
@@ -676,15 +727,26 @@ def test_cross_entropy_errors_catchable_like_torch(case, backend, api):
     logits, target = kw.pop("logits"), kw.pop("target")
     if isinstance(logits, torch.Tensor) and logits.is_floating_point():
         logits = logits.detach().requires_grad_()  # so that in place is really asked for (strides kept)
-    torch_kw = {k: v for k, v in kw.items() if k not in ("backend", "inplace_backward", "z_loss", "softcap",
-                                                          "return_lse")}
+    torch_kw = {
+        k: v for k, v in kw.items() if k not in ("backend", "inplace_backward", "z_loss", "softcap", "return_lse")
+    }
     torch_error = None
     if torch_kw.keys() == kw.keys():  # only arguments torch has
-        torch_error = raised(lambda: F.cross_entropy(logits, target, **torch_kw) if api == "function" else
-                             torch.nn.CrossEntropyLoss(**torch_kw)(logits, target))
+        torch_error = raised(
+            lambda: (
+                F.cross_entropy(logits, target, **torch_kw)
+                if api == "function"
+                else torch.nn.CrossEntropyLoss(**torch_kw)(logits, target)
+            )
+        )
     kw.setdefault("backend", backend)
-    fused_error = raised(lambda: fusedops.cross_entropy(logits, target, **kw) if api == "function" else
-                         fusedops.CrossEntropyLoss(**kw)(logits, target))
+    fused_error = raised(
+        lambda: (
+            fusedops.cross_entropy(logits, target, **kw)
+            if api == "function"
+            else fusedops.CrossEntropyLoss(**kw)(logits, target)
+        )
+    )
     assert_catchable_like_torch(torch_error, fused_error, expected, message)
 
 
@@ -697,8 +759,9 @@ def test_cross_entropy_target_out_of_range_catchable_like_torch(case):
     torch_kw = {k: v for k, v in kw.items() if k != "inplace_backward"}
     # int32 targets are fusedops' extension: torch is asked with the same indices as int64
     torch_error = raised(lambda: F.cross_entropy(logits, target.long(), **torch_kw))
-    fused_error = raised(lambda: fusedops.cross_entropy(logits.detach().requires_grad_() * 1, target, **kw,
-                                                        backend="cpp"))
+    fused_error = raised(
+        lambda: fusedops.cross_entropy(logits.detach().requires_grad_() * 1, target, **kw, backend="cpp")
+    )
     assert isinstance(torch_error, IndexError) and isinstance(fused_error, IndexError), repr(fused_error)
     assert re.search(message, str(fused_error)), str(fused_error)
 
@@ -707,8 +770,16 @@ def test_cross_entropy_target_out_of_range_catchable_like_torch(case):
 @pytest.mark.parametrize("case", list(bn_cases.BAD_INPUTS) + list(BN_EXTRA_BAD_INPUTS))
 def test_batch_norm_errors_catchable_like_torch(case, backend):
     replace, expected, message = (bn_cases.BAD_INPUTS | BN_EXTRA_BAD_INPUTS)[case]
-    args = {"input": torch.randn(8, 4), "running_mean": torch.randn(4), "running_var": torch.rand(4) + 0.5,
-            "weight": torch.ones(4), "bias": torch.zeros(4), "training": True, "momentum": 0.1, "eps": 1e-5} | replace
+    args = {
+        "input": torch.randn(8, 4),
+        "running_mean": torch.randn(4),
+        "running_var": torch.rand(4) + 0.5,
+        "weight": torch.ones(4),
+        "bias": torch.zeros(4),
+        "training": True,
+        "momentum": 0.1,
+        "eps": 1e-5,
+    } | replace
     torch_error = None
     if not {"backend", "residual", "activation"} & set(args):  # an argument torch has
         torch_error = raised(lambda: F.batch_norm(**args))

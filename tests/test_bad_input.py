@@ -1,21 +1,23 @@
 """Bad input raises an exception that names the argument, before anything is written; edge input
 (empty, non-finite, extreme, strided) gives PyTorch's numbers, or ones closer to float64."""
+
 from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import batch_norm as bn_cases
+from cases import cross_entropy as ce_cases
 from conftest import assert_all_close, forward_and_grads, loss_and_grad
 
 import fusedops
-from cases import batch_norm as bn_cases
-from cases import cross_entropy as ce_cases
 
 BACKENDS = KERNELS = ["cpp", "triton"]
 INF, NAN = float("inf"), float("nan")
 EXACT = {"rtol": 0, "atol": 0}
 
 # --- cross-entropy --------------------------------------------------------------------------------
+
 
 def call_cross_entropy(api, logits, target, **options):
     """fusedops.cross_entropy, or the same through a CrossEntropyLoss built with the options."""
@@ -77,9 +79,9 @@ def test_cross_entropy_triton_gives_nan_rows_for_targets_out_of_range(case):
 def test_cross_entropy_ops_refuse_overlapping_rows():
     fusedops._ops.load()
     with pytest.raises(RuntimeError, match="single memory location"):
-        torch.ops.fusedops.cross_entropy_forward_inplace(torch.zeros(1, 6).expand(4, 6),
-                                                         torch.zeros(4, dtype=torch.long), None, 1, -100, 0.0, 0.0,
-                                                         None)
+        torch.ops.fusedops.cross_entropy_forward_inplace(
+            torch.zeros(1, 6).expand(4, 6), torch.zeros(4, dtype=torch.long), None, 1, -100, 0.0, 0.0, None
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -149,15 +151,24 @@ def test_cross_entropy_strided_equals_contiguous(backend, layout):
 
 # --- batch norm -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(bn_cases.BAD_INPUTS))
 def test_batch_norm_rejects_and_leaves_the_running_stats_untouched(backend, case):
     replace, error, message = bn_cases.BAD_INPUTS[case]
     running_mean, running_var = torch.randn(4), torch.rand(4) + 0.5
     saved = running_mean.clone(), running_var.clone()
-    args = {"input": torch.randn(8, 4), "running_mean": running_mean, "running_var": running_var,
-            "weight": torch.ones(4), "bias": torch.zeros(4), "training": True, "momentum": 0.1, "eps": 1e-5,
-            "backend": backend}
+    args = {
+        "input": torch.randn(8, 4),
+        "running_mean": running_mean,
+        "running_var": running_var,
+        "weight": torch.ones(4),
+        "bias": torch.zeros(4),
+        "training": True,
+        "momentum": 0.1,
+        "eps": 1e-5,
+        "backend": backend,
+    }
     args.update(replace)
     with pytest.raises(error, match=message):
         fusedops.batch_norm(**args)
@@ -209,7 +220,7 @@ def test_batch_norm_non_finite_like_torch(backend, training, value):
     results = {}
     for name, fn in [("ours", lambda *a: fusedops.batch_norm(*a, backend=backend)), ("torch", F.batch_norm)]:
         stats = [t.clone() for t in running]
-        call = lambda x, w, b: fn(x, *stats, w, b, training, 0.1, 1e-5)  # noqa: B023
+        call = lambda x, w, b: fn(x, *stats, w, b, training, 0.1, 1e-5)
         y, (dx, dw, db) = forward_and_grads(call, x, [w, b], dy)
         results[name] = [y, dx, dw, db, *stats]
     assert_all_close(results["ours"], results["torch"], equal_nan=True, rtol=1e-5, atol=1e-5)
@@ -222,10 +233,12 @@ def test_batch_norm_large_mean_small_std_match_float64(backend, mean, std):
     g = torch.Generator().manual_seed(9)
     x, dy = mean + std * torch.randn(256, 8, generator=g), torch.randn(256, 8, generator=g)
     w, b = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
-    y, grads = forward_and_grads(lambda x, w, b: fusedops.batch_norm(x, None, None, w, b, True, backend=backend),
-                                 x, [w, b], dy)
-    y64, grads64 = forward_and_grads(lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
-                                     x.double(), [w.double(), b.double()], dy.double())
+    y, grads = forward_and_grads(
+        lambda x, w, b: fusedops.batch_norm(x, None, None, w, b, True, backend=backend), x, [w, b], dy
+    )
+    y64, grads64 = forward_and_grads(
+        lambda x, w, b: F.batch_norm(x, None, None, w, b, True), x.double(), [w.double(), b.double()], dy.double()
+    )
     for ours, exact in zip([y] + grads, [y64] + grads64):
         assert (ours - exact).abs().max() <= 1e-3 * exact.abs().max()  # torch.nn.functional: ~6e-3 at 1e3
 

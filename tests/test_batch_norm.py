@@ -1,4 +1,3 @@
-
 from functools import partial
 
 import pytest
@@ -18,8 +17,16 @@ def test_matches_the_chunked_reference(backend, notebook_batch):
     acts = reference.forward(params, Xb, Yb)
     grads = reference.backward(params, acts, Xb, Yb)
     gain, bias = params["bngain"].view(-1), params["bnbias"].view(-1)
-    fn = lambda x, w, b: fusedops.batch_norm(x, None, None, w, b, training=True, unbiased=True,  # noqa: E731
-                                             backend=backend)
+    fn = lambda x, w, b: fusedops.batch_norm(
+        x,
+        None,
+        None,
+        w,
+        b,
+        training=True,
+        unbiased=True,
+        backend=backend,
+    )
     hpreact, (dhprebn, dbngain, dbnbias) = forward_and_grads(fn, acts["hprebn"], [gain, bias], grads["hpreact"])
     torch.testing.assert_close(hpreact, acts["hpreact"].detach(), rtol=1e-6, atol=1e-6)  # a few fp32 ulps of |x| < 8
     for fused, chunked in [(dhprebn, grads["hprebn"]), (dbngain, grads["bngain"]), (dbnbias, grads["bnbias"])]:
@@ -101,10 +108,12 @@ def test_several_row_chunks_and_channel_blocks(shape, backend):
     g = torch.Generator().manual_seed(3)
     x, dy = torch.randn(shape, generator=g) - 2, torch.randn(shape, generator=g)
     w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
-    y, grads = forward_and_grads(lambda x, w, b: fusedops.batch_norm(x, None, None, w, b, True, backend=backend),
-                                 x, [w, b], dy)
-    y64, grads64 = forward_and_grads(lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
-                                     x.double(), [w.double(), b.double()], dy.double())
+    y, grads = forward_and_grads(
+        lambda x, w, b: fusedops.batch_norm(x, None, None, w, b, True, backend=backend), x, [w, b], dy
+    )
+    y64, grads64 = forward_and_grads(
+        lambda x, w, b: F.batch_norm(x, None, None, w, b, True), x.double(), [w.double(), b.double()], dy.double()
+    )
     assert_all_close([y.double()] + [gr.double() for gr in grads], [y64] + grads64, rtol=1e-5, atol=1e-5)
 
 
@@ -112,7 +121,7 @@ def test_cpp_sums_do_not_depend_on_the_thread_count():
     g = torch.Generator().manual_seed(4)
     x, dy = torch.randn(3000, 40, generator=g), torch.randn(3000, 40, generator=g)
     w, b = torch.randn(40, generator=g), torch.randn(40, generator=g)
-    fn = lambda x, w, b: fusedops.batch_norm(x, None, None, w, b, True, backend="cpp")  # noqa: E731
+    fn = lambda x, w, b: fusedops.batch_norm(x, None, None, w, b, True, backend="cpp")
     threads = torch.get_num_threads()
     try:
         results = []
@@ -151,10 +160,12 @@ def test_half_precision_against_float32(backend, dtype, param_dtype, training):
     w, b = (torch.randn(C, generator=g).to(pdtype) for _ in range(2))
     rm, rv = torch.randn(C, generator=g).to(pdtype), (torch.rand(C, generator=g) + 0.5).to(pdtype)
     stats32 = rm.float(), rv.float()
-    y, grads = forward_and_grads(lambda x, w, b: fusedops.batch_norm(x, rm, rv, w, b, training, backend=backend),
-                                 x, [w, b], dy)
-    y32, grads32 = forward_and_grads(lambda x, w, b: F.batch_norm(x, *stats32, w, b, training),
-                                     x.float(), [w.float(), b.float()], dy.float())
+    y, grads = forward_and_grads(
+        lambda x, w, b: fusedops.batch_norm(x, rm, rv, w, b, training, backend=backend), x, [w, b], dy
+    )
+    y32, grads32 = forward_and_grads(
+        lambda x, w, b: F.batch_norm(x, *stats32, w, b, training), x.float(), [w.float(), b.float()], dy.float()
+    )
     assert y.dtype == dtype and [gr.dtype for gr in grads] == [dtype, pdtype, pdtype]
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.float16 else dict(rtol=4e-2, atol=4e-2)
     assert_all_close([y.float()] + [gr.float() for gr in grads], [y32] + grads32, **tol)
@@ -171,8 +182,15 @@ def test_gradcheck(backend, mode, shape):
     training = mode != "eval"
     running = torch.randn(3, generator=g, dtype=torch.float64), torch.rand(3, generator=g, dtype=torch.float64) + 0.5
     stats = (None, None) if training else running
-    fn = lambda x, w, b: fusedops.batch_norm(x, *stats, w, b, training, unbiased=mode == "train_unbiased",  # noqa: E731
-                                             backend=backend)
+    fn = lambda x, w, b: fusedops.batch_norm(
+        x,
+        *stats,
+        w,
+        b,
+        training,
+        unbiased=mode == "train_unbiased",
+        backend=backend,
+    )
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
@@ -182,7 +200,7 @@ def test_eval_backward_is_the_plain_affine_one(backend):
     x, dy = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
     w, b = torch.randn(4, generator=g), torch.randn(4, generator=g)
     rm, rv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
-    fn = lambda x, w, b: fusedops.batch_norm(x, rm, rv, w, b, training=False, backend=backend)  # noqa: E731
+    fn = lambda x, w, b: fusedops.batch_norm(x, rm, rv, w, b, training=False, backend=backend)
     _, (dx, dw, db) = forward_and_grads(fn, x, [w, b], dy)
     invstd = (rv + 1e-5).rsqrt()
     torch.testing.assert_close(dx, dy * w * invstd)  # the statistics are constants
@@ -198,7 +216,7 @@ def test_compile_fullgraph(backend, compiler, momentum):
     ours = fusedops.BatchNorm1d(5, momentum=momentum, backend=backend)
     theirs = torch.nn.BatchNorm1d(5, momentum=momentum)
     compiled = torch.compile(lambda x: ours(x * 2), fullgraph=True, backend=compiler)
-    for step in range(2):
+    for _ in range(2):
         x, dy = torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g)
         assert_all_close(module_step(ours, x, dy, compiled), module_step(theirs, x, dy, lambda x: theirs(x * 2)))
         assert_all_close(list(ours.state_dict().values()), list(theirs.state_dict().values()))
@@ -206,6 +224,7 @@ def test_compile_fullgraph(backend, compiler, momentum):
 
 def test_module_with_a_parametrized_weight():
     """A parametrization moves the weight out of the module's parameter dict: it is still used."""
+
     class Doubled(torch.nn.Module):
         def forward(self, w):
             return 2 * w
@@ -214,8 +233,9 @@ def test_module_with_a_parametrized_weight():
     x = torch.randn(8, 3)
     bn = fusedops.BatchNorm1d(3)
     torch.nn.utils.parametrize.register_parametrization(bn, "weight", Doubled())
-    expected = torch.nn.functional.batch_norm(x, None, None, 2 * bn.parametrizations.weight.original, bn.bias,
-                                              training=True)
+    expected = torch.nn.functional.batch_norm(
+        x, None, None, 2 * bn.parametrizations.weight.original, bn.bias, training=True
+    )
     torch.testing.assert_close(bn(x), expected)
 
 

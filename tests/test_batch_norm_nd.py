@@ -1,14 +1,15 @@
 """BatchNorm2d/3d and the fused residual and relu against PyTorch: both memory formats, every dtype,
 several training steps then eval, odd sizes, strided views, fp64 gradcheck, torch.func, and the parity
 cases of torch's own batch-norm tests (bias=False, empty batches, momentum in eval, eps=0)."""
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_all_close
 from torch import nn
 from torch.func import jacrev, jvp, vmap
-from conftest import assert_all_close
 
 import fusedops
 
@@ -16,11 +17,19 @@ BACKENDS = ["cpp", "triton"]
 CLASSES = {2: (nn.BatchNorm2d, fusedops.BatchNorm2d), 3: (nn.BatchNorm3d, fusedops.BatchNorm3d)}
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 # (input shape, memory format): shapes the Triton interpreter runs quickly
-SHAPES = [((4, 3, 5, 6), "contiguous"), ((4, 3, 5, 6), "channels_last"), ((3, 2, 3, 2, 4), "contiguous"),
-          ((3, 2, 3, 2, 4), "channels_last")]
+SHAPES = [
+    ((4, 3, 5, 6), "contiguous"),
+    ((4, 3, 5, 6), "channels_last"),
+    ((3, 2, 3, 2, 4), "contiguous"),
+    ((3, 2, 3, 2, 4), "channels_last"),
+]
 # bf16/fp16 input with fp32 parameters, as torch allows; each dtype's tolerance against torch
-TOLERANCE = {torch.float64: {}, torch.float32: dict(rtol=1e-5, atol=1e-5),
-             torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+TOLERANCE = {
+    torch.float64: {},
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
 
 
 def laid_out(t, memory_format):
@@ -64,8 +73,9 @@ def step(module, x, dy, residual=None, activation=None):
     return [y.detach(), x.grad, None if r is None else r.grad, *params]
 
 
-def run_against_torch(shape, memory_format, dtype, backend, steps=3, residual=False, activation=None,
-                      view=None, **kwargs):
+def run_against_torch(
+    shape, memory_format, dtype, backend, steps=3, residual=False, activation=None, view=None, **kwargs
+):
     """Several training steps, then eval, of fusedops' layer and torch's: outputs, gradients, running
     statistics, the output's memory format."""
     g = torch.Generator().manual_seed(sum(shape))
@@ -84,9 +94,13 @@ def run_against_torch(shape, memory_format, dtype, backend, steps=3, residual=Fa
         expected_format = CHANNELS_LAST.get(len(shape)) if memory_format == "channels_last" else None
         if expected_format is not None and view is None:
             assert got[0].is_contiguous(memory_format=expected_format) and got[1].is_contiguous(
-                memory_format=expected_format)
-        assert_all_close([ours.running_mean, ours.running_var, ours.num_batches_tracked],
-                    [theirs.running_mean, theirs.running_var, theirs.num_batches_tracked], **tol)
+                memory_format=expected_format
+            )
+        assert_all_close(
+            [ours.running_mean, ours.running_var, ours.num_batches_tracked],
+            [theirs.running_mean, theirs.running_var, theirs.num_batches_tracked],
+            **tol,
+        )
 
 
 # every dtype on C++; on Triton's interpreter (slow) the two of a mixed-precision model
@@ -103,8 +117,14 @@ def test_layer_matches_torch_over_steps_then_eval(backend, shape, memory_format,
 @pytest.mark.parametrize("shape,memory_format", SHAPES)
 @pytest.mark.parametrize("fused", ["relu", "add_relu", "add"])
 def test_fused_forms_match_the_torch_composition(backend, shape, memory_format, fused):
-    run_against_torch(shape, memory_format, torch.float32, backend, residual=fused.startswith("add"),
-                      activation="relu" if fused.endswith("relu") else None)
+    run_against_torch(
+        shape,
+        memory_format,
+        torch.float32,
+        backend,
+        residual=fused.startswith("add"),
+        activation="relu" if fused.endswith("relu") else None,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,17 +134,27 @@ def test_fused_forms_in_other_dtypes(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kwargs", [{"momentum": None}, {"affine": False}, {"track_running_stats": False},
-                                    {"bias": False}, {"eps": 1e-3, "momentum": 0.5}],
-                         ids=["momentum_none", "no_affine", "no_running_stats", "no_bias", "eps_momentum"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"momentum": None},
+        {"affine": False},
+        {"track_running_stats": False},
+        {"bias": False},
+        {"eps": 1e-3, "momentum": 0.5},
+    ],
+    ids=["momentum_none", "no_affine", "no_running_stats", "no_bias", "eps_momentum"],
+)
 def test_layer_options_match_torch(backend, kwargs):
     run_against_torch((4, 3, 3, 5), "contiguous", torch.float32, backend, **kwargs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(4, 1, 3, 3), (2, 3, 1, 1), (5, 3, 1, 1), (2, 1, 1, 1, 1), (2, 3, 1, 2, 1),
-                                   (1, 3, 2, 1)],
-                         ids=["C=1", "1x1_N=2", "1x1", "3d_single_value_N=2", "3d_odd", "N=1"])
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 1, 3, 3), (2, 3, 1, 1), (5, 3, 1, 1), (2, 1, 1, 1, 1), (2, 3, 1, 2, 1), (1, 3, 2, 1)],
+    ids=["C=1", "1x1_N=2", "1x1", "3d_single_value_N=2", "3d_odd", "N=1"],
+)
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 def test_odd_sizes(backend, shape, memory_format):
     run_against_torch(shape, memory_format, torch.float32, backend, residual=True, activation="relu")
@@ -132,7 +162,7 @@ def test_odd_sizes(backend, shape, memory_format):
 
 VIEWS = {
     "every_other_image": lambda t: torch.cat([t, t]).narrow(0, 0, 2 * t.shape[0])[::2],
-    "channel_slice": lambda t: torch.cat([t, t, t], 1)[:, t.shape[1]:2 * t.shape[1]],
+    "channel_slice": lambda t: torch.cat([t, t, t], 1)[:, t.shape[1] : 2 * t.shape[1]],
     "cropped": lambda t: torch.nn.functional.pad(t, (1, 1, 1, 1))[..., 1:-1, 1:-1],
     "transposed_hw": lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2),
 }
@@ -141,8 +171,9 @@ VIEWS = {
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("view", list(VIEWS))
 def test_strided_views(backend, view):
-    run_against_torch((3, 2, 4, 5), "contiguous", torch.float32, backend, steps=1, residual=True,
-                      activation="relu", view=VIEWS[view])
+    run_against_torch(
+        (3, 2, 4, 5), "contiguous", torch.float32, backend, steps=1, residual=True, activation="relu", view=VIEWS[view]
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -154,9 +185,11 @@ def test_residual_in_the_other_memory_format(backend):
     assert_all_close(step(ours, x, dy, r), step(theirs, x, dy, r, "relu"), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend,training,memory_format",
-                         [("cpp", training, layout) for training in (True, False)
-                          for layout in ("contiguous", "channels_last")] + [("triton", True, "channels_last")])
+@pytest.mark.parametrize(
+    "backend,training,memory_format",
+    [("cpp", training, layout) for training in (True, False) for layout in ("contiguous", "channels_last")]
+    + [("triton", True, "channels_last")],
+)
 def test_gradcheck_and_gradgradcheck(backend, training, memory_format):
     g = torch.Generator().manual_seed(4)
     x = laid_out(torch.randn(3, 2, 2, 3, generator=g, dtype=torch.float64), memory_format).requires_grad_()
@@ -165,8 +198,9 @@ def test_gradcheck_and_gradgradcheck(backend, training, memory_format):
     rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
 
     def fn(x, w, b, r):
-        return fusedops.batch_norm(x, rm.clone(), rv.clone(), w, b, training, residual=r, activation="relu",
-                                   backend=backend)
+        return fusedops.batch_norm(
+            x, rm.clone(), rv.clone(), w, b, training, residual=r, activation="relu", backend=backend
+        )
 
     assert torch.autograd.gradcheck(fn, (x, w, b, r))
     assert torch.autograd.gradgradcheck(fn, (x, w, b, r))
@@ -215,13 +249,21 @@ def test_state_dict_and_signature_are_torchs(cls, rank):
     assert "activation='relu'" in repr(cls(5, activation="relu"))
 
 
-@pytest.mark.parametrize("cls,good,bad", [(fusedops.BatchNorm1d, (4, 3), (4, 3, 2, 2)),
-                                          (fusedops.BatchNorm2d, (4, 3, 2, 2), (4, 3, 2)),
-                                          (fusedops.BatchNorm2d, (4, 3, 2, 2), (4, 3, 2, 2, 2)),
-                                          (fusedops.BatchNorm3d, (4, 3, 2, 2, 2), (4, 3, 2, 2))])
+@pytest.mark.parametrize(
+    "cls,good,bad",
+    [
+        (fusedops.BatchNorm1d, (4, 3), (4, 3, 2, 2)),
+        (fusedops.BatchNorm2d, (4, 3, 2, 2), (4, 3, 2)),
+        (fusedops.BatchNorm2d, (4, 3, 2, 2), (4, 3, 2, 2, 2)),
+        (fusedops.BatchNorm3d, (4, 3, 2, 2, 2), (4, 3, 2, 2)),
+    ],
+)
 def test_wrong_rank_raises_like_torch(cls, good, bad):
-    theirs = {fusedops.BatchNorm1d: nn.BatchNorm1d, fusedops.BatchNorm2d: nn.BatchNorm2d,
-              fusedops.BatchNorm3d: nn.BatchNorm3d}[cls](3)
+    theirs = {
+        fusedops.BatchNorm1d: nn.BatchNorm1d,
+        fusedops.BatchNorm2d: nn.BatchNorm2d,
+        fusedops.BatchNorm3d: nn.BatchNorm3d,
+    }[cls](3)
     with pytest.raises(ValueError) as torch_error:
         theirs(torch.randn(bad))
     with pytest.raises(ValueError) as our_error:
@@ -247,8 +289,10 @@ def test_empty_batch_in_training_like_torch(backend, shape, momentum):
     got, want = step(ours, x, dy), step(theirs, x, dy)
     assert got[0].shape == shape
     assert_all_close(got, want)
-    assert_all_close([ours.running_mean, ours.running_var, ours.num_batches_tracked],
-                [theirs.running_mean, theirs.running_var, theirs.num_batches_tracked])
+    assert_all_close(
+        [ours.running_mean, ours.running_var, ours.num_batches_tracked],
+        [theirs.running_mean, theirs.running_var, theirs.num_batches_tracked],
+    )
 
 
 @pytest.mark.parametrize("momentum", [-1.0, 5.0])
@@ -259,8 +303,10 @@ def test_momentum_is_ignored_in_eval(momentum, rank):
     ours.eval(), theirs.eval()
     x = torch.randn(shape)
     torch.testing.assert_close(ours(x), theirs(x))
-    torch.testing.assert_close(fusedops.batch_norm(x, ours.running_mean, ours.running_var, momentum=momentum),
-                               F.batch_norm(x, theirs.running_mean, theirs.running_var, momentum=momentum))
+    torch.testing.assert_close(
+        fusedops.batch_norm(x, ours.running_mean, ours.running_var, momentum=momentum),
+        F.batch_norm(x, theirs.running_mean, theirs.running_var, momentum=momentum),
+    )
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
@@ -327,8 +373,9 @@ def test_compile_fullgraph_of_a_residual_block(compiler, memory_format):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-@pytest.mark.parametrize("layer,memory_format", [(fusedops.BatchNorm2d, torch.channels_last),
-                                                 (fusedops.BatchNorm3d, torch.channels_last_3d)])
+@pytest.mark.parametrize(
+    "layer,memory_format", [(fusedops.BatchNorm2d, torch.channels_last), (fusedops.BatchNorm3d, torch.channels_last_3d)]
+)
 @pytest.mark.parametrize("training", [True, False])
 def test_an_empty_batch_keeps_its_memory_format(backend, layer, memory_format, training):
     """No element says which layout an empty tensor has: its strides do, and the output takes them, as

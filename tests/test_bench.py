@@ -2,6 +2,7 @@
 variant), the ratios and µs differences come from the measured times, the targets' table judges them
 as stated, the files are written, `python bench/run.py` exits 0 from any directory, and bench/gpu.sh
 refuses to run without a CUDA device. No test asserts a speed."""
+
 import copy
 import csv
 import io
@@ -13,13 +14,11 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import names_file
 
 import fusedops
-
-from bench import cases
-from conftest import names_file
+from bench import cases, resnet
 from bench import harness as bench
-from bench import resnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -45,8 +44,7 @@ def ce_rows():
 @pytest.fixture(scope="module")
 def train_rows():
     """Every training variant but torch.compile's (compiling a training step takes most of a minute here)."""
-    return bench.run_train(names_file(), CPU, steps=5, repeats=2, skip=(cases.COMPILE,),
-                           log=io.StringIO())
+    return bench.run_train(names_file(), CPU, steps=5, repeats=2, skip=(cases.COMPILE,), log=io.StringIO())
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +108,17 @@ def test_bn2d_declares_the_issue_cases():
     tensor below eager's peak memory."""
     bn2d = cases.OPERATORS["bn2d"]
     assert bn2d.shapes == ((32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7))
-    assert sorted(bn2d.variants) == sorted(f"{form}, {layout}" for form in ("BN", "BN + ReLU", "BN + add + ReLU")
-                                           for layout in ("NCHW", "channels_last"))
+    assert sorted(bn2d.variants) == sorted(
+        f"{form}, {layout}" for form in ("BN", "BN + ReLU", "BN + add + ReLU") for layout in ("NCHW", "channels_last")
+    )
     assert bn2d.modes == (bench.FWD_BWD,)
     assert bench.provider_names("bn2d", CPU) == [cases.FLOOR, cases.EAGER, cases.COMPILE, "fusedops cpp"]
     targets = {v: bn2d.targets((32, 64, 56, 56), v, "fusedops cpp") for v in bn2d.variants}
     assert {(v.split(",")[0], t) for v, t in targets.items()} == {
-        ("BN", cases.Targets(1.5)), ("BN + ReLU", cases.Targets(1.75, memory_saved=1)),
-        ("BN + add + ReLU", cases.Targets(1.75, memory_saved=1))}
+        ("BN", cases.Targets(1.5)),
+        ("BN + ReLU", cases.Targets(1.75, memory_saved=1)),
+        ("BN + add + ReLU", cases.Targets(1.75, memory_saved=1)),
+    }
 
 
 @pytest.mark.parametrize("variant", cases.BN2D_VARIANTS)
@@ -127,7 +128,8 @@ def test_bn2d_providers_compute_the_same(variant):
     form, layout = cases.bn2d_form(variant)
     x, args, grad_out = cases.batch_norm2d_inputs((4, 6, 3, 5), torch.float32, CPU, variant)
     assert x.is_contiguous(memory_format=cases.LAYOUTS[layout]) and grad_out.is_contiguous(
-        memory_format=cases.LAYOUTS[layout])
+        memory_format=cases.LAYOUTS[layout]
+    )
     assert [a.requires_grad for a in args] == ([True] if form == cases.BN_ADD_RELU else [])
     results = {}
     for name, (fn, params) in cases.batch_norm2d_providers(x.shape, CPU, variant).items():
@@ -148,8 +150,12 @@ def test_cross_entropy_declares_the_issue_cases():
     plain, weighted, probabilities, z_softcap = cases.CE_VARIANTS
     only_fwd_bwd = (bench.FWD_BWD,)
     assert ce.variants == ("plain", "weighted", "probability targets", "z-loss + softcap")
-    assert ce.plan((4096, 1024)) == {plain: bench.MODES, weighted: only_fwd_bwd, probabilities: only_fwd_bwd,
-                                     z_softcap: only_fwd_bwd}
+    assert ce.plan((4096, 1024)) == {
+        plain: bench.MODES,
+        weighted: only_fwd_bwd,
+        probabilities: only_fwd_bwd,
+        z_softcap: only_fwd_bwd,
+    }
     for shape in ((32, 27), (333, 3001), (1024, 32768), (8192, 8192)):
         assert ce.plan(shape) == {plain: bench.MODES}
     for shape in ((2048, 50257), (512, 131072)):
@@ -167,7 +173,9 @@ def test_cross_entropy_declares_the_issue_cases():
                         ISSUE_CE_SPEEDUP.get((shape, variant, dtype, in_place)),
                         over_eager_us=20.0 if shape == (32, 27) else None,
                         vs_floor=1.6 if (shape, dtype, in_place) == ((8192, 8192), "fp32", True) else None,
-                        peak_memory=peak, peak_slack_mb=16 * shape[0] / 2**20)
+                        peak_memory=peak,
+                        peak_slack_mb=16 * shape[0] / 2**20,
+                    )
 
 
 # the speed issue's table, spelled out: (shape, variant, dtype, in place) -> the least speed-up against eager
@@ -176,8 +184,10 @@ ISSUE_CE_SPEEDUP = {
     **{((4096, 1024), "z-loss + softcap", d, p): 3.0 for d in ("fp32", "bf16") for p in (False, True)},
     **{((4096, 1024), v, "fp32", p): 2.5 for v in ("weighted", "probability targets") for p in (False, True)},
     **{((333, 3001), "plain", "fp32", p): 2.7 for p in (False, True)},
-    ((1024, 32768), "plain", "fp32", False): 8.0, ((2048, 50257), "plain", "fp32", False): 8.0,
-    ((8192, 8192), "plain", "fp32", True): 10.0}
+    ((1024, 32768), "plain", "fp32", False): 8.0,
+    ((2048, 50257), "plain", "fp32", False): 8.0,
+    ((8192, 8192), "plain", "fp32", True): 10.0,
+}
 
 
 def test_batch_norm_targets_are_the_issues():
@@ -186,17 +196,20 @@ def test_batch_norm_targets_are_the_issues():
     expected = {(16384, 256): 1.6, (65536, 256): 2.0, (8192, 1000): 1.5, (100000, 7): 1.6}
     for shape in bn.shapes:
         assert bn.targets(shape, "", "fusedops cpp", "fp32") == cases.Targets(
-            expected.get(shape), over_eager_us=20.0 if shape == (32, 64) else None)
+            expected.get(shape), over_eager_us=20.0 if shape == (32, 64) else None
+        )
         assert bn.targets(shape, "", "fusedops cpp", "bf16").vs_eager is None
 
 
 def test_per_call_and_floor_targets_are_judged():
     """The µs over eager at the notebooks' sizes, and the multiple of the copy floor, each judged in the
     speed-up cell."""
+
     def judged(shape, provider, fused_ms, floor_ms):
-        rows = [bench.Result("ce", shape, "plain", "fp32", bench.FWD_BWD, name, ms, 0.0, peak_mb=0.0, input_mb=1.0)
-                for name, ms in ((cases.FLOOR, floor_ms), (cases.EAGER, 0.030), (cases.COMPILE, 1.0),
-                                 (provider, fused_ms))]
+        rows = [
+            bench.Result("ce", shape, "plain", "fp32", bench.FWD_BWD, name, ms, 0.0, peak_mb=0.0, input_mb=1.0)
+            for name, ms in ((cases.FLOOR, floor_ms), (cases.EAGER, 0.030), (cases.COMPILE, 1.0), (provider, fused_ms))
+        ]
         lines = bench.target_lines("ce", bench.add_ratios(rows, cases.EAGER), [provider])
         return lines[2], lines[-1]
 
@@ -215,8 +228,10 @@ def test_cross_entropy_providers_compute_the_same(variant):
     """Each variant's providers compute the same loss and gradient as its eager code (the weighted
     loss, probability targets, soft-capped logits with the z-loss), on the variant's inputs."""
     x, args, grad_out = cases.cross_entropy_inputs((64, 100), torch.float32, CPU, variant)
-    assert [a.dtype for a in args] == {"weighted": [torch.int64, torch.float32],
-                                       "probability targets": [torch.float32]}.get(variant, [torch.int64])
+    assert [a.dtype for a in args] == {
+        "weighted": [torch.int64, torch.float32],
+        "probability targets": [torch.float32],
+    }.get(variant, [torch.int64])
     assert grad_out is None and all(not a.requires_grad for a in args)
     results = {}
     for name, (fn, params) in cases.cross_entropy_providers(x.shape, CPU, variant).items():
@@ -231,13 +246,17 @@ def test_cross_entropy_every_provider_and_mode(ce_rows):
     """Plain cross-entropy: every provider in every mode; each option: every provider but the reference,
     forward+backward."""
     providers = bench.provider_names("ce", CPU)
-    assert {cases.FLOOR, cases.EAGER, cases.COMPILE, cases.REFERENCE, "fusedops cpp",
-            "fusedops cpp in-place"} <= set(providers)
+    assert {cases.FLOOR, cases.EAGER, cases.COMPILE, cases.REFERENCE, "fusedops cpp", "fusedops cpp in-place"} <= set(
+        providers
+    )
     assert [v for v in cases.CE_VARIANTS if any(r.variant == v for r in ce_rows)] == list(cases.CE_VARIANTS)
     check_rows([r for r in ce_rows if r.variant == cases.PLAIN], providers, bench.MODES)
     for variant in cases.CE_VARIANTS[1:]:
-        check_rows([r for r in ce_rows if r.variant == variant], [p for p in providers if p != cases.REFERENCE],
-                   [bench.FWD_BWD])
+        check_rows(
+            [r for r in ce_rows if r.variant == variant],
+            [p for p in providers if p != cases.REFERENCE],
+            [bench.FWD_BWD],
+        )
 
 
 def test_cross_entropy_memory_and_compile_time(ce_rows):
@@ -272,7 +291,8 @@ def test_bn2d_every_variant_and_provider(bn2d_rows, tmp_path):
     plot written, with a targets' row per case."""
     providers = [p for p in bench.provider_names("bn2d", CPU) if p != cases.COMPILE]
     assert sorted({(r.variant, r.dtype) for r in bn2d_rows}) == sorted(
-        (v, d) for v in cases.BN2D_VARIANTS for d in ("fp32", "bf16"))
+        (v, d) for v in cases.BN2D_VARIANTS for d in ("fp32", "bf16")
+    )
     for variant in cases.BN2D_VARIANTS:
         for dtype in ("fp32", "bf16"):
             check_rows([r for r in bn2d_rows if (r.variant, r.dtype) == (variant, dtype)], providers, [bench.FWD_BWD])
@@ -288,14 +308,16 @@ def test_bn2d_every_variant_and_provider(bn2d_rows, tmp_path):
 
 
 def result(provider, median_ms, peak_mb, variant):
-    return bench.Result("bn2d", "8x4x2x2", variant, "fp32", bench.FWD_BWD, provider, median_ms, 0.0,
-                        peak_mb=peak_mb, input_mb=1.0)
+    return bench.Result(
+        "bn2d", "8x4x2x2", variant, "fp32", bench.FWD_BWD, provider, median_ms, 0.0, peak_mb=peak_mb, input_mb=1.0
+    )
 
 
 def test_targets_are_judged_as_stated():
     """The targets' table: speed-up against eager at least the form's, strictly faster than torch.compile,
     the fused forms' peak memory at least one input below eager's (up to the per-channel slack); a
     target whose peer did not run is not counted."""
+
     def judged(fused_ms, fused_peak, variant="BN + ReLU, NCHW", compile_ms=None):
         rows = [result(cases.EAGER, 1.75, 3.0, variant), result("fusedops cpp", fused_ms, fused_peak, variant)]
         if compile_ms is not None:
@@ -319,10 +341,17 @@ def test_targets_are_judged_as_stated():
 def test_linear_cross_entropy_peer_targets_are_judged():
     """At the issue's shapes fusedops must beat PyTorch's chunked path in time and not exceed its peak extra
     memory, in a column of its own; at the sweep's shapes that column states no target."""
+
     def judged(shape, fused_ms, fused_peak, chunked=(3.0, 200.0)):
-        rows = [bench.Result("lce", shape, "", "fp32", bench.FWD_BWD, name, ms, 0.0, peak_mb=peak)
-                for name, (ms, peak) in {cases.EAGER: (4.0, 2000.0), cases.TORCH_CHUNKED: chunked,
-                                         "fusedops cpp": (fused_ms, fused_peak)}.items() if ms is not None]
+        rows = [
+            bench.Result("lce", shape, "", "fp32", bench.FWD_BWD, name, ms, 0.0, peak_mb=peak)
+            for name, (ms, peak) in {
+                cases.EAGER: (4.0, 2000.0),
+                cases.TORCH_CHUNKED: chunked,
+                "fusedops cpp": (fused_ms, fused_peak),
+            }.items()
+            if ms is not None
+        ]
         lines = bench.target_lines("lce", bench.add_ratios(rows, cases.EAGER), ["fusedops cpp"])
         return lines[2], lines[4], lines[-1]
 
@@ -341,11 +370,16 @@ def test_cross_entropy_targets_are_judged_as_stated():
     """Cross-entropy's targets: the speed-up where stated (weighted fp32 at 4096x1024), faster than torch.compile,
     fusedops' own peak extra memory at most 1.1 logits (in place 0.1) beyond 16 bytes a row; no speed-up
     target elsewhere."""
+
     def judged(shape, provider, fused_ms, fused_peak, variant="weighted", input_mb=1.0):
-        rows = [bench.Result("ce", shape, variant, "fp32", bench.FWD_BWD, name, ms, 0.0, peak_mb=peak,
-                             input_mb=input_mb)
-                for name, ms, peak in ((cases.EAGER, 5.0, 3.0 * input_mb), (cases.COMPILE, 2.2, input_mb),
-                                       (provider, fused_ms, fused_peak))]
+        rows = [
+            bench.Result("ce", shape, variant, "fp32", bench.FWD_BWD, name, ms, 0.0, peak_mb=peak, input_mb=input_mb)
+            for name, ms, peak in (
+                (cases.EAGER, 5.0, 3.0 * input_mb),
+                (cases.COMPILE, 2.2, input_mb),
+                (provider, fused_ms, fused_peak),
+            )
+        ]
         lines = bench.target_lines("ce", bench.add_ratios(rows, cases.EAGER), [provider])
         return lines[2], lines[-1]
 
@@ -382,10 +416,18 @@ def test_lce_declares_the_issue_cases():
         assert list(names) == [cases.EAGER, cases.COMPILE, cases.TORCH_CHUNKED, *peers, "fusedops cpp"]
         assert lce.targets(shape, "", "fusedops cpp") == (
             cases.Targets(1.0, peak_vs_eager=0.15, faster_than_compile=False, peers=(cases.TORCH_CHUNKED,))
-            if shape in issue else cases.Targets(faster_than_compile=False))
+            if shape in issue
+            else cases.Targets(faster_than_compile=False)
+        )
     assert cases.FLOOR not in bench.provider_names("lce", CPU)
-    assert bench.sweep_of([bench.Result("lce", bench.shape_name(s), "", d, bench.FWD_BWD, cases.EAGER, 1.0, 0.0)
-                           for s in lce.shapes for d in ("fp32", "bf16")], 2)[1] == sorted(s[2] for s in sweep)
+    assert bench.sweep_of(
+        [
+            bench.Result("lce", bench.shape_name(s), "", d, bench.FWD_BWD, cases.EAGER, 1.0, 0.0)
+            for s in lce.shapes
+            for d in ("fp32", "bf16")
+        ],
+        2,
+    )[1] == sorted(s[2] for s in sweep)
 
 
 def test_lce_providers_compute_the_same():
@@ -414,17 +456,23 @@ def test_lce_quick(lce_quick):
     lce = cases.OPERATORS["lce"]
     assert sorted({r.shape for r in rows}) == sorted(bench.shape_name(s) for s in lce.quick_shapes)
     for shape in lce.quick_shapes:
-        check_rows([r for r in rows if r.shape == bench.shape_name(shape)],
-                   [cases.EAGER, cases.TORCH_CHUNKED, "fusedops cpp"], [bench.FWD_BWD])
-        eager, fused = (next(r for r in rows if r.shape == bench.shape_name(shape) and r.provider == p)
-                        for p in (cases.EAGER, "fusedops cpp"))
+        check_rows(
+            [r for r in rows if r.shape == bench.shape_name(shape)],
+            [cases.EAGER, cases.TORCH_CHUNKED, "fusedops cpp"],
+            [bench.FWD_BWD],
+        )
+        eager, fused = (
+            next(r for r in rows if r.shape == bench.shape_name(shape) and r.provider == p)
+            for p in (cases.EAGER, "fusedops cpp")
+        )
         logits_mb = shape[0] * shape[2] * 4 / 2**20
         assert eager.peak_mb >= 2 * logits_mb and 0 < fused.peak_mb < eager.peak_mb
     assert sorted(os.listdir(out)) == [f"linear_cross_entropy.{ext}" for ext in ("csv", "md", "png")]
     text = (out / "linear_cross_entropy.md").read_text()
     assert "`python bench/run.py --op lce --quick --device cpu`" in text and "the median of at least 3" in text
     assert ("cut-cross-entropy: not run (--quick compiles nothing)." in text) == (
-        cases.cut_cross_entropy()[0] is not None)
+        cases.cut_cross_entropy()[0] is not None
+    )
     assert ("cut-cross-entropy: not run: it does not import" in text) == (cases.cut_cross_entropy()[0] is None)
     assert "in brackets, the fraction of eager's" in text and "copy floor" not in text
     targets = text.split("## Targets")[1]
@@ -437,10 +485,16 @@ def test_lce_quick(lce_quick):
 def test_lce_targets_are_judged_as_stated():
     """At the issue's shapes: a speed-up of at least 1 against eager, fusedops' peak extra memory at most 15%
     of eager's in the same run; torch.compile's speed-up shown, not counted."""
+
     def judged(fused_ms, fused_peak, shape="4096x512x50257"):
-        rows = [bench.Result("lce", shape, "", "fp32", bench.FWD_BWD, name, ms, 0.0, peak_mb=peak, input_mb=8.0)
-                for name, ms, peak in ((cases.EAGER, 5000.0, 2400.0), (cases.COMPILE, 4000.0, 1600.0),
-                                       ("fusedops cpp", fused_ms, fused_peak))]
+        rows = [
+            bench.Result("lce", shape, "", "fp32", bench.FWD_BWD, name, ms, 0.0, peak_mb=peak, input_mb=8.0)
+            for name, ms, peak in (
+                (cases.EAGER, 5000.0, 2400.0),
+                (cases.COMPILE, 4000.0, 1600.0),
+                ("fusedops cpp", fused_ms, fused_peak),
+            )
+        ]
         lines = bench.target_lines("lce", bench.add_ratios(rows, cases.EAGER), ["fusedops cpp"])
         return lines[2], lines[-1]
 
@@ -460,6 +514,7 @@ def test_slow_calls_are_measured_one_call_each():
     def slow():
         calls.append(None)
         time.sleep(0.02)
+
     median, iqr = bench.measure(slow, CPU, min_run_time=0.01, min_runs=3)
     assert len(calls) == 3 and median >= 20 and iqr >= 0
 
@@ -510,16 +565,30 @@ def test_results_files(ce_rows, train_rows, tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "Peak extra memory" in (tmp_path / "cross_entropy.md").read_text()
     assert " µs" not in (tmp_path / "cross_entropy.md").read_text()  # 64x100 is no per-call shape
-    assert all(f"{r.over_eager_us:+.3g} µs" in (tmp_path / "train.md").read_text()
-               for r in train_rows if r.provider != cases.TORCH_LAYERS)
+    assert all(
+        f"{r.over_eager_us:+.3g} µs" in (tmp_path / "train.md").read_text()
+        for r in train_rows
+        if r.provider != cases.TORCH_LAYERS
+    )
 
 
 def test_command_line_quick(tmp_path):
     """python bench/run.py --quick from another directory, on batch norm alone (the cheapest op: the
     above cover the rest)."""
     out = tmp_path / "results"
-    command = [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--op", "bn", "--threads", "1",
-               "--min-run-time", "0.01", "--out", str(out)]
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "bench", "run.py"),
+        "--quick",
+        "--op",
+        "bn",
+        "--threads",
+        "1",
+        "--min-run-time",
+        "0.01",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out)) == ["batch_norm.csv", "batch_norm.md", "batch_norm.png"]
@@ -539,10 +608,24 @@ def test_gpu_command_refuses_without_cuda(tmp_path):
     """bash bench/gpu.sh and bench/run.py --device cuda, with no CUDA device visible: a clear error
     and a failing exit status, before anything runs."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    gpu = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), "--quick"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120, check=False)
+    gpu = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu.sh"), "--quick"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert gpu.returncode == 1
     assert "bench/gpu.sh: no CUDA device" in gpu.stderr and "pytest" not in gpu.stdout
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--device", "cuda"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=120, check=False)
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--device", "cuda"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 2 and "--device cuda: no CUDA device here" in run.stderr

@@ -1,5 +1,7 @@
-"""Every layer in one model (BatchNorm2d with its fused residual and relu): training steps under torch.compile(fullgraph=True, dynamic=True) as eager,
-in one graph; the ops called from two Python threads at once give each thread its own results."""
+"""Every layer in one model (BatchNorm2d with its fused residual and relu): training steps under
+torch.compile(fullgraph=True, dynamic=True) as eager, in one graph; the ops called from two Python
+threads at once give each thread its own results."""
+
 import threading
 
 import pytest
@@ -58,9 +60,15 @@ def test_two_threads_at_once():
     on CPU tensors, keeps its launch state in globals and runs one launch at a time.)"""
     g = torch.Generator().manual_seed(1)
     rounds = 30
-    work = [{"logits": torch.randn(n, v, generator=g), "target": torch.randint(0, v, (n,), generator=g),
-                 "x": torch.randn(n, c, generator=g), "dy": torch.randn(n, c, generator=g)}
-            for n, v, c in [(256, 1000, 64), (97, 301, 13)]]
+    work = [
+        {
+            "logits": torch.randn(n, v, generator=g),
+            "target": torch.randint(0, v, (n,), generator=g),
+            "x": torch.randn(n, c, generator=g),
+            "dy": torch.randn(n, c, generator=g),
+        }
+        for n, v, c in [(256, 1000, 64), (97, 301, 13)]
+    ]
     start = threading.Barrier(len(work))
 
     def run(w):

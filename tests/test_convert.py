@@ -47,8 +47,9 @@ class ResNet(nn.Module):
     def __init__(self, dtype=torch.float32):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
-        self.layers = nn.Sequential(BasicBlock(8, 8, 1, "functional"), BasicBlock(8, 16, 2, "module"),
-                                    BasicBlock(16, 16, 1, "method"))
+        self.layers = nn.Sequential(
+            BasicBlock(8, 8, 1, "functional"), BasicBlock(8, 16, 2, "module"), BasicBlock(16, 16, 1, "method")
+        )
         self.head_bn, self.fc = nn.BatchNorm1d(16), nn.Linear(16, 10)
         self.to(dtype)
 
@@ -82,16 +83,24 @@ def train(model, inputs, labels):
 
 def fused_calls(gm):
     """The calls of fused batch norms in GraphModule `gm`'s graph: (all, those with a residual)."""
-    calls = [node for node in gm.graph.nodes
-             if node.op == "call_module" and getattr(gm.get_submodule(node.target), "activation", None) == "relu"]
+    calls = [
+        node
+        for node in gm.graph.nodes
+        if node.op == "call_module" and getattr(gm.get_submodule(node.target), "activation", None) == "relu"
+    ]
     return len(calls), sum(len(node.args) == 2 for node in calls)
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["converted", "fused"])
-@pytest.mark.parametrize("dtype, memory_format", [(torch.float32, torch.contiguous_format),
-                                                  (torch.float32, torch.channels_last),
-                                                  (torch.float64, torch.contiguous_format)],
-                         ids=["fp32", "fp32-channels_last", "fp64"])
+@pytest.mark.parametrize(
+    "dtype, memory_format",
+    [
+        (torch.float32, torch.contiguous_format),
+        (torch.float32, torch.channels_last),
+        (torch.float64, torch.contiguous_format),
+    ],
+    ids=["fp32", "fp32-channels_last", "fp64"],
+)
 def test_resnet_trains_as_torch(fuse, dtype, memory_format):
     torch.manual_seed(0)
     model = ResNet(dtype).to(memory_format=memory_format)
@@ -138,8 +147,13 @@ def test_the_fused_graph_has_the_fused_calls_and_the_model_is_left_as_it_is():
     assert fused_calls(gm) == (FUSED_CALLS, FUSED_RESIDUALS)
     assert gm.bn.activation == "relu" and model.bn.activation is None and gm.bn.weight is model.bn.weight
     assert not batch_norms(gm) and sum(isinstance(m, FUSEDOPS_BATCH_NORMS) for m in gm.modules()) == BATCH_NORMS
-    relus = [node for node in gm.graph.nodes if node.target in (F.relu, torch.relu, torch.relu_, "relu", "relu_")
-             or node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU]
+    relus = [
+        node
+        for node in gm.graph.nodes
+        if node.target in (F.relu, torch.relu, torch.relu_, "relu", "relu_")
+        or node.op == "call_module"
+        and type(gm.get_submodule(node.target)) is nn.ReLU
+    ]
     assert not relus  # every one fused
     assert len(batch_norms(model)) == BATCH_NORMS - 1  # the model keeps torch's, sharing their tensors with gm
     assert gm.state_dict().keys() == state.keys()
@@ -154,7 +168,8 @@ class Unfusable(nn.Module):
     def __init__(self):
         super().__init__()
         self.twice, self.two_users, self.add_used_twice, self.alpha, self.scalar, self.doubled = (
-            nn.BatchNorm2d(4) for _ in range(6))
+            nn.BatchNorm2d(4) for _ in range(6)
+        )
         self.already_fused = fusedops.BatchNorm2d(4, activation="relu")
 
     def forward(self, x):
@@ -196,10 +211,16 @@ class Residual(nn.Module):
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["converted", "fused"])
-@pytest.mark.parametrize("cls, shape, memory_format", [
-    (nn.BatchNorm1d, (4, 6), torch.contiguous_format), (nn.BatchNorm1d, (4, 6, 5), torch.contiguous_format),
-    (nn.BatchNorm3d, (2, 6, 3, 4, 4), torch.contiguous_format),
-    (nn.BatchNorm3d, (2, 6, 3, 4, 4), torch.channels_last_3d)], ids=["1d-NC", "1d-NCL", "3d", "3d-channels_last"])
+@pytest.mark.parametrize(
+    "cls, shape, memory_format",
+    [
+        (nn.BatchNorm1d, (4, 6), torch.contiguous_format),
+        (nn.BatchNorm1d, (4, 6, 5), torch.contiguous_format),
+        (nn.BatchNorm3d, (2, 6, 3, 4, 4), torch.contiguous_format),
+        (nn.BatchNorm3d, (2, 6, 3, 4, 4), torch.channels_last_3d),
+    ],
+    ids=["1d-NC", "1d-NCL", "3d", "3d-channels_last"],
+)
 def test_batchnorm1d_and_3d(fuse, cls, shape, memory_format):
     torch.manual_seed(0)
     model = Residual(cls, shape[1])

@@ -117,8 +117,9 @@ def test_dlogits_match_the_chunked_reference(backend, notebook_batch):
 
 
 def test_check_command():
-    out = subprocess.run([sys.executable, "-m", "fusedops", "check"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "fusedops", "check"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     fused_row = [line for line in out.stdout.splitlines() if line.startswith("fused dlogits")]
     assert len(fused_row) == 1 and "approximate: True" in fused_row[0]
@@ -129,8 +130,13 @@ def test_check_command():
 def test_gradcheck(backend, reduction):
     logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 6, -100, 3, 3])
-    fn = lambda x: fusedops.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1,  # noqa: E731
-                                          backend=backend)
+    fn = lambda x: fusedops.cross_entropy(
+        x,
+        target,
+        reduction=reduction,
+        label_smoothing=0.1,
+        backend=backend,
+    )
     assert torch.autograd.gradcheck(fn, (logits,))
 
 
@@ -269,8 +275,7 @@ def test_lazy_build_without_avx2(tmp_path):
         "torch.testing.assert_close(x.grad, y.grad); print('same gradient')\n"
     )
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), FUSEDOPS_NO_AVX2="1")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "same gradient"
     assert out.stderr.count("fusedops: compiling the C++ CPU kernels") == 1
@@ -319,8 +324,11 @@ def test_a_unit_upstream_gradient_makes_no_pass_over_the_saved_gradient(op, redu
     versions = {}  # the gradients' version counters after backward: what their writes left
     for factor in (1.0, 2.0):
         leaf = x.clone().requires_grad_()
-        loss = (fusedops.cross_entropy(leaf, target, reduction=reduction) if op == "cross_entropy" else
-                fusedops.linear_cross_entropy(leaf, W, target, reduction=reduction, chunk_bytes=4 * V * 4))
+        loss = (
+            fusedops.cross_entropy(leaf, target, reduction=reduction)
+            if op == "cross_entropy"
+            else fusedops.linear_cross_entropy(leaf, W, target, reduction=reduction, chunk_bytes=4 * V * 4)
+        )
         with OpLog() as log:
             loss.backward(torch.tensor(factor))
         scaled = [sizes for name, sizes in log.calls if name == "fusedops.cross_entropy_scale_grad.default"]
@@ -329,9 +337,12 @@ def test_a_unit_upstream_gradient_makes_no_pass_over_the_saved_gradient(op, redu
         assert all(name in NO_PASS or max(sizes, default=0) <= 1 for name, sizes in log.calls), log.calls
         grads = [leaf.grad] + ([W.grad] if op == "linear_cross_entropy" else [])
         versions[factor] = [grad._version for grad in grads]
-        expected = torch.func.grad(lambda x, W: factor * F.cross_entropy(x if op == "cross_entropy" else x @ W.t(),
-                                                                          target, reduction=reduction),
-                                   argnums=(0, 1))(x, W.detach())
+        expected = torch.func.grad(
+            lambda x, W: (
+                factor * F.cross_entropy(x if op == "cross_entropy" else x @ W.t(), target, reduction=reduction)
+            ),
+            argnums=(0, 1),
+        )(x, W.detach())
         torch.testing.assert_close(leaf.grad, expected[0])
         if op == "linear_cross_entropy":
             torch.testing.assert_close(W.grad, expected[1])

@@ -3,13 +3,14 @@ soft-capping, the logsumexp output and uint8 targets, against F.cross_entropy in
 has no such option, against the spec's math composed of torch ops (F.cross_entropy of the soft-capped
 logits plus z_loss * logsumexp^2). The C++ kernels and the Triton kernels (interpreter: tiny shapes, and
 fewer of the combinations)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from cases.cross_entropy import composite, softcapped
 from conftest import loss_and_grad
 
 import fusedops
-from cases.cross_entropy import composite, softcapped
 from fusedops import cross_entropy_triton
 
 BACKENDS = ["cpp", "triton"]
@@ -67,9 +68,14 @@ def loss_lse_and_grad(fn, logits, target, seed=9, **kw):
 
 # --- every combination of PyTorch's options, against F.cross_entropy ------------------------------
 
-OPTIONS = [(kind, weighted, reduction, smoothing, ignore_index)
-           for kind in ("class", "probs") for weighted in (False, True) for reduction in REDUCTIONS
-           for smoothing in (0.0, 0.1) for ignore_index in (-100, 2)]
+OPTIONS = [
+    (kind, weighted, reduction, smoothing, ignore_index)
+    for kind in ("class", "probs")
+    for weighted in (False, True)
+    for reduction in REDUCTIONS
+    for smoothing in (0.0, 0.1)
+    for ignore_index in (-100, 2)
+]
 
 
 @pytest.mark.parametrize("backend,option", [("cpp", o) for o in OPTIONS] + [("triton", o) for o in OPTIONS[::5]])
@@ -89,8 +95,9 @@ def test_options_match_torch(backend, option):
     go = upstream(torch.empty(6 if reduction == "none" else ()))
     loss, grad = loss_and_grad(fused(backend), logits, target, go, weight=weight, **kw)
     w64 = None if weight is None else weight.double()
-    loss_64, grad_64 = loss_and_grad(F.cross_entropy, logits.double(), target.to(F64) if kind == "probs" else target,
-                                     go.double(), weight=w64, **kw)
+    loss_64, grad_64 = loss_and_grad(
+        F.cross_entropy, logits.double(), target.to(F64) if kind == "probs" else target, go.double(), weight=w64, **kw
+    )
     assert loss.dtype == grad.dtype == torch.float32 and loss.shape == loss_64.shape
     torch.testing.assert_close(loss, loss_64.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, grad_64.float(), rtol=1e-5, atol=1e-7)
@@ -132,17 +139,20 @@ def test_dtypes_match_torch(backend, kind, dtype):
     ref_dtype = F64 if dtype in (F64, torch.float32) else torch.float32
     as_ref = (lambda t: t.to(ref_dtype)) if kind == "probs" else (lambda t: t)
     tol = {F64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=1e-5, atol=1e-7)}.get(
-        dtype, dict(rtol=torch.finfo(dtype).eps, atol=1e-7))
+        dtype, dict(rtol=torch.finfo(dtype).eps, atol=1e-7)
+    )
     for kw in (dict(reduction="none", label_smoothing=0.1), dict(reduction="mean"), dict(reduction="sum")):
         loss, grad = loss_and_grad(fused(backend), logits, target, weight=weight, **kw)
-        loss_r, grad_r = loss_and_grad(F.cross_entropy, logits.to(ref_dtype), as_ref(target),
-                                       weight=weight.to(ref_dtype), **kw)
+        loss_r, grad_r = loss_and_grad(
+            F.cross_entropy, logits.to(ref_dtype), as_ref(target), weight=weight.to(ref_dtype), **kw
+        )
         assert loss.dtype == grad.dtype == dtype
         torch.testing.assert_close(loss.to(ref_dtype), loss_r.to(dtype).to(ref_dtype), **tol)
         torch.testing.assert_close(grad.to(ref_dtype), grad_r.to(dtype).to(ref_dtype), **tol)
 
 
 # --- CrossEntropyLoss(weight=...) as torch.nn.CrossEntropyLoss --------------------------------------
+
 
 def test_module_weight_is_a_buffer_as_torch():
     weight = class_weight(7, gen(5), torch.float32)
@@ -181,8 +191,9 @@ def test_module_with_weight_gives_torch_numbers(backend):
             torch.testing.assert_close(loss, loss_t)
             torch.testing.assert_close(grad, grad_t)
     # the new options through the module, and the weight after .to()
-    module = fusedops.CrossEntropyLoss(weight.float(), z_loss=0.01, softcap=2.0, return_lse=True,
-                                       backend=backend).double()
+    module = fusedops.CrossEntropyLoss(
+        weight.float(), z_loss=0.01, softcap=2.0, return_lse=True, backend=backend
+    ).double()
     loss, lse = module(logits, target)
     loss_c, lse_c = composite(logits, target, weight, z_loss=0.01, softcap=2.0, return_lse=True)
     torch.testing.assert_close(loss, loss_c)
@@ -240,14 +251,16 @@ def test_return_lse(backend, shape, softcap):
     x16 = logits.to(torch.float16)
     loss, lse = fusedops.cross_entropy(x16, target, return_lse=True, softcap=softcap, backend=backend)
     assert lse.dtype == loss.dtype == torch.float16
-    torch.testing.assert_close(lse.float(), torch.logsumexp(softcapped(x16.float(), softcap), class_dim),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        lse.float(), torch.logsumexp(softcapped(x16.float(), softcap), class_dim), rtol=1e-3, atol=1e-3
+    )
     with torch.autocast("cpu", torch.bfloat16):
         loss, lse = fusedops.cross_entropy(x16, target, return_lse=True, backend=backend)
     assert lse.dtype == loss.dtype == torch.float32
 
 
 # --- accuracy of the reduced loss, and large vocabularies -----------------------------------------
+
 
 @torch.no_grad()
 def test_reduced_loss_accuracy_at_scale():
@@ -264,8 +277,11 @@ def test_reduced_loss_accuracy_at_scale():
         log_p = torch.log_softmax(logits[rows].double(), 1)
         nll[rows] = -log_p.gather(1, torch.where(kept[rows], target[rows], 0).unsqueeze(1)).squeeze(1)
         smooth[rows] = -log_p.mean(1)
-    for kw, rows, divisor in [(dict(reduction="sum"), nll, 1), (dict(reduction="mean"), nll, kept.sum()),
-                              (dict(reduction="mean", label_smoothing=0.1), 0.9 * nll + 0.1 * smooth, kept.sum())]:
+    for kw, rows, divisor in [
+        (dict(reduction="sum"), nll, 1),
+        (dict(reduction="mean"), nll, kept.sum()),
+        (dict(reduction="mean", label_smoothing=0.1), 0.9 * nll + 0.1 * smooth, kept.sum()),
+    ]:
         exact = (rows * kept).sum() / divisor
         ours = fusedops.cross_entropy(logits, target, backend="cpp", **kw).double()
         theirs = F.cross_entropy(logits, target, **kw).double()
@@ -278,8 +294,9 @@ def test_cpp_vocabulary_no_multiple_of_a_block(V):
     g = gen(12)
     logits = torch.randn(3, V, generator=g) * 4
     target = torch.tensor([5, V - 1, -100])
-    kw = dict(weight=class_weight(V, g, torch.float32), label_smoothing=0.05, z_loss=1e-3, softcap=10.0,
-              reduction="none")
+    kw = dict(
+        weight=class_weight(V, g, torch.float32), label_smoothing=0.05, z_loss=1e-3, softcap=10.0, reduction="none"
+    )
     loss, lse, grad = loss_lse_and_grad(fused("cpp"), logits, target, **kw)
     kw["weight"] = kw["weight"].double()
     loss_64, lse_64, grad_64 = loss_lse_and_grad(composite, logits.double(), target, **kw)
@@ -317,14 +334,16 @@ def test_triton_vocabulary_larger_than_its_block(kind):
     kw = dict(weight=class_weight(V, g, torch.float32), label_smoothing=0.05, z_loss=1e-3, softcap=10.0)
     loss, lse, grad = loss_lse_and_grad(fused("triton"), logits, target, **kw)
     kw["weight"] = kw["weight"].double()
-    loss_64, lse_64, grad_64 = loss_lse_and_grad(composite, logits.double(), target.to(F64) if kind == "probs"
-                                                 else target, **kw)
+    loss_64, lse_64, grad_64 = loss_lse_and_grad(
+        composite, logits.double(), target.to(F64) if kind == "probs" else target, **kw
+    )
     torch.testing.assert_close(loss, loss_64.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, lse_64.float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad, grad_64.float(), rtol=1e-4, atol=1e-9)
 
 
 # --- edge values --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("weighted", [False, True])
@@ -409,6 +428,7 @@ def test_confident_predictions_with_weights(backend, softcap):
 
 # --- uint8 targets, in place, host reads ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(6, 7), (2, 7, 3)])
 def test_uint8_targets_same_as_int64(backend, shape):
@@ -416,15 +436,25 @@ def test_uint8_targets_same_as_int64(backend, shape):
     logits = torch.randn(shape, generator=g)
     target = torch.randint(0, 7, shape[:1] + shape[2:], generator=g)
     target.view(-1)[::4] = 3  # ignored with ignore_index=3
-    for kw in (dict(), dict(ignore_index=3, weight=class_weight(7, g, torch.float32), label_smoothing=0.1,
-                            reduction="none", z_loss=0.01, softcap=2.0)):
+    for kw in (
+        dict(),
+        dict(
+            ignore_index=3,
+            weight=class_weight(7, g, torch.float32),
+            label_smoothing=0.1,
+            reduction="none",
+            z_loss=0.01,
+            softcap=2.0,
+        ),
+    ):
         loss, grad = loss_and_grad(fused(backend), logits, target.to(torch.uint8), **kw)
         loss_64, grad_64 = loss_and_grad(fused(backend), logits, target, **kw)
         torch.testing.assert_close(loss, loss_64, rtol=0, atol=0)
         torch.testing.assert_close(grad, grad_64, rtol=0, atol=0)
     # torch takes uint8 targets of 2-D logits only (its (N, V, d) kernel wants int64)
-    loss_t, grad_t = loss_and_grad(F.cross_entropy, logits, target.to(torch.uint8 if len(shape) == 2 else torch.int64),
-                                   ignore_index=3)
+    loss_t, grad_t = loss_and_grad(
+        F.cross_entropy, logits, target.to(torch.uint8 if len(shape) == 2 else torch.int64), ignore_index=3
+    )
     loss, grad = loss_and_grad(fused(backend), logits, target.to(torch.uint8), ignore_index=3)
     torch.testing.assert_close(loss, loss_t)
     torch.testing.assert_close(grad, grad_t)
@@ -454,8 +484,11 @@ def test_inplace_backward_same_gradient(backend, option):
         grads.append(w.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
     x = logits.double().requires_grad_()
-    loss = composite(x, target.double() if target.is_floating_point() else target,
-                     **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    loss = composite(
+        x,
+        target.double() if target.is_floating_point() else target,
+        **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()},
+    )
     loss.backward(upstream(loss))
     torch.testing.assert_close(grads[1], x.grad.float(), rtol=1e-5, atol=1e-7)
 
@@ -491,13 +524,15 @@ def test_compile_fullgraph_with_options(kind, dynamic):
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)
     loss, grad = loss_and_grad(compiled, logits, target)
-    loss_e, grad_e = loss_and_grad(lambda x, t: (lambda out: out[0] * 3 + out[1].sum())(
-        composite(x * 2, t, return_lse=True, **kw)), logits, target)
+    loss_e, grad_e = loss_and_grad(
+        lambda x, t: (lambda out: out[0] * 3 + out[1].sum())(composite(x * 2, t, return_lse=True, **kw)), logits, target
+    )
     torch.testing.assert_close(loss, loss_e)
     torch.testing.assert_close(grad, grad_e)
 
 
 # --- z-loss under class weights: a per-token term ----------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
@@ -515,10 +550,17 @@ def test_z_loss_mean_is_over_the_kept_rows_unweighted(backend, op):
         return F.cross_entropy(x, t, weight=w) + 1e-2 * (torch.logsumexp(x[kept], -1) ** 2).mean()
 
     if op == "cross_entropy":
-        fn = lambda x: fusedops.cross_entropy(x, t, w, z_loss=1e-2, backend=backend)  # noqa: E731
+        fn = lambda x: fusedops.cross_entropy(x, t, w, z_loss=1e-2, backend=backend)
     else:  # the identity projection: the logits are x
-        fn = lambda x: fusedops.linear_cross_entropy(x, torch.eye(5, dtype=F64), t, class_weight=w,  # noqa: E731
-                                                     z_loss=1e-2, chunk_bytes=3 * 5 * 8, backend=backend)
+        fn = lambda x: fusedops.linear_cross_entropy(
+            x,
+            torch.eye(5, dtype=F64),
+            t,
+            class_weight=w,
+            z_loss=1e-2,
+            chunk_bytes=3 * 5 * 8,
+            backend=backend,
+        )
     loss, grad = loss_and_grad(lambda x, _: fn(x), x, t)
     loss_e, grad_e = loss_and_grad(lambda x, _: expected(x), x, t)
     torch.testing.assert_close(loss, loss_e)
@@ -534,7 +576,6 @@ def test_mean_divisor_of_uint8_targets_against_a_negative_ignore_index():
     t = torch.tensor([156, 200, 3, 255, 156, 7], dtype=torch.uint8)
     for kw in ({}, {"class_weight": torch.rand(256, generator=g, dtype=F64)}):
         loss, grad = loss_and_grad(lambda x, t: fusedops.linear_cross_entropy(x, W, t, **kw), x, t)
-        loss_e, grad_e = loss_and_grad(lambda x, t: F.cross_entropy(x @ W.t(), t.long(), kw.get("class_weight")),
-                                       x, t)
+        loss_e, grad_e = loss_and_grad(lambda x, t: F.cross_entropy(x @ W.t(), t.long(), kw.get("class_weight")), x, t)
         torch.testing.assert_close(loss, loss_e)
         torch.testing.assert_close(grad, grad_e)

@@ -2,6 +2,7 @@
 against PyTorch, float64 gradcheck and gradgradcheck, opcheck, torch.compile, a CUDA graph capturing a
 training step (no host synchronisation), and the device-side assert on a target out of range. Elsewhere
 the same kernels run on CPU tensors through Triton's interpreter, in every other test file."""
+
 import os
 import subprocess
 import sys
@@ -9,10 +10,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import batch_norm, cross_entropy
 from conftest import loss_and_grad
 
 import fusedops
-from cases import batch_norm, cross_entropy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = "cuda"
@@ -60,8 +61,11 @@ def test_cross_entropy_options_match_torch(option, V):
     target = torch.randint(0, V, (64,), device=CUDA)
     target[::5] = -100
     weight = torch.rand(V, device=CUDA) + 0.5
-    ours = dict(weight=dict(weight=weight, label_smoothing=0.1), z_loss_softcap=dict(z_loss=1e-4, softcap=30.0),
-                probabilities=dict(label_smoothing=0.1))[option]
+    ours = dict(
+        weight=dict(weight=weight, label_smoothing=0.1),
+        z_loss_softcap=dict(z_loss=1e-4, softcap=30.0),
+        probabilities=dict(label_smoothing=0.1),
+    )[option]
     if option == "probabilities":
         target = torch.softmax(torch.randn(64, V, device=CUDA), 1)
 
@@ -101,13 +105,18 @@ def test_batch_norm_module_matches_torch(shape, training):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_norm_nd_fused_matches_torch(shape, channels_last, dtype):
     """BatchNorm2d/3d with the residual and relu fused, against nn.BatchNorm2d/3d, +, relu."""
-    cls, torch_cls = ((fusedops.BatchNorm2d, torch.nn.BatchNorm2d) if len(shape) == 4
-                      else (fusedops.BatchNorm3d, torch.nn.BatchNorm3d))
+    cls, torch_cls = (
+        (fusedops.BatchNorm2d, torch.nn.BatchNorm2d)
+        if len(shape) == 4
+        else (fusedops.BatchNorm3d, torch.nn.BatchNorm3d)
+    )
     ours, theirs = cls(shape[1], activation="relu").to(CUDA), torch_cls(shape[1]).to(CUDA)
-    layout = (torch.channels_last if len(shape) == 4 else torch.channels_last_3d) if channels_last \
+    layout = (
+        (torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+        if channels_last
         else torch.contiguous_format
-    x, r, dy = [(torch.randn(shape, device=CUDA) * 2 + 1).to(dtype).contiguous(memory_format=layout)
-                for _ in range(3)]
+    )
+    x, r, dy = [(torch.randn(shape, device=CUDA) * 2 + 1).to(dtype).contiguous(memory_format=layout) for _ in range(3)]
     results = []
     for module, fn in ((ours, lambda x, r: ours(x, r)), (theirs, lambda x, r: torch.relu(theirs(x) + r))):
         leaf, res = x.clone().requires_grad_(), r.clone().requires_grad_()
@@ -125,16 +134,24 @@ def test_batch_norm_nd_fused_matches_torch(shape, channels_last, dtype):
 def test_gradcheck_and_gradgradcheck():
     x = torch.randn(6, 9, dtype=torch.float64, device=CUDA, requires_grad=True)
     t = torch.tensor([0, 8, -100, 3, 3, 1], device=CUDA)
-    ce = lambda x: fusedops.cross_entropy(x, t, label_smoothing=0.1)  # noqa: E731
+    ce = lambda x: fusedops.cross_entropy(x, t, label_smoothing=0.1)
     assert torch.autograd.gradcheck(ce, (x,)) and torch.autograd.gradgradcheck(ce, (x,))
     h = torch.randn(8, 3, 2, dtype=torch.float64, device=CUDA, requires_grad=True)
     w, b = (torch.randn(3, dtype=torch.float64, device=CUDA, requires_grad=True) for _ in range(2))
-    bn = lambda h, w, b: fusedops.batch_norm(h, None, None, w, b, training=True, unbiased=True)  # noqa: E731
+    bn = lambda h, w, b: fusedops.batch_norm(h, None, None, w, b, training=True, unbiased=True)
     assert torch.autograd.gradcheck(bn, (h, w, b)) and torch.autograd.gradgradcheck(bn, (h, w, b))
     h4 = torch.randn(3, 3, 2, 2, dtype=torch.float64, device=CUDA).to(memory_format=torch.channels_last)
     h4, r = h4.requires_grad_(), torch.randn(3, 3, 2, 2, dtype=torch.float64, device=CUDA, requires_grad=True)
-    fused = lambda h, w, b, r: fusedops.batch_norm(h, None, None, w, b, True, residual=r,  # noqa: E731
-                                                    activation="relu")
+    fused = lambda h, w, b, r: fusedops.batch_norm(
+        h,
+        None,
+        None,
+        w,
+        b,
+        True,
+        residual=r,
+        activation="relu",
+    )
     assert torch.autograd.gradcheck(fused, (h4, w, b, r)) and torch.autograd.gradgradcheck(fused, (h4, w, b, r))
 
 
@@ -200,11 +217,18 @@ def test_a_training_step_is_captured_by_a_cuda_graph():
 
 
 def test_a_target_out_of_range_is_a_device_side_assert():
-    code = ("import torch, fusedops\n"
-            "x = torch.randn(4, 5, device='cuda', requires_grad=True)\n"
-            "fusedops.cross_entropy(x, torch.tensor([0, 5, 1, 2], device='cuda')).backward()\n"
-            "torch.cuda.synchronize()\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    code = (
+        "import torch, fusedops\n"
+        "x = torch.randn(4, 5, device='cuda', requires_grad=True)\n"
+        "fusedops.cross_entropy(x, torch.tensor([0, 5, 1, 2], device='cuda')).backward()\n"
+        "torch.cuda.synchronize()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )
     assert out.returncode != 0
     assert "target out of range" in out.stderr or "device-side assert" in out.stderr, out.stderr

@@ -1,6 +1,7 @@
 """The makemore data: the pipeline (vocabulary, contexts, the notebooks' split) and finding or
 downloading names.txt. Downloads come from an http.server on 127.0.0.1; no test uses an outside
 network (an autouse fixture points the default URL at a closed local port and the cache at tmp_path)."""
+
 import hashlib
 import http.server
 import json
@@ -92,8 +93,11 @@ def server(names):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.text = ("\n".join(names[:3000]) + "\n").encode()
     httpd.sha256 = hashlib.sha256(httpd.text).hexdigest()
-    httpd.routes = {"/names.txt": (httpd.text, len(httpd.text)), "/copy/names.txt": (httpd.text, len(httpd.text)),
-                    "/dropped.txt": (httpd.text[:1000], len(httpd.text))}
+    httpd.routes = {
+        "/names.txt": (httpd.text, len(httpd.text)),
+        "/copy/names.txt": (httpd.text, len(httpd.text)),
+        "/dropped.txt": (httpd.text[:1000], len(httpd.text)),
+    }
     httpd.requests = []
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -136,16 +140,19 @@ def test_download_shows_progress_checks_sha256_and_writes_atomically(server, tmp
     assert os.listdir(path.parent) == ["names.txt"]  # no temporary file left
 
 
-@pytest.mark.parametrize("route,sha256,message", [
-    ("/names.txt", "0" * 64, "has sha256 [0-9a-f]{64}, expected 0{64}"),
-    ("/dropped.txt", None, "the connection closed after 1000 of [0-9]+ bytes"),
-    ("/missing.txt", None, "HTTP Error 404"),
-])
+@pytest.mark.parametrize(
+    "route,sha256,message",
+    [
+        ("/names.txt", "0" * 64, "has sha256 [0-9a-f]{64}, expected 0{64}"),
+        ("/dropped.txt", None, "the connection closed after 1000 of [0-9]+ bytes"),
+        ("/missing.txt", None, "HTTP Error 404"),
+    ],
+)
 def test_failed_download_leaves_no_partial_file(server, tmp_path, route, sha256, message):
     path = tmp_path / "out" / "names.txt"
     path.parent.mkdir()
     path.write_text("older\n")
-    with pytest.raises(data.DataError, match=f"cannot download|downloaded from") as e:
+    with pytest.raises(data.DataError, match="cannot download|downloaded from") as e:
         data.download(server.url + route, str(path), sha256=sha256)
     assert e.match(message) and e.match(server.url + route) and e.match("--data")
     assert path.read_text() == "older\n" and os.listdir(path.parent) == ["names.txt"]
@@ -201,14 +208,25 @@ def test_unreachable_default_url_is_one_line_naming_it_and_data(capsys):
 
 def run_cli(*args, cwd, cache):
     env = dict(os.environ, XDG_CACHE_HOME=str(cache))
-    return subprocess.run([sys.executable, "-m", "fusedops", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fusedops", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_train_on_a_url(server, tmp_path):
     url = server.url + "/names.txt"
-    out = run_cli("train", "--data", url, "--steps", "20", "--out", "run", "--quiet", cwd=tmp_path / "cwd",
-                  cache=tmp_path / "cache")
+    out = run_cli(
+        "train",
+        "--data",
+        url,
+        "--steps",
+        "20",
+        "--out",
+        "run",
+        "--quiet",
+        cwd=tmp_path / "cwd",
+        cache=tmp_path / "cache",
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "cwd" / "run" / "run.json").read_text())
     assert report["data"] == url and report["data_file"] == data.cache_path(url)

@@ -1,14 +1,15 @@
 """Every autograd Function's tensor inputs, one at a time, in both modes of AD: each gives the right derivative
 (gradcheck against finite differences, float64) or raises a clear error. None may drop a gradient or a tangent
 in silence. Then the defects this walk is there to keep out, each on its own."""
+
 import re
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch.autograd.gradcheck import GradcheckError
 from processes import run_ok
+from torch.autograd.gradcheck import GradcheckError
 
 import fusedops
 
@@ -24,13 +25,16 @@ def gen(seed=0):
 def ce_case(backend):
     """CrossEntropyFunction with probability targets, class weights and every option a derivative sees."""
     g = gen(1)
-    inputs = {"logits": torch.randn(3, 4, generator=g, dtype=F64),
-              "target": torch.softmax(torch.randn(3, 4, generator=g, dtype=F64), 1),
-              "weight": torch.rand(4, generator=g, dtype=F64) + 0.5}
+    inputs = {
+        "logits": torch.randn(3, 4, generator=g, dtype=F64),
+        "target": torch.softmax(torch.randn(3, 4, generator=g, dtype=F64), 1),
+        "weight": torch.rand(4, generator=g, dtype=F64) + 0.5,
+    }
 
     def fn(logits, target, weight):
-        return fusedops.CrossEntropyFunction.apply(logits, target, weight, 1, -100, 0.1, 0.05, 2.0, True, False,
-                                                   backend)
+        return fusedops.CrossEntropyFunction.apply(
+            logits, target, weight, 1, -100, 0.1, 0.05, 2.0, True, False, backend
+        )
 
     return fn, inputs
 
@@ -38,14 +42,18 @@ def ce_case(backend):
 def lce_case(backend):
     """LinearCrossEntropyFunction with probability targets, a bias and class weights, in two chunks."""
     g = gen(2)
-    inputs = {"input": torch.randn(4, 3, generator=g, dtype=F64), "weight": torch.randn(5, 3, generator=g, dtype=F64),
-              "bias": torch.randn(5, generator=g, dtype=F64),
-              "target": torch.softmax(torch.randn(4, 5, generator=g, dtype=F64), 1),
-              "class_weight": torch.rand(5, generator=g, dtype=F64) + 0.5}
+    inputs = {
+        "input": torch.randn(4, 3, generator=g, dtype=F64),
+        "weight": torch.randn(5, 3, generator=g, dtype=F64),
+        "bias": torch.randn(5, generator=g, dtype=F64),
+        "target": torch.softmax(torch.randn(4, 5, generator=g, dtype=F64), 1),
+        "class_weight": torch.rand(5, generator=g, dtype=F64) + 0.5,
+    }
 
     def fn(input, weight, bias, target, class_weight):
-        return fusedops.LinearCrossEntropyFunction.apply(input, weight, bias, target, class_weight, 1, -100, 0.1,
-                                                         0.05, 2.0, True, 2 * 5 * 8, False, backend)
+        return fusedops.LinearCrossEntropyFunction.apply(
+            input, weight, bias, target, class_weight, 1, -100, 0.1, 0.05, 2.0, True, 2 * 5 * 8, False, backend
+        )
 
     return fn, inputs
 
@@ -53,41 +61,60 @@ def lce_case(backend):
 def bn_case(backend, training):
     """BatchNormFunction with a residual and relu, in training or eval."""
     g = gen(3)
-    inputs = {"input": torch.randn(4, 3, 2, generator=g, dtype=F64),
-              "weight": torch.rand(3, generator=g, dtype=F64) + 0.5,
-              "bias": torch.randn(3, generator=g, dtype=F64), "running_mean": torch.randn(3, generator=g, dtype=F64),
-              "running_var": torch.rand(3, generator=g, dtype=F64) + 0.5,
-              "residual": torch.randn(4, 3, 2, generator=g, dtype=F64)}
+    inputs = {
+        "input": torch.randn(4, 3, 2, generator=g, dtype=F64),
+        "weight": torch.rand(3, generator=g, dtype=F64) + 0.5,
+        "bias": torch.randn(3, generator=g, dtype=F64),
+        "running_mean": torch.randn(3, generator=g, dtype=F64),
+        "running_var": torch.rand(3, generator=g, dtype=F64) + 0.5,
+        "residual": torch.randn(4, 3, 2, generator=g, dtype=F64),
+    }
 
     def fn(input, weight, bias, running_mean, running_var, residual):
-        return fusedops.BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, False, 1e-5,
-                                                backend, residual, 1)[0]
+        return fusedops.BatchNormFunction.apply(
+            input, weight, bias, running_mean, running_var, training, False, 1e-5, backend, residual, 1
+        )[0]
 
     return fn, inputs
 
 
-CASES = {"cross_entropy": ce_case, "linear_cross_entropy": lce_case,
-         "batch_norm_training": lambda backend: bn_case(backend, True),
-         "batch_norm_eval": lambda backend: bn_case(backend, False)}
+CASES = {
+    "cross_entropy": ce_case,
+    "linear_cross_entropy": lce_case,
+    "batch_norm_training": lambda backend: bn_case(backend, True),
+    "batch_norm_eval": lambda backend: bn_case(backend, False),
+}
 # (case, input) that must raise: the ops are not differentiable with respect to them, as in PyTorch, and their
 # output depends on them (in training, batch norm's output does not depend on the running statistics: a zero
 # tangent is the right one there)
-RAISES = {("cross_entropy", "weight"), ("linear_cross_entropy", "class_weight"),
-          ("batch_norm_eval", "running_mean"), ("batch_norm_eval", "running_var"),
-          ("batch_norm_training", "running_mean", "backward"), ("batch_norm_training", "running_var", "backward")}
+RAISES = {
+    ("cross_entropy", "weight"),
+    ("linear_cross_entropy", "class_weight"),
+    ("batch_norm_eval", "running_mean"),
+    ("batch_norm_eval", "running_var"),
+    ("batch_norm_training", "running_mean", "backward"),
+    ("batch_norm_training", "running_var", "backward"),
+}
 
 
 def derivative_check(fn, inputs, name, mode):
     """gradcheck of fn with respect to inputs[name] alone, in backward or forward mode: None when it passes,
     else the exception raised."""
+
     def of(t):
         return fn(**(inputs | {name: t}))
 
     x = inputs[name].clone().requires_grad_()
     forward = mode == "forward"
     try:
-        torch.autograd.gradcheck(of, (x,), check_forward_ad=forward, check_backward_ad=not forward,
-                                 check_undefined_grad=False, check_batched_grad=False)
+        torch.autograd.gradcheck(
+            of,
+            (x,),
+            check_forward_ad=forward,
+            check_backward_ad=not forward,
+            check_undefined_grad=False,
+            check_batched_grad=False,
+        )
     except GradcheckError:
         raise  # a wrong derivative: the failure this test is for
     except RuntimeError as e:
@@ -115,14 +142,20 @@ def _sync_batch_norm_derivatives(rank, world):
     mode, which it does not have (a clear error)."""
     group = torch.distributed.group.WORLD
     g = gen(4)
-    inputs = {"input": torch.randn(4, 3, 2, generator=g, dtype=F64), "weight": torch.rand(3, generator=g, dtype=F64),
-              "bias": torch.randn(3, generator=g, dtype=F64)}
+    inputs = {
+        "input": torch.randn(4, 3, 2, generator=g, dtype=F64),
+        "weight": torch.rand(3, generator=g, dtype=F64),
+        "bias": torch.randn(3, generator=g, dtype=F64),
+    }
 
     def fn(input, weight, bias):
         return fusedops.SyncBatchNormFunction.apply(input, weight, bias, False, 1e-5, group, "cpp")[0]
 
-    return {f"{name} {mode}": str(derivative_check(fn, inputs, name, mode))
-            for name in inputs for mode in ("backward", "forward")}
+    return {
+        f"{name} {mode}": str(derivative_check(fn, inputs, name, mode))
+        for name in inputs
+        for mode in ("backward", "forward")
+    }
 
 
 def test_sync_batch_norm_inputs_give_their_derivative_or_raise(tmp_path):
@@ -134,6 +167,7 @@ def test_sync_batch_norm_inputs_give_their_derivative_or_raise(tmp_path):
 
 # --- the defects, each on its own ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("stat", ["running_mean", "running_var"])
 def test_eval_tangent_of_a_running_statistic_raises(backend, stat):
@@ -142,12 +176,16 @@ def test_eval_tangent_of_a_running_statistic_raises(backend, stat):
     x, stats = torch.randn(3, 2, 5), {"running_mean": torch.randn(2), "running_var": torch.rand(2) + 0.5}
     with fwAD.dual_level(), pytest.raises(RuntimeError, match=f"{NOT_DIFFERENTIABLE} {stat}"):
         dual = stats | {stat: fwAD.make_dual(stats[stat], torch.ones(2))}
-        fusedops.batch_norm(fwAD.make_dual(x, torch.zeros_like(x)), dual["running_mean"], dual["running_var"],
-                            training=False, backend=backend)
+        fusedops.batch_norm(
+            fwAD.make_dual(x, torch.zeros_like(x)),
+            dual["running_mean"],
+            dual["running_var"],
+            training=False,
+            backend=backend,
+        )
     module = fusedops.BatchNorm1d(2, backend=backend).eval()
     with pytest.raises(RuntimeError, match=f"{NOT_DIFFERENTIABLE} {stat}"):
-        torch.func.jvp(lambda s: torch.func.functional_call(module, {stat: s}, (x,)), (stats[stat],),
-                       (torch.ones(2),))
+        torch.func.jvp(lambda s: torch.func.functional_call(module, {stat: s}, (x,)), (stats[stat],), (torch.ones(2),))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -158,8 +196,9 @@ def test_training_tangent_of_the_running_statistics_is_zero_as_torch(backend):
     tangents = []
     for fn in (F.batch_norm, lambda *a, **k: fusedops.batch_norm(*a, **k, backend=backend)):
         with fwAD.dual_level():
-            out = fn(fwAD.make_dual(x, dx), fwAD.make_dual(rm.clone(), torch.ones(2, dtype=F64)), rv.clone(),
-                     training=True)
+            out = fn(
+                fwAD.make_dual(x, dx), fwAD.make_dual(rm.clone(), torch.ones(2, dtype=F64)), rv.clone(), training=True
+            )
             tangents.append(fwAD.unpack_dual(out).tangent)
     torch.testing.assert_close(tangents[1], tangents[0])
 
@@ -171,12 +210,12 @@ def test_running_statistics_that_require_grad_raise_as_torch(api, training):
     x = torch.randn(4, 2, 3, requires_grad=True)
     rm = torch.zeros(2, requires_grad=True)
     if api == "function":
-        call = lambda: fusedops.batch_norm(x, rm, torch.ones(2), training=training)  # noqa: E731
+        call = lambda: fusedops.batch_norm(x, rm, torch.ones(2), training=training)
     else:
         module = (fusedops.BatchNorm1d(2) if api == "module" else fusedops.SyncBatchNorm(2)).train(training)
         module.running_mean.requires_grad_()
         rm = module.running_mean
-        call = lambda: module(x)  # noqa: E731
+        call = lambda: module(x)
     with pytest.raises(RuntimeError, match=f"{NOT_DIFFERENTIABLE} running_mean"):
         call()
     assert torch.equal(rm.detach(), torch.zeros(2))
@@ -185,8 +224,9 @@ def test_running_statistics_that_require_grad_raise_as_torch(api, training):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "reduction": "none"},
-                                     {"weight": True, "z_loss": 0.05, "softcap": 2.0}])
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.1, "reduction": "none"}, {"weight": True, "z_loss": 0.05, "softcap": 2.0}]
+)
 def test_forward_mode_through_probability_targets(backend, options):
     """torch.func.jvp with respect to the logits and probability targets that do not require grad, and a dual
     target, against PyTorch's (the z-loss and softcap against the composition of torch ops)."""
@@ -196,8 +236,8 @@ def test_forward_mode_through_probability_targets(backend, options):
     x, dx = torch.randn(4, 5, generator=g, dtype=F64), torch.randn(4, 5, generator=g, dtype=F64)
     q, dq = torch.softmax(torch.randn(4, 5, generator=g, dtype=F64), 1), torch.randn(4, 5, generator=g, dtype=F64)
     kw = options | ({"weight": torch.rand(5, generator=g, dtype=F64) + 0.5} if options.get("weight") else {})
-    fused = lambda a, b: fusedops.cross_entropy(a, b, **kw, backend=backend)  # noqa: E731
-    expected = lambda a, b: composite(a, b, **kw)  # noqa: E731
+    fused = lambda a, b: fusedops.cross_entropy(a, b, **kw, backend=backend)
+    expected = lambda a, b: composite(a, b, **kw)
     out, tangent = torch.func.jvp(fused, (x, q), (dx, dq))
     out_c, tangent_c = torch.func.jvp(expected, (x, q), (dx, dq))
     torch.testing.assert_close(out, out_c)
@@ -215,9 +255,16 @@ def test_linear_cross_entropy_forward_mode_through_probability_targets(backend):
     x, W = torch.randn(6, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
     q, dq = torch.softmax(torch.randn(6, 5, generator=g, dtype=F64), 1), torch.randn(6, 5, generator=g, dtype=F64)
     for reduction in ("mean", "none"):
-        fused = lambda b: fusedops.linear_cross_entropy(x, W, b, reduction=reduction, label_smoothing=0.1,  # noqa: E731
-                                                        chunk_bytes=2 * 5 * 8, backend=backend)
-        expected = lambda b: F.cross_entropy(x @ W.t(), b, reduction=reduction, label_smoothing=0.1)  # noqa: E731
+        fused = lambda b: fusedops.linear_cross_entropy(
+            x,
+            W,
+            b,
+            reduction=reduction,
+            label_smoothing=0.1,
+            chunk_bytes=2 * 5 * 8,
+            backend=backend,
+        )
+        expected = lambda b: F.cross_entropy(x @ W.t(), b, reduction=reduction, label_smoothing=0.1)
         with fwAD.dual_level():
             dual = fwAD.unpack_dual(fused(fwAD.make_dual(q, dq))).tangent
         torch.testing.assert_close(dual, torch.func.jvp(expected, (q,), (dq,))[1])
@@ -234,5 +281,6 @@ def test_a_tangent_on_the_class_weights_raises(op):
         if op == "cross_entropy":
             fusedops.cross_entropy(fwAD.make_dual(x, torch.ones_like(x)), t, dual)
         else:
-            fusedops.linear_cross_entropy(fwAD.make_dual(x, torch.ones_like(x)), torch.eye(5, dtype=F64), t,
-                                          class_weight=dual)
+            fusedops.linear_cross_entropy(
+                fwAD.make_dual(x, torch.ones_like(x)), torch.eye(5, dtype=F64), t, class_weight=dual
+            )

@@ -1,4 +1,5 @@
 """SyncBatchNorm and data-parallel training in real processes over gloo on 127.0.0.1."""
+
 import copy
 import json
 import os
@@ -10,16 +11,20 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from processes import GROUP_TIMEOUT_S, TIMEOUT_S, run_ok, run_ranks
+from test_host_sync import READS, HostReads
 from torch import nn
 
 import fusedops
 from fusedops._ops import kernels
-from processes import GROUP_TIMEOUT_S, TIMEOUT_S, run_ok, run_ranks
-from test_host_sync import READS, HostReads
 
 TORCH_BATCH_NORM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-FUSEDOPS_BATCH_NORM = {2: fusedops.BatchNorm1d, 3: fusedops.BatchNorm1d, 4: fusedops.BatchNorm2d,
-                       5: fusedops.BatchNorm3d}
+FUSEDOPS_BATCH_NORM = {
+    2: fusedops.BatchNorm1d,
+    3: fusedops.BatchNorm1d,
+    4: fusedops.BatchNorm2d,
+    5: fusedops.BatchNorm3d,
+}
 
 
 def _stored(t, memory_format):
@@ -32,8 +37,10 @@ def _is_stored(t, memory_format):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-@pytest.mark.parametrize("shape, memory_format", [((9, 5), "contiguous"), ((4, 3, 5), "contiguous"),
-                                                  ((3, 2, 2, 3), "contiguous"), ((3, 2, 2, 3), "channels_last")])
+@pytest.mark.parametrize(
+    "shape, memory_format",
+    [((9, 5), "contiguous"), ((4, 3, 5), "contiguous"), ((3, 2, 2, 3), "contiguous"), ((3, 2, 2, 3), "channels_last")],
+)
 def test_split_ops_compose_to_the_fused_ones(backend, shape, memory_format):
     """stats, forward with the statistics given, backward_reduce and backward_elemt in one process give
     the fused training forward and backward."""
@@ -76,12 +83,16 @@ def _batch(sizes, shape, memory_format="contiguous", seed=0):
     channels = shape[0]
     x = torch.randn((sum(sizes), *shape), generator=g) * 3 + 5
     dy = torch.randn(x.shape, generator=g)
-    return (_stored(x, memory_format), _stored(dy, memory_format), torch.rand(channels, generator=g) + 0.5,
-            torch.randn(channels, generator=g))
+    return (
+        _stored(x, memory_format),
+        _stored(dy, memory_format),
+        torch.rand(channels, generator=g) + 0.5,
+        torch.randn(channels, generator=g),
+    )
 
 
 def _rows(sizes, rank):
-    return slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
 
 
 def _train_steps(bn, x, dy, steps):
@@ -91,8 +102,13 @@ def _train_steps(bn, x, dy, steps):
         bn.zero_grad()
         out = bn(xr)
         out.backward(dy)
-    return dict(out=out.detach(), dx=xr.grad, dw=bn.weight.grad, db=None if bn.bias is None else bn.bias.grad,
-                state=bn.state_dict())
+    return dict(
+        out=out.detach(),
+        dx=xr.grad,
+        dw=bn.weight.grad,
+        db=None if bn.bias is None else bn.bias.grad,
+        state=bn.state_dict(),
+    )
 
 
 def _with_weight_and_bias(bn, weight, bias):
@@ -117,15 +133,19 @@ def _sync_steps(rank, world, sizes, shape, memory_format, options, backend, step
     return dict(result, host_reads=host_reads.reads)
 
 
-@pytest.mark.parametrize("world, sizes, shape, memory_format, options, backend", [
-    (2, (5, 11), (6,), "contiguous", dict(unbiased=True), "cpp"),
-    (3, (1, 7, 4), (6, 3, 2), "contiguous", dict(momentum=0.3), "cpp"),
-    (3, (0, 9, 2), (6, 2, 3), "channels_last", dict(momentum=0.3), "cpp"),  # a process with no samples takes part
-    (2, (3, 4), (5, 2, 2, 3), "channels_last", dict(momentum=None, bias=False), "cpp"),
-    (2, (3, 6), (6, 2), "contiguous", dict(unbiased=True), "triton"),
-])
-def test_sync_batch_norm_equals_one_process_on_the_whole_batch(tmp_path, world, sizes, shape, memory_format,
-                                                              options, backend):
+@pytest.mark.parametrize(
+    "world, sizes, shape, memory_format, options, backend",
+    [
+        (2, (5, 11), (6,), "contiguous", dict(unbiased=True), "cpp"),
+        (3, (1, 7, 4), (6, 3, 2), "contiguous", dict(momentum=0.3), "cpp"),
+        (3, (0, 9, 2), (6, 2, 3), "channels_last", dict(momentum=0.3), "cpp"),  # a process with no samples takes part
+        (2, (3, 4), (5, 2, 2, 3), "channels_last", dict(momentum=None, bias=False), "cpp"),
+        (2, (3, 6), (6, 2), "contiguous", dict(unbiased=True), "triton"),
+    ],
+)
+def test_sync_batch_norm_equals_one_process_on_the_whole_batch(
+    tmp_path, world, sizes, shape, memory_format, options, backend
+):
     """Outputs, input gradients, the ranks' weight and bias gradients summed (as DistributedDataParallel
     does), the running statistics: those of one batch norm on the whole batch (torch's, or fusedops' for
     the unbiased normalisation, which torch lacks). Nothing is read on the host."""
@@ -164,8 +184,9 @@ def _large_mean(rank, world, sizes):
     x = _large_mean_batch(sizes)[_rows(sizes, rank)]
     result = dict(local=kernels("cpp", x).batch_norm_stats(x))
     for name, xr in (("fp64", x), ("fp32", x.float())):
-        out, mean, _, var, count = fusedops.SyncBatchNormFunction.apply(xr, None, None, False, 1e-5,
-                                                                        dist.group.WORLD, "cpp")
+        out, mean, _, var, count = fusedops.SyncBatchNormFunction.apply(
+            xr, None, None, False, 1e-5, dist.group.WORLD, "cpp"
+        )
         result[name] = dict(out=out, mean=mean, var=var, count=count)
     return result
 
@@ -197,11 +218,16 @@ def test_large_mean_statistics_are_as_accurate_as_the_all_gather_merge(tmp_path)
 
     def errors(xs, mean, var):  # |mean error| in stds, relative variance error, against the exact ones of xs
         exact_mean, exact_var = _exact_stats(xs.double())
-        return (float(np.max(np.abs(mean.numpy().astype(np.longdouble) - exact_mean) / np.sqrt(exact_var))),
-                float(np.max(np.abs(var.double().numpy().astype(np.longdouble) / exact_var - 1))))
+        return (
+            float(np.max(np.abs(mean.numpy().astype(np.longdouble) - exact_mean) / np.sqrt(exact_var))),
+            float(np.max(np.abs(var.double().numpy().astype(np.longdouble) / exact_var - 1))),
+        )
 
-    chan_mean, chan_m2 = _chan([s * 6 for s in sizes], torch.stack([r["local"][0] for r in results]),
-                               torch.stack([r["local"][1] for r in results]))
+    chan_mean, chan_m2 = _chan(
+        [s * 6 for s in sizes],
+        torch.stack([r["local"][0] for r in results]),
+        torch.stack([r["local"][1] for r in results]),
+    )
     chan_mean_error, chan_var_error = errors(x, chan_mean, chan_m2 / (n - 1))
     for r in results:
         assert r["fp64"]["count"].dtype == torch.float64 and r["fp64"]["count"].tolist() == [n]
@@ -307,10 +333,16 @@ def test_signature_and_input_ranks_as_torch():
 
 def test_convert_keeps_parameters_buffers_and_options():
     group = object()  # a torch SyncBatchNorm's own group, kept when convert_sync_batchnorm is given none
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=0.2),
-                          nn.Sequential(nn.BatchNorm3d(4, affine=False), nn.SyncBatchNorm(4, process_group=group),
-                                        fusedops.BatchNorm1d(4, eps=1e-3, unbiased=True, backend="cpp"),
-                                        fusedops.BatchNorm2d(4, bias=False, track_running_stats=False)))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        nn.BatchNorm2d(4, momentum=0.2),
+        nn.Sequential(
+            nn.BatchNorm3d(4, affine=False),
+            nn.SyncBatchNorm(4, process_group=group),
+            fusedops.BatchNorm1d(4, eps=1e-3, unbiased=True, backend="cpp"),
+            fusedops.BatchNorm2d(4, bias=False, track_running_stats=False),
+        ),
+    )
     model[1].running_mean.fill_(0.5)
     model.eval()
     model[2][1].train()

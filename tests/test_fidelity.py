@@ -2,6 +2,7 @@
 PyTorch eager: cross-entropy loss and gradient (also of confident predictions), batch-norm output and
 every gradient (also of inputs far from 0), in float32, float16 and bfloat16. `python bench/fidelity.py`
 prints the table."""
+
 import itertools
 import os
 import subprocess

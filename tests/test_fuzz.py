@@ -1,6 +1,7 @@
 """Property-based: shapes (odd, prime, past a kernel block), dtypes, options, layouts and values drawn by
 hypothesis; every op's forward and backward against PyTorch on the same inputs. The C++ kernels get the
 larger budget, the Triton ones (in the interpreter on CPU) small shapes and a few examples."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,13 +16,22 @@ LIMITS = {"cpp": {"N": 70, "V": 300, "C": 40, "L": 7}, "triton": {"N": 6, "V": 4
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # PyTorch runs in float64 on the same values, widened exactly (its own float32 can be the less accurate);
 # the tolerance is that of the result's dtype
-TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-10, "atol": 1e-12},
-              torch.float16: {"rtol": 2e-3, "atol": 2e-3}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2}}
+TOLERANCES = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float64: {"rtol": 1e-10, "atol": 1e-12},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2},
+}
 
 
 def fuzz(backend):
-    return settings(max_examples=BUDGETS[backend], deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=BUDGETS[backend],
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 def randn(shape, seed, dtype, scale=1.0, shift=0.0):
@@ -33,7 +43,8 @@ def run(fn, x, others, grad_output):
     """fn(x * 1, *others) (x * 1: not a leaf, so in place is allowed) and its gradients w.r.t. x and
     every other tensor that is not None."""
     leaves = [x.detach().clone().requires_grad_()] + [
-        None if t is None else t.detach().clone().requires_grad_() for t in others]
+        None if t is None else t.detach().clone().requires_grad_() for t in others
+    ]
     out = fn(leaves[0] * 1, *leaves[1:])
     grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_output)
     return [out.detach(), *grads]
@@ -50,14 +61,23 @@ def cross_entropy_cases(draw, backend):
     limits = LIMITS[backend]
     spatial = draw(st.sampled_from([(), (), (), (draw(st.integers(1, 3)),)]))
     layout = "contiguous" if spatial else draw(st.sampled_from(["contiguous", "transposed"]))
-    options = {"reduction": draw(st.sampled_from(["mean", "sum", "none"])),
-               "label_smoothing": draw(st.sampled_from([0.0, 0.0, 1.0]) | st.floats(0, 1)),
-               "ignore_index": draw(st.sampled_from([-100, 0]))}
-    return {"N": draw(st.integers(1, limits["N"])), "V": draw(st.integers(1, limits["V"])), "spatial": spatial,
-            "layout": layout, "options": options, "dtype": draw(st.sampled_from(DTYPES)),
-            "inplace": not spatial and layout == "contiguous" and draw(st.booleans()),
-            "scale": draw(st.sampled_from([1.0, 10.0, 100.0])), "ignored": draw(st.floats(0, 1)),
-            "seed": draw(st.integers(0, 2**16))}
+    options = {
+        "reduction": draw(st.sampled_from(["mean", "sum", "none"])),
+        "label_smoothing": draw(st.sampled_from([0.0, 0.0, 1.0]) | st.floats(0, 1)),
+        "ignore_index": draw(st.sampled_from([-100, 0])),
+    }
+    return {
+        "N": draw(st.integers(1, limits["N"])),
+        "V": draw(st.integers(1, limits["V"])),
+        "spatial": spatial,
+        "layout": layout,
+        "options": options,
+        "dtype": draw(st.sampled_from(DTYPES)),
+        "inplace": not spatial and layout == "contiguous" and draw(st.booleans()),
+        "scale": draw(st.sampled_from([1.0, 10.0, 100.0])),
+        "ignored": draw(st.floats(0, 1)),
+        "seed": draw(st.integers(0, 2**16)),
+    }
 
 
 def check_cross_entropy(backend, case):
@@ -69,8 +89,12 @@ def check_cross_entropy(backend, case):
     target = torch.randint(0, V, (N, *case["spatial"]), generator=g)
     target[torch.rand(target.shape, generator=g) < case["ignored"]] = options["ignore_index"]
     grad_output = randn(target.shape if options["reduction"] == "none" else (), seed + 1, dtype)
-    ours = run(lambda x: fusedops.cross_entropy(x, target, inplace_backward=case["inplace"], backend=backend,
-                                                **options), logits, [], grad_output)
+    ours = run(
+        lambda x: fusedops.cross_entropy(x, target, inplace_backward=case["inplace"], backend=backend, **options),
+        logits,
+        [],
+        grad_output,
+    )
     theirs = run(lambda x: F.cross_entropy(x, target, **options), logits.double(), [], grad_output.double())
     assert [t.dtype for t in ours] == [dtype, dtype]
     assert_matches(ours, theirs)
@@ -82,13 +106,22 @@ def batch_norm_cases(draw, backend):
     L = draw(st.sampled_from([None, None, draw(st.integers(1, limits["L"]))]))
     dtype = draw(st.sampled_from(DTYPES))
     half = dtype in (torch.float16, torch.bfloat16)
-    return {"N": draw(st.integers(2 if L in (None, 1) else 1, limits["N"])), "C": draw(st.integers(1, limits["C"])),
-            "L": L, "dtype": dtype, "param_dtype": draw(st.sampled_from([dtype, torch.float32])) if half else dtype,
-            "training": draw(st.booleans()), "affine": draw(st.booleans()), "running": draw(st.booleans()),
-            "momentum": draw(st.floats(0, 1)), "eps": draw(st.sampled_from([1e-5, 1e-3, 0.5])),
-            "layout": draw(st.sampled_from(["contiguous", "channels_last"])),
-            "scale": draw(st.sampled_from([1e-2, 1.0, 30.0])), "shift": draw(st.sampled_from([0.0, 3.0, -50.0])),
-            "seed": draw(st.integers(0, 2**16))}
+    return {
+        "N": draw(st.integers(2 if L in (None, 1) else 1, limits["N"])),
+        "C": draw(st.integers(1, limits["C"])),
+        "L": L,
+        "dtype": dtype,
+        "param_dtype": draw(st.sampled_from([dtype, torch.float32])) if half else dtype,
+        "training": draw(st.booleans()),
+        "affine": draw(st.booleans()),
+        "running": draw(st.booleans()),
+        "momentum": draw(st.floats(0, 1)),
+        "eps": draw(st.sampled_from([1e-5, 1e-3, 0.5])),
+        "layout": draw(st.sampled_from(["contiguous", "channels_last"])),
+        "scale": draw(st.sampled_from([1e-2, 1.0, 30.0])),
+        "shift": draw(st.sampled_from([0.0, 3.0, -50.0])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
 
 
 def check_batch_norm(backend, case):
@@ -105,8 +138,12 @@ def check_batch_norm(backend, case):
     ours_stats = [t.clone() for t in stats] if has_stats else [None, None]
     theirs_stats = [t.double() for t in stats] if has_stats else [None, None]
     ours = run(lambda x, w, b: fusedops.batch_norm(x, *ours_stats, w, b, backend=backend, **options), x, params, dy)
-    theirs = run(lambda x, w, b: F.batch_norm(x, *theirs_stats, w, b, **options), x.double(),
-                 [None if p is None else p.double() for p in params], dy.double())
+    theirs = run(
+        lambda x, w, b: F.batch_norm(x, *theirs_stats, w, b, **options),
+        x.double(),
+        [None if p is None else p.double() for p in params],
+        dy.double(),
+    )
     assert [t.dtype for t in ours] == [dtype, dtype] + [pdtype] * (2 if case["affine"] else 0)
     assert_matches(ours + (ours_stats if has_stats else []), theirs + (theirs_stats if has_stats else []))
 

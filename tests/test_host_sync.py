@@ -4,6 +4,7 @@ device, so that on CUDA nothing waits for the GPU and the ops can be captured in
 Triton kernels run on CPU tensors under the interpreter, with those reads spied on.
 
 What the spy cannot see: reads inside C++ (PyTorch's own ops); the Python-level ones are fusedops'."""
+
 import os
 import traceback
 
@@ -11,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
+from cases.cross_entropy import composite
 
 import fusedops
-from cases.cross_entropy import composite
 
 # Tensor methods that read a value into Python
 READS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"]
@@ -41,6 +42,7 @@ class HostReads:
                 if not any(frame.filename.startswith(TRITON_DIR) for frame in stack):
                     self.reads.append((name, "".join(traceback.format_list(stack[-3:]))))
             return method(tensor, *args, **kwargs)
+
         return read
 
 
@@ -71,8 +73,14 @@ def test_cross_entropy_triton_reads_nothing_on_the_host(host_reads, reduction, i
     for smoothing, upstream in [(0.0, 1.0), (0.1, 2.5)]:
         x = logits * 1  # in place overwrites this copy, not the leaf
         with host_reads:
-            loss = fusedops.cross_entropy(x, target, reduction=reduction, label_smoothing=smoothing,
-                                          inplace_backward=inplace_backward, backend="triton")
+            loss = fusedops.cross_entropy(
+                x,
+                target,
+                reduction=reduction,
+                label_smoothing=smoothing,
+                inplace_backward=inplace_backward,
+                backend="triton",
+            )
             loss.backward(torch.full_like(loss, upstream))
         results.append((loss.detach(), logits.grad))
         logits.grad = None
@@ -91,8 +99,17 @@ def test_batch_norm_triton_reads_nothing_on_the_host(host_reads):
         module(x).square().sum().backward()  # training: batch statistics, running statistics updated
         module.eval()
         module(x).square().sum().backward()
-        y = fusedops.batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias,
-                                training=True, momentum=0.5, unbiased=True, backend="triton")
+        y = fusedops.batch_norm(
+            x,
+            module.running_mean,
+            module.running_var,
+            module.weight,
+            module.bias,
+            training=True,
+            momentum=0.5,
+            unbiased=True,
+            backend="triton",
+        )
         y.square().sum().backward()
     assert host_reads.reads == []
     reference = torch.nn.BatchNorm1d(3)

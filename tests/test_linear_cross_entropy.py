@@ -5,18 +5,19 @@ logits, + z_loss * lse^2) for the others: the loss, the lse and the gradients of
 for every option combination, in float64 (tight), float32 and bfloat16; chunk sizes that do not divide the rows;
 autograd (gradcheck, double backward, torch.func, vmap); the module as an nn.Linear LM head; bad input; and
 torch.compile. Small shapes throughout (the Triton kernels under the interpreter: tiny ones)."""
+
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import linear_cross_entropy as lce_cases
+from cases.cross_entropy import composite, softcapped
 from conftest import assert_all_close
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 
 import fusedops
-from cases import linear_cross_entropy as lce_cases
-from cases.cross_entropy import composite, softcapped
 from fusedops import errors
 
 # PyTorch's own jacfwd/jacrev warn so on first use
@@ -43,7 +44,7 @@ def make(N, H, V, dtype=F64, bias=True, seed=0, scale=1.0):
     g = gen(seed)
     shape = (N,) if isinstance(N, int) else tuple(N)
     x = torch.randn(*shape, H, generator=g, dtype=F64)
-    W = torch.randn(V, H, generator=g, dtype=F64) * (2 * scale / H ** 0.5)
+    W = torch.randn(V, H, generator=g, dtype=F64) * (2 * scale / H**0.5)
     b = torch.randn(V, generator=g, dtype=F64) * 0.5 if bias else None
     return x.to(dtype), W.to(dtype), None if b is None else b.to(dtype)
 
@@ -77,8 +78,23 @@ def fused(x, W, t, b=None, **kw):
     return fusedops.linear_cross_entropy(x, W, t, b, **kw)
 
 
-def oracle(x, W, t, b=None, *, class_weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-           z_loss=0.0, softcap=None, return_lse=False, chunk_bytes=None, backend=None, vocab_size=None):
+def oracle(
+    x,
+    W,
+    t,
+    b=None,
+    *,
+    class_weight=None,
+    reduction="mean",
+    ignore_index=-100,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    return_lse=False,
+    chunk_bytes=None,
+    backend=None,
+    vocab_size=None,
+):
     """F.cross_entropy(F.linear(x, W, b), t, ...) over the rows (..., V) -> (M, V); where PyTorch lacks the option
     (z_loss, softcap, lse), the spec's composite of torch ops. The loss (and lse) of "none" shaped x.shape[:-1]."""
     V = W.shape[0]
@@ -117,8 +133,12 @@ def normalized_error(value, exact):
 # --- every option combination, float64, several chunks ------------------------------------------------
 
 # (target kind, ignore_index); probability targets take no ignore_index (torch's rule)
-TARGET_KINDS = {"class": ("class", -100), "class_ignore_2": ("class", 2), "all_ignored": ("all_ignored", -100),
-                "probs": ("probs", -100)}
+TARGET_KINDS = {
+    "class": ("class", -100),
+    "class_ignore_2": ("class", 2),
+    "all_ignored": ("all_ignored", -100),
+    "probs": ("probs", -100),
+}
 ZS = {"plain": (0.0, None), "z_loss_softcap": (0.01, 3.0)}
 
 
@@ -135,8 +155,14 @@ def test_options_match_torch(reduction, kind, weighted, smoothing, bias, zs):
     target_kind, ignore_index = TARGET_KINDS[kind]
     x, W, b = make(N, H, V, bias=bias, scale=2.0)
     t = make_target(target_kind, (N,), V, ignore_index=ignore_index)
-    kw = dict(class_weight=class_weights(V) if weighted else None, reduction=reduction, ignore_index=ignore_index,
-              label_smoothing=smoothing, z_loss=z_loss, softcap=softcap)
+    kw = dict(
+        class_weight=class_weights(V) if weighted else None,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
     got = results(fused, x, W, t, b, chunk_bytes=chunk(V, F64), **kw)
     expected = results(oracle, x, W, t, b, **kw)
     assert got[0].shape == expected[0].shape and got[0].dtype == F64
@@ -179,7 +205,7 @@ def test_sizes_and_chunks_match_torch(N, H, V):
     kw = dict(class_weight=class_weights(V), label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
     expected = results(oracle, x, W, t, b, **kw)
     row_bytes = V * 8
-    chunkings = {1, row_bytes, chunk(V, F64), max(1, N - 1) * row_bytes, N * row_bytes, 2 ** 40, None}
+    chunkings = {1, row_bytes, chunk(V, F64), max(1, N - 1) * row_bytes, N * row_bytes, 2**40, None}
     for chunk_bytes in sorted(chunkings, key=lambda c: -1 if c is None else c):
         extra = {} if chunk_bytes is None else dict(chunk_bytes=chunk_bytes)
         got = results(fused, x, W, t, b, **kw, **extra)
@@ -206,8 +232,14 @@ def test_leading_dimensions(reduction, kind):
     x = torch.randn(T, B, H, generator=g, dtype=F64).transpose(0, 1)  # (B, T, H), not contiguous
     _, W, b = make(1, H, V)
     t = make_target(kind, (B, T), V)
-    kw = dict(class_weight=class_weights(V), reduction=reduction, label_smoothing=0.1, z_loss=0.01, softcap=4.0,
-              return_lse=True)
+    kw = dict(
+        class_weight=class_weights(V),
+        reduction=reduction,
+        label_smoothing=0.1,
+        z_loss=0.01,
+        softcap=4.0,
+        return_lse=True,
+    )
     for x_ in (x, x.contiguous()):
         got = results(fused, x_, W, t, b, chunk_bytes=chunk(V, F64), **kw)
         expected = results(oracle, x_, W, t, b, **kw)
@@ -241,10 +273,12 @@ def test_index_dtypes_same_as_int64(target_dtype):
     N, H, V = 7, 5, 9
     x, W, b = make(N, H, V)
     t = make_target("class", (N,), V, ignore_index=3)
-    kw = dict(ignore_index=3, class_weight=class_weights(V), label_smoothing=0.1, reduction="none",
-              chunk_bytes=chunk(V, F64))
-    assert_all_close(results(fused, x, W, t.to(target_dtype), b, **kw), results(fused, x, W, t, b, **kw),
-                     rtol=0, atol=0)
+    kw = dict(
+        ignore_index=3, class_weight=class_weights(V), label_smoothing=0.1, reduction="none", chunk_bytes=chunk(V, F64)
+    )
+    assert_all_close(
+        results(fused, x, W, t.to(target_dtype), b, **kw), results(fused, x, W, t, b, **kw), rtol=0, atol=0
+    )
 
 
 def test_class_weight_that_requires_grad_raises_as_torch():
@@ -286,8 +320,9 @@ def test_logits_are_never_saved_whole():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fused(x, W, make_target("class", (N,), V), b, chunk_bytes=chunk(V, F32),
-                     label_smoothing=0.1, z_loss=0.01)
+        loss = fused(
+            x, W, make_target("class", (N,), V), b, chunk_bytes=chunk(V, F32), label_smoothing=0.1, z_loss=0.01
+        )
     loss.backward()
     assert saved, "nothing saved for backward"
     assert all(torch.Size(s).numel() < N * V for s in saved), saved
@@ -320,8 +355,11 @@ def upcast(args, dtype):
 @pytest.mark.parametrize("option", list(DTYPE_OPTIONS))
 def test_float32_against_float64(option):
     x, W, b, t, kw = dtype_case(option, F32)
-    expected = results(oracle, *upcast([x, W, t, b], F64), **{k: upcast([v], F64)[0] if k == "class_weight" else v
-                                                                for k, v in kw.items()})
+    expected = results(
+        oracle,
+        *upcast([x, W, t, b], F64),
+        **{k: upcast([v], F64)[0] if k == "class_weight" else v for k, v in kw.items()},
+    )
     for chunk_bytes in (1, chunk(37, F32), None):
         got = results(fused, x, W, t, b, **kw, **({} if chunk_bytes is None else dict(chunk_bytes=chunk_bytes)))
         assert all(g.dtype == F32 for g in got)
@@ -401,7 +439,7 @@ def as_tuple(out):
 def test_gradcheck_and_gradgradcheck(option):
     x, W, b, t, kw = autograd_case(option)
     kw["chunk_bytes"] = chunk(5, F64, rows=2)
-    fn = lambda x, W, b: fused(x, W, t, b, **kw)  # noqa: E731
+    fn = lambda x, W, b: fused(x, W, t, b, **kw)
     leaves = [a.detach().clone().requires_grad_() for a in (x, W, b)]
     assert gradcheck(fn, leaves)
     assert gradgradcheck(fn, leaves)
@@ -421,7 +459,7 @@ def test_gradcheck_and_gradgradcheck(option):
 def test_gradcheck_probability_targets():
     x, W, b = make(3, 4, 5, seed=8)
     t = make_target("probs", (3,), 5)
-    fn = lambda x, W, b, t: fused(x, W, t, b, label_smoothing=0.1, chunk_bytes=1)  # noqa: E731
+    fn = lambda x, W, b, t: fused(x, W, t, b, label_smoothing=0.1, chunk_bytes=1)
     assert gradcheck(fn, [a.detach().clone().requires_grad_() for a in (x, W, b, t)])
 
 
@@ -429,8 +467,8 @@ def test_gradcheck_probability_targets():
 def test_torch_func(option):
     """grad, vjp, jacrev, jvp and jacfwd with respect to input, weight and bias, as the composite's."""
     x, W, b, t, kw = autograd_case(option)
-    f = lambda x, W, b: fused(x, W, t, b, chunk_bytes=chunk(5, F64, rows=2), **kw)  # noqa: E731
-    o = lambda x, W, b: oracle(x, W, t, b, **kw)  # noqa: E731
+    f = lambda x, W, b: fused(x, W, t, b, chunk_bytes=chunk(5, F64, rows=2), **kw)
+    o = lambda x, W, b: oracle(x, W, t, b, **kw)
     primals = (x, W, b)
     argnums = (0, 1, 2)
     torch.testing.assert_close(grad(f, argnums)(*primals), grad(o, argnums)(*primals), **TIGHT)
@@ -453,17 +491,19 @@ def test_vmap_over_a_batch_of_inputs(reduction):
     ts = make_target("class", (S, N), V)
     ts[2] = -100  # one sample with every target ignored
     kw = dict(reduction=reduction, label_smoothing=0.1, class_weight=class_weights(V), chunk_bytes=chunk(V, F64))
-    f = lambda x, W, b, t: fused(x, W, t, b, **kw).nan_to_num().sum()  # noqa: E731
-    o = lambda x, W, b, t: oracle(x, W, t, b, **kw).nan_to_num().sum()  # noqa: E731
+    f = lambda x, W, b, t: fused(x, W, t, b, **kw).nan_to_num().sum()
+    o = lambda x, W, b, t: oracle(x, W, t, b, **kw).nan_to_num().sum()
     dims = (0, None, None, 0)
-    torch.testing.assert_close(vmap(f, in_dims=dims)(xs, W, b, ts),
-                               torch.stack([o(x, W, b, t) for x, t in zip(xs, ts)]), **TIGHT)
+    torch.testing.assert_close(
+        vmap(f, in_dims=dims)(xs, W, b, ts), torch.stack([o(x, W, b, t) for x, t in zip(xs, ts)]), **TIGHT
+    )
     got = vmap(grad(f, (0, 1, 2)), in_dims=dims)(xs, W, b, ts)
     expected = [grad(o, (0, 1, 2))(x, W, b, t) for x, t in zip(xs, ts)]
     assert_all_close(got, [torch.stack(e) for e in zip(*expected)], **TIGHT)
 
 
 # --- the module ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_module_holds_an_nn_linear(bias):
@@ -475,14 +515,15 @@ def test_module_holds_an_nn_linear(bias):
     torch.manual_seed(3)
     module = fusedops.LinearCrossEntropy(H, V, bias=bias)
     assert isinstance(module, torch.nn.Module)
-    assert [(n, p.shape, p.dtype) for n, p in module.named_parameters()] == \
-        [(n, p.shape, p.dtype) for n, p in linear.named_parameters()]
+    assert [(n, p.shape, p.dtype) for n, p in module.named_parameters()] == [
+        (n, p.shape, p.dtype) for n, p in linear.named_parameters()
+    ]
     assert list(module.state_dict()) == list(linear.state_dict()) == (["weight", "bias"] if bias else ["weight"])
     assert list(module.buffers()) == []
     if not bias:
         assert module.bias is None
     # the same init: nn.Linear's (kaiming uniform; the bias uniform in +-1/sqrt(in_features)), the same draws
-    bound = 1 / H ** 0.5
+    bound = 1 / H**0.5
     assert module.weight.abs().max() <= bound and module.weight.std() > bound / 3
     if bias:
         assert module.bias.abs().max() <= bound
@@ -522,8 +563,16 @@ def test_module_device_and_dtype():
 def test_module_passes_its_options_through():
     H, V, N = 5, 9, 7
     cw = class_weights(V, dtype=F32)
-    options = dict(class_weight=cw, reduction="none", ignore_index=2, label_smoothing=0.1, z_loss=0.01,
-                   softcap=3.0, chunk_bytes=chunk(V, F32), backend="cpp")
+    options = dict(
+        class_weight=cw,
+        reduction="none",
+        ignore_index=2,
+        label_smoothing=0.1,
+        z_loss=0.01,
+        softcap=3.0,
+        chunk_bytes=chunk(V, F32),
+        backend="cpp",
+    )
     module = fusedops.LinearCrossEntropy(H, V, bias=True, **options)
     assert dict(module.named_buffers()).keys() == {"class_weight"}
     torch.testing.assert_close(module.class_weight, cw, rtol=0, atol=0)
@@ -534,15 +583,17 @@ def test_module_passes_its_options_through():
     assert loss.shape == (N,)
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
     kw64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in options.items()}
-    torch.testing.assert_close(loss.double(), oracle(x.double(), module.weight.double(), t, module.bias.double(),
-                                                     **kw64), **FP32)
+    torch.testing.assert_close(
+        loss.double(), oracle(x.double(), module.weight.double(), t, module.bias.double(), **kw64), **FP32
+    )
     plain = fusedops.LinearCrossEntropy(H, V, bias=True)
     plain.load_state_dict(module.state_dict(), strict=False)
     assert (plain(x, t) - loss.mean()).abs() > 1e-3
     # the class weights move with the module
     assert module.double().class_weight.dtype == F64
-    torch.testing.assert_close(module(x.double(), t), oracle(x.double(), module.weight, t, module.bias, **kw64),
-                               **TIGHT)
+    torch.testing.assert_close(
+        module(x.double(), t), oracle(x.double(), module.weight, t, module.bias, **kw64), **TIGHT
+    )
 
 
 def test_function_is_an_autograd_function():
@@ -550,6 +601,7 @@ def test_function_is_an_autograd_function():
 
 
 # --- bad input ------------------------------------------------------------------------------------------
+
 
 def call(args, api="function"):
     args = dict(args)
@@ -613,6 +665,7 @@ def test_module_rejects_mismatched_hidden_size():
 
 # --- torch.compile ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("return_lse", [False, True])
 def test_compile_fullgraph_forward_backward_as_eager(return_lse):
     """One graph: the loss (+ the lse) and the gradients of input, weight and bias, as eager's; a second batch
@@ -620,8 +673,14 @@ def test_compile_fullgraph_forward_backward_as_eager(return_lse):
     torch._dynamo.reset()
     V = 9
     _, W, b = make(1, 5, V, dtype=F32, scale=2.0)
-    kw = dict(class_weight=class_weights(V, dtype=F32), label_smoothing=0.1, z_loss=0.01, softcap=3.0,
-              chunk_bytes=chunk(V, F32), return_lse=return_lse)
+    kw = dict(
+        class_weight=class_weights(V, dtype=F32),
+        label_smoothing=0.1,
+        z_loss=0.01,
+        softcap=3.0,
+        chunk_bytes=chunk(V, F32),
+        return_lse=return_lse,
+    )
 
     def step(x, W, t, b):
         out = fused(x * 2, W, t, b, **kw)

@@ -1,4 +1,5 @@
 """The main job: the notebooks' MLP trained with fusedops layers, by the command line and by parts."""
+
 import json
 import math
 import subprocess
@@ -6,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import names_file
+
 from fusedops import reference
 from fusedops.makemore import cli
 from fusedops.makemore import model as makemore
@@ -26,8 +27,9 @@ def twin_models(**kwargs):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "fusedops", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fusedops", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_short_run_end_to_end(tmp_path, names):
@@ -90,8 +92,9 @@ def test_sampling_is_deterministic_and_in_the_vocabulary(names_splits):
     assert all(set(name) <= set(vocab.itos[1:]) for name in first)
 
 
-@pytest.mark.parametrize("content,message", [(None, "cannot read the data file"),
-                                              ("anna\nbob.by\n", "'bob.by' contains '.'")])
+@pytest.mark.parametrize(
+    "content,message", [(None, "cannot read the data file"), ("anna\nbob.by\n", "'bob.by' contains '.'")]
+)
 def test_bad_data_is_a_clear_error(tmp_path, content, message):
     if content is not None:
         (tmp_path / "words.txt").write_text(content)

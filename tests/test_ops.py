@@ -1,11 +1,12 @@
 """The contract of every registered op, read from the per-operator tables in tests/cases/: opcheck
 (schema, fake kernel, autograd registration, torch.compile) on the kernel of each device, and one schema
 per kernel step (no twins per backend)."""
+
 import pytest
 import torch
+from cases import batch_norm, cross_entropy
 
 import fusedops
-from cases import batch_norm, cross_entropy
 
 OPERATORS = {"cross_entropy": cross_entropy, "batch_norm": batch_norm}
 
@@ -22,16 +23,24 @@ def test_opcheck(operator):
 
 def registered_ops():
     fusedops._ops.load()
-    return {schema.name.split("::")[1] for schema in torch._C._jit_get_all_schemas()
-            if schema.name.startswith("fusedops::")}
+    return {
+        schema.name.split("::")[1] for schema in torch._C._jit_get_all_schemas() if schema.name.startswith("fusedops::")
+    }
 
 
 def test_one_schema_per_kernel_step():
     ops = registered_ops()
-    assert ops == {"cross_entropy_forward", "cross_entropy_forward_inplace", "cross_entropy_scale_grad",
-                   "batch_norm_forward",
-                   "batch_norm_backward", "batch_norm_stats", "batch_norm_backward_reduce",
-                   "batch_norm_backward_elemt", "batch_norm_update_stats"}
+    assert ops == {
+        "cross_entropy_forward",
+        "cross_entropy_forward_inplace",
+        "cross_entropy_scale_grad",
+        "batch_norm_forward",
+        "batch_norm_backward",
+        "batch_norm_stats",
+        "batch_norm_backward_reduce",
+        "batch_norm_backward_elemt",
+        "batch_norm_update_stats",
+    }
     for name in ops:  # no backend flag in a schema
         schema = getattr(torch.ops.fusedops, name).default._schema
         assert "triton" not in str(schema) and "backend" not in str(schema)

@@ -1,5 +1,6 @@
 """The chunked reference: the hand-written backward against autograd, and the functional
 cross-entropy and batch norm against PyTorch."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +8,19 @@ import torch.nn.functional as F
 from fusedops import reference
 
 # the gradients the notebooks show as bit-exact; the rest are equal up to rounding
-EXACT = ("logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes",
-         "logits", "h", "W2", "b2")
+EXACT = (
+    "logprobs",
+    "probs",
+    "counts_sum_inv",
+    "counts_sum",
+    "counts",
+    "norm_logits",
+    "logit_maxes",
+    "logits",
+    "h",
+    "W2",
+    "b2",
+)
 # exactly 0 (batch norm subtracts the batch mean, b1 with it): both sides are rounding noise
 ZERO = ("b1",)
 
@@ -28,7 +40,7 @@ def test_hand_written_backward_matches_autograd(names_splits, seed, batch_size):
     grads = reference.backward(params, acts, Xb, Yb)
     autograd = reference.autograd_grads(params, acts)
     assert set(grads) == set(reference.INTERMEDIATES) | set(reference.PARAMETERS)
-    assert list(grads)[:len(EXACT)] == list(EXACT)
+    assert list(grads)[: len(EXACT)] == list(EXACT)
     for name, dt in grads.items():
         expected = autograd[name]
         assert dt.shape == expected.shape, name
@@ -97,8 +109,9 @@ def test_cross_entropy_weights_and_probability_targets_match_torch(reduction, la
     weight = torch.rand(logits.shape[1], dtype=torch.float64) + 0.5
     kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
     loss, grad = loss_and_grad(lambda x, t, **kw: reference.cross_entropy(x, t, weight, **kw), logits, target, **kwargs)
-    expected_loss, expected_grad = loss_and_grad(lambda x, t, **kw: F.cross_entropy(x, t, weight, **kw), logits,
-                                                 target, **kwargs)
+    expected_loss, expected_grad = loss_and_grad(
+        lambda x, t, **kw: F.cross_entropy(x, t, weight, **kw), logits, target, **kwargs
+    )
     torch.testing.assert_close(loss, expected_loss)
     torch.testing.assert_close(grad, expected_grad)
 
@@ -167,8 +180,9 @@ def test_batch_norm_matches_torch(shape, training, affine, dtype):
 
 def test_batch_norm_without_running_stats():
     x = torch.randn(10, 4, 3, dtype=torch.float64)
-    torch.testing.assert_close(reference.batch_norm(x, None, None, training=True),
-                               F.batch_norm(x, None, None, training=True))
+    torch.testing.assert_close(
+        reference.batch_norm(x, None, None, training=True), F.batch_norm(x, None, None, training=True)
+    )
     with pytest.raises(ValueError, match="running_mean"):
         reference.batch_norm(x, None, None, training=False)
     with pytest.raises(ValueError, match="more than 1 value"):
@@ -179,8 +193,16 @@ def test_unbiased_batch_norm_is_the_notebooks(notebook_batch):
     params, Xb, Yb = notebook_batch
     acts = reference.forward(params, Xb, Yb)
     running_mean, running_var = torch.zeros(64), torch.ones(64)
-    hpreact = reference.batch_norm(acts["hprebn"], running_mean, running_var, params["bngain"].view(-1),
-                                   params["bnbias"].view(-1), training=True, momentum=0.001, unbiased=True)
+    hpreact = reference.batch_norm(
+        acts["hprebn"],
+        running_mean,
+        running_var,
+        params["bngain"].view(-1),
+        params["bnbias"].view(-1),
+        training=True,
+        momentum=0.001,
+        unbiased=True,
+    )
     assert torch.equal(hpreact, acts["hpreact"])
     torch.testing.assert_close(running_mean, 0.001 * acts["bnmeani"].view(-1))
     torch.testing.assert_close(running_var, 0.999 + 0.001 * acts["bnvar"].view(-1))

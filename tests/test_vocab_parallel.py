@@ -2,18 +2,19 @@
 whole vocabulary (tests/cases' composite: torch's F.cross_entropy plus z-loss, soft-capping and lse).
 Every case runs in one group of processes per number of ranks, which returns all its results at once; at
 the end the last rank leaves, and the others meet a dead peer."""
+
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from cases.cross_entropy import composite
+from processes import GROUP_TIMEOUT_S, run_ok
 
 import fusedops
-from cases.cross_entropy import composite
 from fusedops import vocab_parallel
 from fusedops.cross_entropy import REDUCTIONS
-from processes import GROUP_TIMEOUT_S, run_ok
 
 V, N, H = 11, 6, 4
 SPLITS = {2: [(7, 4)], 3: [(3, 5, 3), (6, 0, 5)]}  # the shards' sizes, in rank order (0: a rank with no class)
@@ -56,12 +57,23 @@ def _problem(name, dtype, linear):
         target = torch.randint(0, V, (N,), generator=g)
         target[list(options.get("ignored", ()))] = ignore_index
         target = target.to(torch.uint8) if options.get("uint8") else target
-    kwargs = dict(ignore_index=ignore_index, label_smoothing=options.get("label_smoothing", 0.0),
-                  z_loss=options.get("z_loss", 0.0), softcap=options.get("softcap"),
-                  return_lse=options.get("return_lse", False))
+    kwargs = dict(
+        ignore_index=ignore_index,
+        label_smoothing=options.get("label_smoothing", 0.0),
+        z_loss=options.get("z_loss", 0.0),
+        softcap=options.get("softcap"),
+        return_lse=options.get("return_lse", False),
+    )
     class_weight = torch.rand(V, generator=g, dtype=torch.float64).to(dtype) + 0.5 if options.get("weight") else None
-    return dict(leaves=leaves, target=target, class_weight=class_weight, kwargs=kwargs, grad_loss=rand(N),
-                grad_lse=rand(N), directions={key: rand(*t.shape) for key, t in leaves.items()})
+    return dict(
+        leaves=leaves,
+        target=target,
+        class_weight=class_weight,
+        kwargs=kwargs,
+        grad_loss=rand(N),
+        grad_lse=rand(N),
+        directions={key: rand(*t.shape) for key, t in leaves.items()},
+    )
 
 
 def _shard(t, key, cols):
@@ -75,16 +87,26 @@ def _losses(problem, leaves, cols, reduction, group):
     kwargs, class_weight = problem["kwargs"], _shard(problem["class_weight"], "class_weight", cols)
     target = leaves.get("target", problem["target"])
     if group is None:
-        logits = leaves["logits"] if "logits" in leaves else F.linear(leaves["input"], leaves["weight"],
-                                                                      leaves.get("bias"))
+        logits = (
+            leaves["logits"] if "logits" in leaves else F.linear(leaves["input"], leaves["weight"], leaves.get("bias"))
+        )
         out = composite(logits, target, class_weight, reduction, **kwargs)
     elif "logits" in leaves:
-        out = fusedops.cross_entropy(leaves["logits"], target, class_weight, reduction=reduction, **kwargs,
-                                     process_group=group, vocab_size=V)
+        out = fusedops.cross_entropy(
+            leaves["logits"], target, class_weight, reduction=reduction, **kwargs, process_group=group, vocab_size=V
+        )
     else:
-        out = fusedops.linear_cross_entropy(leaves["input"], leaves["weight"], target, leaves.get("bias"),
-                                            class_weight=class_weight, reduction=reduction, **kwargs,
-                                            process_group=group, vocab_size=V)
+        out = fusedops.linear_cross_entropy(
+            leaves["input"],
+            leaves["weight"],
+            target,
+            leaves.get("bias"),
+            class_weight=class_weight,
+            reduction=reduction,
+            **kwargs,
+            process_group=group,
+            vocab_size=V,
+        )
     return out if kwargs["return_lse"] else (out, None)
 
 
@@ -100,18 +122,25 @@ def _step(problem, cols, reduction, group, hessian=False):
     if hessian:
         directions = [_shard(problem["directions"][key], key, cols) for key in leaves]
         grads = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, directions)), list(leaves.values()))
-    return dict(loss=loss.detach(), lse=None if lse is None else lse.detach().to(loss.dtype),
-                grads=dict(zip(leaves, grads)))
+    return dict(
+        loss=loss.detach(), lse=None if lse is None else lse.detach().to(loss.dtype), grads=dict(zip(leaves, grads))
+    )
 
 
 def _columns(sizes, rank):
-    return slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
 
 
 def _cases(world):
     """(sizes, options, reduction, dtype, linear) of every case run with `world` ranks."""
-    return [(sizes, name, reduction, dtype, linear) for sizes in SPLITS[world] for name in OPTIONS
-            for reduction in REDUCTIONS for dtype in DTYPES for linear in (False, True)]
+    return [
+        (sizes, name, reduction, dtype, linear)
+        for sizes in SPLITS[world]
+        for name in OPTIONS
+        for reduction in REDUCTIONS
+        for dtype in DTYPES
+        for linear in (False, True)
+    ]
 
 
 class _Counted:
@@ -140,8 +169,9 @@ def _collectives(cols, group):
         _step(problem, cols, "mean", group)
         step = counted.take()
         _step(problem, cols, "mean", group, hessian=True)
-        out[name, linear] = dict(forward=forward, backward=step[len(forward):],
-                                 double_backward=sorted(counted.take()[len(step):], key=str))
+        out[name, linear] = dict(
+            forward=forward, backward=step[len(forward) :], double_backward=sorted(counted.take()[len(step) :], key=str)
+        )
     vocab_parallel.all_reduce = counted.all_reduce
     return out
 
@@ -153,12 +183,15 @@ def _errors(sizes, group):
     input, weight = torch.randn(N, H), torch.randn(V, H)[cols]
     calls = {
         "vocab_size": lambda: fusedops.cross_entropy(logits, target, process_group=group, vocab_size=V + 1),
-        "target >= V": lambda: fusedops.cross_entropy(logits, target.index_fill(0, torch.tensor([3]), V),
-                                                      process_group=group),
-        "target < 0": lambda: fusedops.linear_cross_entropy(input, weight, target.index_fill(0, torch.tensor([5]), -1),
-                                                            process_group=group),
-        "inplace_backward": lambda: fusedops.cross_entropy(logits.requires_grad_(), target, process_group=group,
-                                                           inplace_backward=True),
+        "target >= V": lambda: fusedops.cross_entropy(
+            logits, target.index_fill(0, torch.tensor([3]), V), process_group=group
+        ),
+        "target < 0": lambda: fusedops.linear_cross_entropy(
+            input, weight, target.index_fill(0, torch.tensor([5]), -1), process_group=group
+        ),
+        "inplace_backward": lambda: fusedops.cross_entropy(
+            logits.requires_grad_(), target, process_group=group, inplace_backward=True
+        ),
     }
     out = {}
     for key, call in calls.items():
@@ -171,8 +204,10 @@ def _errors(sizes, group):
     out["after"] = module(logits, target), fusedops.cross_entropy(logits, target, process_group=group)
     head = fusedops.LinearCrossEntropy(H, cols.stop - cols.start, process_group=group, vocab_size=V)
     head.weight.data.copy_(weight)
-    out["linear module"] = (head(input, target),
-                            fusedops.linear_cross_entropy(input, weight, target, process_group=group))
+    out["linear module"] = (
+        head(input, target),
+        fusedops.linear_cross_entropy(input, weight, target, process_group=group),
+    )
     return out
 
 
@@ -182,8 +217,9 @@ def _rank_cases(rank, world):
     group = dist.group.WORLD
     out = dict(errors=_errors(SPLITS[world][0], group))
     for sizes, name, reduction, dtype, linear in _cases(world):
-        out[sizes, name, reduction, dtype, linear] = _step(_problem(name, DTYPES[dtype], linear),
-                                                          _columns(sizes, rank), reduction, group)
+        out[sizes, name, reduction, dtype, linear] = _step(
+            _problem(name, DTYPES[dtype], linear), _columns(sizes, rank), reduction, group
+        )
     cols = _columns(SPLITS[world][0], rank)
     for linear in (False, True):
         out["hessian", linear] = _step(_problem("everything", torch.float64, linear), cols, "mean", group, True)
@@ -191,8 +227,9 @@ def _rank_cases(rank, world):
         problem = _problem("weight, label_smoothing", torch.float64, False)
 
         def loss(logits):
-            return fusedops.cross_entropy(logits, problem["target"], problem["class_weight"][cols],
-                                          label_smoothing=0.3, process_group=group)
+            return fusedops.cross_entropy(
+                logits, problem["target"], problem["class_weight"][cols], label_smoothing=0.3, process_group=group
+            )
 
         out["torch.func"] = torch.func.grad(loss)(problem["leaves"]["logits"][:, cols])
     out["collectives"] = _collectives(cols, group)
@@ -214,10 +251,13 @@ def _without_the_last_rank(group):
 def _assert_equal_to_one_process(results, key, sizes, problem, reduction, tol, hessian=False):
     """Every rank's loss, lse and gradients (or Hessian products) of case `key`: one process's, of its shard."""
     one = _step(problem, slice(0, V), reduction, None, hessian)
-    expected = [dict(one, grads={name: _shard(grad, name, _columns(sizes, rank))
-                                 for name, grad in one["grads"].items()}) for rank in range(len(results))]
-    torch.testing.assert_close([result[key] for result in results], expected, **tol, equal_nan=True,
-                               msg=lambda message: f"{key}: {message}")
+    expected = [
+        dict(one, grads={name: _shard(grad, name, _columns(sizes, rank)) for name, grad in one["grads"].items()})
+        for rank in range(len(results))
+    ]
+    torch.testing.assert_close(
+        [result[key] for result in results], expected, **tol, equal_nan=True, msg=lambda message: f"{key}: {message}"
+    )
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -234,8 +274,9 @@ def test_loss_lse_and_gradients_equal_one_process(ranks):
     world, results = ranks
     for key in _cases(world):
         sizes, name, reduction, dtype, linear = key
-        _assert_equal_to_one_process(results, key, sizes, _problem(name, DTYPES[dtype], linear), reduction,
-                                     TOLERANCES[dtype])
+        _assert_equal_to_one_process(
+            results, key, sizes, _problem(name, DTYPES[dtype], linear), reduction, TOLERANCES[dtype]
+        )
 
 
 def test_double_backward_and_torch_func(ranks):
@@ -244,8 +285,15 @@ def test_double_backward_and_torch_func(ranks):
     world, results = ranks
     sizes = SPLITS[world][0]
     for linear in (False, True):
-        _assert_equal_to_one_process(results, ("hessian", linear), sizes, _problem("everything", torch.float64, linear),
-                                     "mean", TOLERANCES["fp64"], hessian=True)
+        _assert_equal_to_one_process(
+            results,
+            ("hessian", linear),
+            sizes,
+            _problem("everything", torch.float64, linear),
+            "mean",
+            TOLERANCES["fp64"],
+            hessian=True,
+        )
     if world == 2:
         problem = _problem("weight, label_smoothing", torch.float64, False)
         whole = _step(problem, slice(0, V), "mean", None)["grads"]["logits"]
@@ -265,10 +313,14 @@ def test_two_collectives_per_forward_none_in_backward(ranks):
         counted = result["collectives"]
         assert counted["plain", False] == dict(forward=[maximum, sums[3]], backward=[], double_backward=[sums[3]])
         assert counted["weight", False] == dict(forward=[maximum, sums[4]], backward=[], double_backward=[sums[4]])
-        assert counted["probabilities", False] == dict(forward=[maximum, sums[3]], backward=[],
-                                                       double_backward=[sums[3]])
-        assert counted["plain", True] == dict(forward=[maximum, sums[3]], backward=[linear_input],
-                                              double_backward=sorted([sums[3], linear_input], key=str))
+        assert counted["probabilities", False] == dict(
+            forward=[maximum, sums[3]], backward=[], double_backward=[sums[3]]
+        )
+        assert counted["plain", True] == dict(
+            forward=[maximum, sums[3]],
+            backward=[linear_input],
+            double_backward=sorted([sums[3], linear_input], key=str),
+        )
 
 
 def test_bad_arguments_raise_on_every_rank(ranks):
@@ -277,17 +329,25 @@ def test_bad_arguments_raise_on_every_rank(ranks):
     world, results = ranks
     sizes = SPLITS[world][0]
     expected = {
-        "vocab_size": ("ArgumentValueError",
-                       f"cross_entropy: vocab_size=12 but the {world} shards' sizes {list(sizes)} add up to 11"),
-        "target >= V": ("ArgumentIndexError",
-                        f"cross_entropy: target[3] = 11 is out of range for the 11 classes of the shards of sizes "
-                        f"{list(sizes)} (argument 'target')"),
-        "target < 0": ("ArgumentIndexError",
-                       f"linear_cross_entropy: target[5] = -1 is out of range for the 11 classes of the shards of "
-                       f"sizes {list(sizes)} (argument 'target')"),
-        "inplace_backward": ("ArgumentValueError",
-                             "cross_entropy: inplace_backward=True cannot be used with a process_group that splits "
-                             "the classes (the gradient comes from autograd there)"),
+        "vocab_size": (
+            "ArgumentValueError",
+            f"cross_entropy: vocab_size=12 but the {world} shards' sizes {list(sizes)} add up to 11",
+        ),
+        "target >= V": (
+            "ArgumentIndexError",
+            f"cross_entropy: target[3] = 11 is out of range for the 11 classes of the shards of sizes "
+            f"{list(sizes)} (argument 'target')",
+        ),
+        "target < 0": (
+            "ArgumentIndexError",
+            f"linear_cross_entropy: target[5] = -1 is out of range for the 11 classes of the shards of "
+            f"sizes {list(sizes)} (argument 'target')",
+        ),
+        "inplace_backward": (
+            "ArgumentValueError",
+            "cross_entropy: inplace_backward=True cannot be used with a process_group that splits "
+            "the classes (the gradient comes from autograd there)",
+        ),
     }
     for result in results:
         errors = result["errors"]
@@ -304,8 +364,10 @@ def test_a_dead_peer_is_a_clear_error_not_a_hang(ranks):
     world, results = ranks
     for result in results[:-1]:
         dead_peer = result["dead peer"]
-        assert dead_peer["message"].startswith("cross_entropy: all_reduce over the process group failed: a peer "
-                                               "process may have exited or stalled past the group's timeout")
+        assert dead_peer["message"].startswith(
+            "cross_entropy: all_reduce over the process group failed: a peer "
+            "process may have exited or stalled past the group's timeout"
+        )
         assert dead_peer["seconds"] < GROUP_TIMEOUT_S + 5
 
 
@@ -315,10 +377,13 @@ def test_one_process_is_the_plain_call():
     assert not dist.is_initialized()
     logits, target = torch.randn(N, V), torch.randint(0, V, (N,))
     plain = fusedops.cross_entropy(logits, target)
-    torch.testing.assert_close(fusedops.cross_entropy(logits, target, process_group=object(), vocab_size=V), plain,
-                               rtol=0, atol=0)
-    with pytest.raises(fusedops.errors.ArgumentValueError,
-                       match="cross_entropy: vocab_size=12 but the logits have 11 classes, not split across processes"):
+    torch.testing.assert_close(
+        fusedops.cross_entropy(logits, target, process_group=object(), vocab_size=V), plain, rtol=0, atol=0
+    )
+    with pytest.raises(
+        fusedops.errors.ArgumentValueError,
+        match="cross_entropy: vocab_size=12 but the logits have 11 classes, not split across processes",
+    ):
         fusedops.cross_entropy(logits, target, vocab_size=V + 1)
     with pytest.raises(fusedops.errors.ArgumentTypeError, match="cross_entropy: vocab_size must be an int or None"):
         fusedops.cross_entropy(logits, target, vocab_size=11.0)

@@ -1,4 +1,5 @@
 """The command line: python -m fusedops <command> (see --help)."""
+
 import argparse
 import os
 import sys
@@ -29,8 +30,16 @@ def check(args):
     fusedops.cross_entropy(logits, Yb).backward()
     rows.append(reference.compare("fused dlogits", logits.grad, grads["logits"]))
     hprebn = acts["hprebn"].detach().clone().requires_grad_()
-    hpreact = fusedops.batch_norm(hprebn, None, None, params["bngain"].detach().view(-1),
-                                  params["bnbias"].detach().view(-1), training=True, eps=reference.EPS, unbiased=True)
+    hpreact = fusedops.batch_norm(
+        hprebn,
+        None,
+        None,
+        params["bngain"].detach().view(-1),
+        params["bnbias"].detach().view(-1),
+        training=True,
+        eps=reference.EPS,
+        unbiased=True,
+    )
     hpreact.backward(grads["hpreact"])  # upstream: the hand-written dhpreact
     rows.append(reference.compare("fused dhprebn", hprebn.grad, grads["hprebn"]))
 
@@ -59,32 +68,54 @@ def train(args):
     words = data.load_words(path)
     vocab = data.Vocab(words)
     device = data_parallel_init(args.device) if world > 1 else args.device
-    (Xtr, Ytr), (Xval, Yval), (Xte, Yte) = (
-        (X.to(device), Y.to(device)) for X, Y in data.splits(words, vocab))
+    (Xtr, Ytr), (Xval, Yval), (Xte, Yte) = ((X.to(device), Y.to(device)) for X, Y in data.splits(words, vocab))
     runs = {}
     for layers in makemore.LAYERS if args.compare else (args.layers,):
         g = torch.Generator().manual_seed(args.seed)
-        model = makemore.MLP(len(vocab), n_embd=args.embed, n_hidden=args.hidden, layers=layers,
-                             bn_momentum=args.bn_momentum, backend=args.backend, generator=g).to(device)
+        model = makemore.MLP(
+            len(vocab),
+            n_embd=args.embed,
+            n_hidden=args.hidden,
+            layers=layers,
+            bn_momentum=args.bn_momentum,
+            backend=args.backend,
+            generator=g,
+        ).to(device)
         step_fn = makemore.manual_step if args.manual_backward and layers == "fusedops" else None
         if world > 1:
             step_fn = makemore.data_parallel_step(data_parallel_model(model))
-        losses, seconds = makemore.train(model, Xtr, Ytr, steps=args.steps, batch_size=args.batch_size,
-                                         lr=args.lr, decay_step=args.decay_step, generator=g, step_fn=step_fn,
-                                         progress=not args.quiet and is_rank0())
+        losses, seconds = makemore.train(
+            model,
+            Xtr,
+            Ytr,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            decay_step=args.decay_step,
+            generator=g,
+            step_fn=step_fn,
+            progress=not args.quiet and is_rank0(),
+        )
         if world > 1 and not data_parallel_leave():
             return 0
         runs[layers] = dict(
-            layers=layers, manual_backward=step_fn is makemore.manual_step, ms_per_step=seconds * 1e3,
-            train=makemore.split_loss(model, Xtr, Ytr), val=makemore.split_loss(model, Xval, Yval),
-            test=makemore.split_loss(model, Xte, Yte), samples=makemore.sample(model, vocab.itos),
-            losses=losses)
+            layers=layers,
+            manual_backward=step_fn is makemore.manual_step,
+            ms_per_step=seconds * 1e3,
+            train=makemore.split_loss(model, Xtr, Ytr),
+            val=makemore.split_loss(model, Xval, Yval),
+            test=makemore.split_loss(model, Xte, Yte),
+            samples=makemore.sample(model, vocab.itos),
+            losses=losses,
+        )
     report = {k: v for k, v in vars(args).items() if k not in ("run", "argv")}
     report["nproc"], report["data_file"] = world, path
     if args.compare:
         a, b = runs["fusedops"], runs["torch"]
-        report["compare"] = dict(speed_ratio=a["ms_per_step"] / b["ms_per_step"],
-                                 max_step_loss_diff=max(abs(x - y) for x, y in zip(a["losses"], b["losses"])))
+        report["compare"] = dict(
+            speed_ratio=a["ms_per_step"] / b["ms_per_step"],
+            max_step_loss_diff=max(abs(x - y) for x, y in zip(a["losses"], b["losses"])),
+        )
     print_runs(runs, report.get("compare"))
     out_dir = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out_dir, exist_ok=True)
@@ -97,11 +128,15 @@ def train(args):
 
 def check_data_parallel(args, nproc):
     if args.layers != "fusedops" or args.compare or args.manual_backward:
-        raise SystemExit("--nproc trains data-parallel with fusedops.SyncBatchNorm and loss.backward(): it "
-                         "needs --layers fusedops, without --compare and --manual-backward")
+        raise SystemExit(
+            "--nproc trains data-parallel with fusedops.SyncBatchNorm and loss.backward(): it "
+            "needs --layers fusedops, without --compare and --manual-backward"
+        )
     if args.batch_size < 2 * nproc:
-        raise SystemExit(f"--nproc {nproc} splits each minibatch over the processes: --batch-size must be at "
-                         f"least {2 * nproc}, got {args.batch_size}")
+        raise SystemExit(
+            f"--nproc {nproc} splits each minibatch over the processes: --batch-size must be at "
+            f"least {2 * nproc}, got {args.batch_size}"
+        )
 
 
 def launch(args):
@@ -115,8 +150,16 @@ def launch(args):
             next(rest)
         elif not arg.startswith("--nproc="):
             argv.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "fusedops", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "-m",
+        "fusedops",
+        *argv,
+    ]
     return subprocess.run(cmd).returncode
 
 
@@ -162,11 +205,15 @@ def print_runs(runs, compare):
     names = list(runs)
     print("\n" + " " * 16 + "".join(f"{n:>14s}" for n in names))
     for key, fmt in (("train", ".4f"), ("val", ".4f"), ("test", ".4f"), ("ms_per_step", ".3f")):
-        print(f"{key + ' loss' if key != 'ms_per_step' else 'ms per step':16s}"
-              + "".join(f"{runs[n][key]:>14{fmt}}" for n in names))
+        print(
+            f"{key + ' loss' if key != 'ms_per_step' else 'ms per step':16s}"
+            + "".join(f"{runs[n][key]:>14{fmt}}" for n in names)
+        )
     if compare:
-        print(f"fusedops / torch time per step: {compare['speed_ratio']:.2f}; largest per-step loss "
-              f"difference: {compare['max_step_loss_diff']:.2e}")
+        print(
+            f"fusedops / torch time per step: {compare['speed_ratio']:.2f}; largest per-step loss "
+            f"difference: {compare['max_step_loss_diff']:.2e}"
+        )
     for n in names:
         print(f"\n{n} samples: " + " ".join(runs[n]["samples"]))
 
@@ -186,45 +233,73 @@ def positive_int(text):
 
 
 def add_data_args(parser):
-    parser.add_argument("--data", default=None,
-                        help="a path or http(s) URL to a file of one word per line (a URL is downloaded once "
-                             "into $XDG_CACHE_HOME/fusedops or ~/.cache/fusedops). Default: names.txt here, "
-                             "else at the repository's root, else in that cache, else downloaded from "
-                             f"{data.NAMES_URL}")
-    parser.add_argument("--seed", type=int, default=reference.SEED,
-                        help="seeds the generator of the parameters and the batch (default: %(default)s)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="a path or http(s) URL to a file of one word per line (a URL is downloaded once "
+        "into $XDG_CACHE_HOME/fusedops or ~/.cache/fusedops). Default: names.txt here, "
+        "else at the repository's root, else in that cache, else downloaded from "
+        f"{data.NAMES_URL}",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=reference.SEED,
+        help="seeds the generator of the parameters and the batch (default: %(default)s)",
+    )
     parser.add_argument("--batch-size", type=batch_size, default=32, help="(default: %(default)s)")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m fusedops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    check_parser = commands.add_parser("check", help="hand-written gradients vs autograd vs fusedops",
-                                       description=check.__doc__)
+    check_parser = commands.add_parser(
+        "check", help="hand-written gradients vs autograd vs fusedops", description=check.__doc__
+    )
     add_data_args(check_parser)
     check_parser.set_defaults(run=check)
 
-    train_parser = commands.add_parser("train", help="train the notebooks' MLP with fusedops layers",
-                                       description=train.__doc__)
+    train_parser = commands.add_parser(
+        "train", help="train the notebooks' MLP with fusedops layers", description=train.__doc__
+    )
     add_data_args(train_parser)
     train_parser.add_argument("--steps", type=int, default=200_000, help="(default: %(default)s)")
     train_parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, / 10 from --decay-step")
     train_parser.add_argument("--decay-step", type=int, default=None, help="(default: half of --steps)")
     train_parser.add_argument("--embed", type=int, default=10, help="embedding size (default: %(default)s)")
     train_parser.add_argument("--hidden", type=int, default=64, help="hidden units (default: %(default)s)")
-    train_parser.add_argument("--bn-momentum", type=float, default=0.001,
-                              help="running statistics: r = (1-m) r + m batch (default: %(default)s)")
+    train_parser.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=0.001,
+        help="running statistics: r = (1-m) r + m batch (default: %(default)s)",
+    )
     train_parser.add_argument("--device", default="cpu")
-    train_parser.add_argument("--backend", choices=("cpp", "triton"), default=None,
-                              help="fusedops kernels (default: C++ on CPU, Triton on CUDA)")
-    train_parser.add_argument("--layers", choices=("fusedops", "torch"), default="fusedops",
-                              help="torch: the same model in torch layers, for comparison")
+    train_parser.add_argument(
+        "--backend",
+        choices=("cpp", "triton"),
+        default=None,
+        help="fusedops kernels (default: C++ on CPU, Triton on CUDA)",
+    )
+    train_parser.add_argument(
+        "--layers",
+        choices=("fusedops", "torch"),
+        default="fusedops",
+        help="torch: the same model in torch layers, for comparison",
+    )
     train_parser.add_argument("--compare", action="store_true", help="train with both layers, side by side")
-    train_parser.add_argument("--manual-backward", action="store_true",
-                              help="no loss.backward(): every gradient by hand, with the fused kernels")
-    train_parser.add_argument("--nproc", type=positive_int, default=1,
-                              help="data-parallel over this many processes (torchrun, gloo on CPU), each "
-                                   "taking its share of every minibatch, batch norm synchronised")
+    train_parser.add_argument(
+        "--manual-backward",
+        action="store_true",
+        help="no loss.backward(): every gradient by hand, with the fused kernels",
+    )
+    train_parser.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=1,
+        help="data-parallel over this many processes (torchrun, gloo on CPU), each "
+        "taking its share of every minibatch, batch norm synchronised",
+    )
     train_parser.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
     train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     train_parser.set_defaults(run=train)

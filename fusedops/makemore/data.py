@@ -1,5 +1,6 @@
 """The makemore data: names, one per line, turned into (3 previous characters -> next character);
 found on disk, or downloaded once into a cache."""
+
 import hashlib
 import http.client
 import os
@@ -23,8 +24,7 @@ class DataError(ValueError):
 
 def cache_dir():
     """$XDG_CACHE_HOME/fusedops, else ~/.cache/fusedops."""
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                        "fusedops")
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fusedops")
 
 
 def cache_path(url):
@@ -72,15 +72,20 @@ def download(url, path, sha256=None, progress=True):
                     digest.update(chunk)
                     bar.update(len(chunk))
             if size is not None and f.tell() != size:
-                raise DataError(f"cannot download {url}: the connection closed after {f.tell()} of {size} "
-                                f"bytes; {hint}")
+                raise DataError(
+                    f"cannot download {url}: the connection closed after {f.tell()} of {size} bytes; {hint}"
+                )
         if sha256 is not None and digest.hexdigest() != sha256:
-            raise DataError(f"the file downloaded from {url} has sha256 {digest.hexdigest()}, expected {sha256}; "
-                            f"{hint}")
+            raise DataError(
+                f"the file downloaded from {url} has sha256 {digest.hexdigest()}, expected {sha256}; {hint}"
+            )
         os.replace(tmp, path)
     except (OSError, http.client.HTTPException) as e:  # urllib.error.URLError is an OSError
-        reason = e if isinstance(e, urllib.error.HTTPError) else \
-            getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        reason = (
+            e
+            if isinstance(e, urllib.error.HTTPError)
+            else getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        )
         raise DataError(f"cannot download {url}: {reason}; {hint}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):

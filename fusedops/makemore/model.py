@@ -3,6 +3,7 @@
 
     embedding (27 x 10) -> Linear 30 -> 64 -> BatchNorm1d (Bessel-corrected) -> tanh -> Linear 64 -> 27 -> cross-entropy
 """
+
 import time
 
 import torch
@@ -26,15 +27,34 @@ class BesselBatchNorm1d(nn.BatchNorm1d):
         if self.training and self.track_running_stats and momentum is None:
             self.num_batches_tracked += 1
             momentum = 1.0 / float(self.num_batches_tracked)
-        return reference.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                    self.training, momentum, self.eps, unbiased=True)
+        return reference.batch_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training,
+            momentum,
+            self.eps,
+            unbiased=True,
+        )
 
 
 class MLP(nn.Module):
     """The notebooks' model with their initialisation, drawn from `generator` in their order."""
 
-    def __init__(self, vocab_size=27, block_size=3, n_embd=10, n_hidden=64, *, layers="fusedops",
-                 bn_momentum=0.001, backend=None, generator=None):
+    def __init__(
+        self,
+        vocab_size=27,
+        block_size=3,
+        n_embd=10,
+        n_hidden=64,
+        *,
+        layers="fusedops",
+        bn_momentum=0.001,
+        backend=None,
+        generator=None,
+    ):
         super().__init__()
         if layers not in LAYERS:
             raise ValueError(f"layers must be one of {LAYERS}, got {layers!r}")
@@ -42,8 +62,11 @@ class MLP(nn.Module):
         p = reference.init_params(vocab_size, n_embd, n_hidden, block_size, generator=generator, bngain=(0.1, 1.0))
         self.embedding = nn.Embedding(vocab_size, n_embd)
         self.hidden = nn.Linear(n_embd * block_size, n_hidden)
-        bn = BatchNorm1d(n_hidden, momentum=bn_momentum, unbiased=True, backend=backend) \
-            if layers == "fusedops" else BesselBatchNorm1d(n_hidden, momentum=bn_momentum)
+        bn = (
+            BatchNorm1d(n_hidden, momentum=bn_momentum, unbiased=True, backend=backend)
+            if layers == "fusedops"
+            else BesselBatchNorm1d(n_hidden, momentum=bn_momentum)
+        )
         self.bn = bn
         self.output = nn.Linear(n_hidden, vocab_size)
         with torch.no_grad():  # the notebooks keep W as (in, out); nn.Linear as (out, in)
@@ -71,8 +94,10 @@ def split_loss(model, X, Y, batch_size=65536):
     """Mean loss over a whole split in eval mode (running batch-norm statistics)."""
     was_training = model.training
     model.eval()
-    total = sum(model.loss(X[i:i + batch_size], Y[i:i + batch_size]).item() * len(X[i:i + batch_size])
-                for i in range(0, len(X), batch_size))
+    total = sum(
+        model.loss(X[i : i + batch_size], Y[i : i + batch_size]).item() * len(X[i : i + batch_size])
+        for i in range(0, len(X), batch_size)
+    )
     model.train(was_training)
     return total / len(X)
 
@@ -141,12 +166,15 @@ def manual_step(model, Xb, Yb):
     W1, b1, W2, b2 = model.hidden.weight, model.hidden.bias, model.output.weight, model.output.bias
     embcat = C[Xb].flatten(1)
     hprebn = F.linear(embcat, W1, b1)  # embcat @ W1^T + b1
-    hpreact, mean, invstd, var = ops.batch_norm_forward(hprebn, bn.weight, bn.bias, None, None, True, bn.unbiased,
-                                                        bn.eps)
+    hpreact, mean, invstd, var = ops.batch_norm_forward(
+        hprebn, bn.weight, bn.bias, None, None, True, bn.unbiased, bn.eps
+    )
     update_running_stats(bn, mean, var)
     h = torch.tanh(hpreact)
     logits = F.linear(h, W2, b2)
-    loss, dlogits, _ = ops.cross_entropy_forward(logits, Yb, None, MEAN, -100, 0.0, 0.0, None)  # (softmax - one_hot) / n
+    loss, dlogits, _ = ops.cross_entropy_forward(
+        logits, Yb, None, MEAN, -100, 0.0, 0.0, None
+    )  # (softmax - one_hot) / n
     dh, dW2, db2 = dlogits @ W2, dlogits.T @ h, dlogits.sum(0)  # logits = h @ W2^T + b2
     dhpreact = (1.0 - h**2) * dh  # tanh' = 1 - tanh^2
     dhprebn, dgamma, dbeta, _ = ops.batch_norm_backward(dhpreact, hprebn, mean, invstd, bn.weight, True, bn.unbiased)
@@ -189,8 +217,12 @@ def plot_losses(curves, path, every=1000):
         chunk = max(1, min(every, len(losses) // 20))
         n = len(losses) // chunk * chunk
         means = torch.tensor(losses[:n]).view(-1, chunk).mean(1).log10()
-        ax.plot(torch.arange(len(means)) * chunk + chunk / 2, means, label=f"{label} layers",
-                linestyle="--" if label == "torch" else "-")
+        ax.plot(
+            torch.arange(len(means)) * chunk + chunk / 2,
+            means,
+            label=f"{label} layers",
+            linestyle="--" if label == "torch" else "-",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel(f"log10 loss (mean per {chunk} steps)")
     ax.legend()
