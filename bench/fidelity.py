@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fusedops  # noqa: E402
-from fusedops._ops import BACKENDS  # noqa: E402
+from fusedops._checks import BACKENDS  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CE_QUANTITIES = ("loss", "dlogits")

@@ -2,8 +2,9 @@
 failed peer into an error saying so. The collectives are torch.distributed's functional ones, which
 torch.compile traces."""
 
-import torch
 import torch.distributed as dist
+
+from ._autograd import functional_all_reduce
 
 
 def sync_group(process_group):
@@ -19,8 +20,7 @@ def all_reduce(tensor, group, name, op="sum"):
     """`op` ("sum", "max", ...) of tensor over the processes of `group` (a new tensor); a failed peer raises a
     RuntimeError that says so, naming `name`, the op whose collective it is."""
     try:
-        reduced = torch.ops._c10d_functional.all_reduce(tensor, op, group.group_name)
-        return torch.ops._c10d_functional.wait_tensor(reduced)
+        return functional_all_reduce(tensor, op, group.group_name)
     except RuntimeError as e:
         raise RuntimeError(
             f"{name}: all_reduce over the process group failed: a peer process may have exited or "

@@ -12,39 +12,13 @@ mode the statistics are constants and dx = dy * gamma * invstd.
 """
 
 import torch
-from torch import Tensor
-from torch.nn.modules import batchnorm
 
-from ._ops import (
-    acc_dtype,
-    batched_first,
-    check_backend,
-    check_no_grad,
-    fast_apply,
-    kernels,
-    no_tangent,
-    not_differentiable,
-    register,
-)
-from .errors import ArgumentDtypeError, ArgumentTypeError, ArgumentValueError
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def is_channels_last(t):
-    """Whether the kernels read (N, C, *) `t` as channels-last (a (rows, C) matrix with C contiguous):
-    stored so and not also contiguous. Every other tensor they read as contiguous (N, C, L) runs."""
-    return t.dim() > 2 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous()
-
-
-def empty_like_input(t, dtype=None):
-    """An empty tensor shaped like `t` in the layout the kernels write for input `t`: channels-last
-    when `t` is, else contiguous (as torch's batch norm, which keeps the input's memory format)."""
-    if t.numel() == 0:  # no element says which layout: its strides' (torch.empty_like's preserve_format)
-        return torch.empty_like(t, dtype=dtype)
-    if is_channels_last(t):
-        return torch.empty_like(t.movedim(1, -1), dtype=dtype, memory_format=torch.contiguous_format).movedim(-1, 1)
-    return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+from ._autograd import TorchBatchNorm, batched_first, fast_apply
+from ._checks import check_activation, check_batch_norm, no_tangent, not_differentiable, rank_error
+from ._layout import empty_like_input
+from ._math import ACTIVATIONS, acc_dtype
+from ._ops import kernels, register
+from .errors import ArgumentTypeError
 
 
 def _forward_fake(input, weight, bias, running_mean, running_var, training, unbiased, eps, residual=None, activation=0):
@@ -102,9 +76,6 @@ for _step, _fake in {
     register(f"batch_norm_{_step}", _fake, _cuda(_step))
 # one kernel for every device (C++, CompositeExplicitAutograd); writes its inputs only
 register("batch_norm_update_stats", lambda *args: None, None)
-
-
-ACTIVATIONS = {None: 0, "relu": 1}  # the activation's code in the ops' schemas
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -317,7 +288,7 @@ def batch_norm(
             "batch_norm: momentum must be a float, got None (momentum=None, the cumulative "
             "average, needs the batch count that the BatchNorm modules keep)"
         )
-    _check_args(
+    check_batch_norm(
         input,
         running_mean,
         running_var,
@@ -399,104 +370,7 @@ def update_running_stats(module, mean, var):
         )
 
 
-def _check_args(
-    input,
-    running_mean,
-    running_var,
-    weight,
-    bias,
-    training,
-    eps,
-    min_values=2,
-    momentum=None,
-    backend=None,
-    residual=None,
-    activation=None,
-):
-    """Every argument check of batch norm, one message each. min_values: the values per channel that
-    training needs here (SyncBatchNorm counts all processes'); an empty batch passes, as in torch.
-    momentum: checked in training only, a float in [0, 1] or None (the cumulative average)."""
-    if not isinstance(input, Tensor) or input.dtype not in FLOAT_DTYPES:
-        raise (ArgumentDtypeError if isinstance(input, Tensor) else ArgumentTypeError)(
-            f"batch_norm: input must be a float16, bfloat16, float32 or float64 tensor, got "
-            f"{getattr(input, 'dtype', type(input))}"
-        )
-    if input.dim() < 2:
-        raise ArgumentValueError(
-            f"batch_norm: input must be (N, C, *), got {input.dim()}-D input of shape {tuple(input.shape)}"
-        )
-    channels = input.shape[1]
-    if channels == 0:
-        raise ArgumentValueError(f"batch_norm: input must have at least one channel, got shape {tuple(input.shape)}")
-    # per-channel tensors: the input's dtype, or float32 for float16/bfloat16 input (mixed precision)
-    dtypes = (input.dtype,) if input.dtype in (torch.float32, torch.float64) else (input.dtype, torch.float32)
-    named = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
-    device = input.device
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise ArgumentTypeError(f"batch_norm: {name} must be a tensor or None, got {type(t).__name__}")
-        if t.device != device:
-            raise ArgumentValueError(f"batch_norm: {name} is on {t.device} but input is on {device}")
-        if t.dtype not in dtypes:
-            raise ArgumentTypeError(
-                f"batch_norm: {name} has dtype {t.dtype} but input has {input.dtype}; "
-                f"expected {' or '.join(map(str, dtypes))}"
-            )
-        if t.shape != (channels,):
-            raise ArgumentValueError(
-                f"batch_norm: {name} has shape {tuple(t.shape)} but input has {channels} "
-                f"channels, expected ({channels},)"
-            )
-        if name.startswith("running"):
-            check_no_grad("batch_norm", name, t)
-    if (running_mean is None) != (running_var is None):
-        raise ArgumentValueError(
-            "batch_norm: running_mean and running_var must both be tensors or both be None, "
-            f"got running_mean={type(running_mean).__name__}, "
-            f"running_var={type(running_var).__name__}"
-        )
-    if not training and running_mean is None:
-        raise ArgumentValueError("batch_norm: training=False normalises with running_mean and running_var, got None")
-    if training and 0 < input.numel() // channels < min_values:
-        raise ArgumentValueError(
-            f"batch_norm: expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
-        )
-    if not isinstance(training, bool):
-        raise ArgumentTypeError(f"batch_norm: training must be a bool, got {training!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise ArgumentTypeError(f"batch_norm: eps must be a float, got {eps!r}")
-    if not eps >= 0:
-        raise ArgumentValueError(f"batch_norm: eps must be a non-negative number, got {eps!r}")
-    if training and eps == 0:  # the variance of a constant channel is 0: invstd would be inf
-        raise ArgumentValueError(f"batch_norm: eps must be positive when training, got {eps!r}")
-    if training and momentum is not None:
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-            raise ArgumentTypeError(f"batch_norm: momentum must be a float, got {momentum!r}")
-        if not 0 <= momentum <= 1:  # running = (1 - momentum) * running + momentum * batch
-            raise ArgumentValueError(f"batch_norm: momentum must be in [0, 1], got {momentum!r}")
-    if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise ArgumentTypeError(f"batch_norm: residual must be a tensor or None, got {type(residual).__name__}")
-        if residual.dtype != input.dtype:
-            raise ArgumentTypeError(f"batch_norm: residual has dtype {residual.dtype} but input has {input.dtype}")
-        if residual.device != device:
-            raise ArgumentValueError(f"batch_norm: residual is on {residual.device} but input is on {device}")
-        if residual.shape != input.shape:
-            raise ArgumentValueError(
-                f"batch_norm: residual has shape {tuple(residual.shape)} but input has {tuple(input.shape)}"
-            )
-    _check_activation(activation)
-    check_backend(backend, input)
-
-
-def _check_activation(activation):
-    if activation not in ACTIVATIONS:
-        raise ArgumentValueError(f"batch_norm: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-
-
-class _BatchNorm(batchnorm._BatchNorm):
+class BatchNormBase(TorchBatchNorm):
     """The fusedops batch-norm layers: torch's parameters, buffers and state_dict, fused, with an optional
     activation after an optional residual: forward(input, residual=None) = act(bn(input) + residual).
 
@@ -518,7 +392,7 @@ class _BatchNorm(batchnorm._BatchNorm):
         unbiased=False,
         backend=None,
     ):
-        _check_activation(activation)
+        check_activation(activation)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.activation, self.unbiased, self.backend = activation, unbiased, backend
 
@@ -529,7 +403,7 @@ class _BatchNorm(batchnorm._BatchNorm):
         use_batch_stats = training or running_mean is None
         if training and not self.track_running_stats:  # batch statistics, nothing to update
             running_mean = running_var = None
-        _check_args(
+        check_batch_norm(
             input,
             running_mean,
             running_var,
@@ -588,30 +462,26 @@ def adopt_state(new, module):
     return new.train(module.training)
 
 
-def _rank_error(layer, expected, input):
-    return ArgumentValueError(f"{layer}: expected {expected} input (got {input.dim()}D input)")
-
-
-class BatchNorm1d(_BatchNorm):
-    """Drop-in for `torch.nn.BatchNorm1d` on (N, C) or (N, C, L) input (see _BatchNorm)."""
+class BatchNorm1d(BatchNormBase):
+    """Drop-in for `torch.nn.BatchNorm1d` on (N, C) or (N, C, L) input (see BatchNormBase)."""
 
     def _check_input_dim(self, input):
         if input.dim() not in (2, 3):
-            raise _rank_error("BatchNorm1d", "2D or 3D", input)
+            raise rank_error("BatchNorm1d", "2D or 3D", input)
 
 
-class BatchNorm2d(_BatchNorm):
-    """Drop-in for `torch.nn.BatchNorm2d` on (N, C, H, W) input, contiguous or channels_last (see _BatchNorm)."""
+class BatchNorm2d(BatchNormBase):
+    """Drop-in for `torch.nn.BatchNorm2d` on (N, C, H, W) input, contiguous or channels_last (see BatchNormBase)."""
 
     def _check_input_dim(self, input):
         if input.dim() != 4:
-            raise _rank_error("BatchNorm2d", "4D", input)
+            raise rank_error("BatchNorm2d", "4D", input)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(BatchNormBase):
     """Drop-in for `torch.nn.BatchNorm3d` on (N, C, D, H, W) input, contiguous or channels_last_3d
-    (see _BatchNorm)."""
+    (see BatchNormBase)."""
 
     def _check_input_dim(self, input):
         if input.dim() != 5:
-            raise _rank_error("BatchNorm3d", "5D", input)
+            raise rank_error("BatchNorm3d", "5D", input)

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._ops import acc_dtype
-from .batch_norm import empty_like_input, is_channels_last
+from ._layout import empty_like_input, is_channels_last
+from ._math import acc_dtype
 from .errors import ArgumentValueError
 
 TILE, MAX_BLOCK_C, MAX_BLOCK_L, MAX_SPLITS, MERGE_BLOCK_C = 8192, 128, 1024, 256, 128

@@ -12,8 +12,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._autograd import TorchBatchNorm
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, adopt_state
 from .errors import ArgumentTypeError, ArgumentValueError
 
@@ -83,7 +83,7 @@ class _Tracer(torch.fx.Tracer):
     """fx's tracer, with every batch norm (torch's or fusedops') a leaf: one call_module node each."""
 
     def is_leaf_module(self, m, module_qualified_name):
-        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, TorchBatchNorm) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _fused(model):

@@ -12,29 +12,16 @@ The forward op returns the loss, G and lse; backward scales G by the upstream gr
 `inplace_backward=True` G is written over the logits.
 """
 
-import math
 import weakref
 
 import torch
 from torch import Tensor, nn
 
-from ._collectives import sync_group
-from ._ops import (
-    acc_dtype,
-    batched_first,
-    check_backend,
-    check_no_grad,
-    fast_apply,
-    kernels,
-    no_tangent,
-    not_differentiable,
-    register,
-)
-from .errors import ArgumentDtypeError, ArgumentEmptyError, ArgumentTypeError, ArgumentValueError
-
-NONE, MEAN, SUM = 0, 1, 2  # torch's reduction numbering, as the kernels take it
-REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
-INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)  # class-index targets
+from ._autograd import add_grads, batched_first, consumable, fast_apply, legacy_reduction
+from ._checks import check_cross_entropy, check_inplace, no_tangent, not_differentiable, vocab_group
+from ._math import MEAN, NONE, REDUCTIONS, SUM, acc_dtype, capped, mean_scale, z_loss_weight
+from ._ops import kernels, register
+from .errors import ArgumentTypeError, ArgumentValueError
 
 
 def _forward_inplace_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap):
@@ -78,24 +65,6 @@ def _scale_grad_cuda(grad, scale):
 register("cross_entropy_forward", _forward_fake, _forward_cuda)
 register("cross_entropy_forward_inplace", _forward_inplace_fake, _forward_inplace_cuda)
 register("cross_entropy_scale_grad", lambda grad, scale: None, _scale_grad_cuda)
-
-
-def _keeps_graph():
-    """Whether the running backward pass keeps the graph (retain_graph): a saved tensor can be asked
-    for again."""
-    try:
-        return torch._C._autograd._get_current_graph_task_keep_graph()
-    except RuntimeError:  # not called by the autograd engine
-        return True
-
-
-def consumable(create_graph):
-    """Whether backward may scale its saved gradients in place (cross_entropy_scale_grad) and hand them out:
-    nothing can ask for them again (no create_graph, no retain_graph), and neither torch.compile nor a
-    torch.func transform runs (they take the out-of-place product)."""
-    return not (
-        create_graph or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or _keeps_graph()
-    )
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -170,11 +139,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         if grad_grad is not None:  # through G's dependence on the logits, before G is scaled in place
             dlogits = rows.hessian_vp(grad_grad)
         if grad_lse is not None:  # d lse / dx = p * dy/dx
-            dlogits = _add(dlogits, (rows.p * rows.dy_dx * grad_lse.unsqueeze(1)).to(grad.dtype))
+            dlogits = add_grads(dlogits, (rows.p * rows.dy_dx * grad_lse.unsqueeze(1)).to(grad.dtype))
         if ctx.needs_input_grad[1] and grad_loss is not None:  # d loss_i / dq_ij = scale (1-eps) w_j (lse_i - y_ij)
             dtarget = (rows.target_grad() * _per_row(grad_loss, reduction)).to(target.dtype)
         if ctx.needs_input_grad[1] and grad_grad is not None:
-            dtarget = _add(dtarget, rows.target_vjp(grad_grad).to(target.dtype))
+            dtarget = add_grads(dtarget, rows.target_vjp(grad_grad).to(target.dtype))
         if grad_loss is not None:  # G * upstream (per row for reduction none)
             held = ctx.grad_output is not None and ctx.grad_output() is not None
             if consumable(create_graph) and not held:
@@ -183,7 +152,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 first = grad
             else:
                 first = grad * _per_row(grad_loss, reduction)
-            dlogits = _add(dlogits, first)
+            dlogits = add_grads(dlogits, first)
         return dlogits, dtarget, None, None, None, None, None, None, None, None, None
 
     @staticmethod
@@ -242,62 +211,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         if reduction == SUM:
             return (rows.sum(1), grad, lse), (0, 0, 0)
         if reduction == MEAN:  # the mean over each slice's divisor
-            scale = torch.stack([_mean_scale(target[b], weight, ignore_index) for b in range(B)]).to(rows.dtype)
+            scale = torch.stack([mean_scale(target[b], weight, ignore_index) for b in range(B)]).to(rows.dtype)
             return (rows.sum(1) * scale, grad * scale.view(B, 1, 1), lse), (0, 0, 0)
         return (rows, grad, lse), (0, 0, 0)
-
-
-def _add(a, b):
-    return b if a is None else a + b
 
 
 def _per_row(grad_loss, reduction):
     """The upstream gradient as a factor of each row: (N, 1) for reduction none, a scalar otherwise."""
     return grad_loss.unsqueeze(1) if reduction == NONE else grad_loss
-
-
-def mean_divisors(target, weight, ignore_index):
-    """(K, D), fp64 on the device: the kept targets' count K and summed weight D (D = K without weights; both N
-    for probability targets). Torch ops: no host read, no host-to-device copy."""
-    if target.is_floating_point():
-        n = torch.full((), target.shape[0], dtype=torch.float64, device=target.device)
-        return n, n
-    kept = target.long() != ignore_index  # (long: a uint8 target against a negative ignore_index)
-    count = kept.sum(dtype=torch.float64)
-    if weight is None:
-        return count, count
-    # (clamped: a target out of range makes the kernels raise, or give its row NaN)
-    w_t = weight.index_select(0, target.long().clamp(0, weight.shape[0] - 1))
-    return count, torch.where(kept, w_t, 0).sum(dtype=torch.float64)
-
-
-def _mean_scale(target, weight, ignore_index):
-    """1 / the mean's divisor D (0 when every target is ignored): the kept targets' summed weight (their
-    count without weights), N for probability targets."""
-    count, divisor = mean_divisors(target, weight, ignore_index)
-    return torch.where(count > 0, 1 / divisor, 0.0)
-
-
-def z_loss_weight(target, weight, ignore_index, reduction, z_loss):
-    """The class weights the kernels take: for the mean of class indices with class weights and z-loss, scaled
-    so that its divisor becomes the kept count K, w' = w K / D; the weighted cross-entropy then still divides
-    by D, and the z-loss, a per-token term, by K:
-        loss = sum_i w_{t_i} ce_i / D + z_loss * sum_i lse_i^2 / K        (kept rows i)
-    (PaLM's z-loss averages over tokens, unweighted.) Otherwise, or for a divisor D of 0, `weight` itself."""
-    if reduction != MEAN or weight is None or not z_loss > 0 or target.is_floating_point():
-        return weight
-    count, divisor = mean_divisors(target, weight, ignore_index)
-    return (weight.double() * torch.where(divisor != 0, count / divisor, 1.0)).to(weight.dtype)
-
-
-def capped(logits, dtype, softcap):
-    """y = softcap * tanh(x / softcap) (Gemma 2's soft-capping; y = x without) in dtype, and dy/dx = 1 - (y /
-    softcap)^2 (tanh' = 1 - tanh^2; 1 without). y may be the logits themselves."""
-    x = logits.to(dtype)
-    if softcap is None:
-        return x, 1.0
-    y = softcap * torch.tanh(x / softcap)
-    return y, 1 - (y / softcap) ** 2
 
 
 class _Rows:
@@ -321,7 +242,7 @@ class _Rows:
         self.wq = w * ((1 - eps) * q + eps / V) * self.kept  # w q'
         self.A = self.wq.sum(1, keepdim=True) + 2 * z_loss * lse.unsqueeze(1)  # W + 2 z lse
         self.scale = (
-            _mean_scale(target, weight, ignore_index)
+            mean_scale(target, weight, ignore_index)
             if reduction == MEAN
             else torch.ones((), dtype=torch.float64, device=grad.device)
         ).to(acc)
@@ -409,7 +330,7 @@ def cross_entropy(
     initialised, it is the plain call. No inplace_backward then. vocab_size: the number of classes of the
     whole vocabulary, checked against the shards' sizes (without a split, the logits' V).
     """
-    _check_args(
+    check_cross_entropy(
         input,
         target,
         weight,
@@ -424,7 +345,7 @@ def cross_entropy(
     )
     group = None
     if process_group is not None or vocab_size is not None:
-        group = _vocab_group(input, process_group, vocab_size, inplace_backward)
+        group = vocab_group(input, process_group, vocab_size, inplace_backward)
     logits = input
     if torch.is_autocast_enabled(logits.device.type) and logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # cross_entropy is on autocast's float32 list
@@ -443,7 +364,7 @@ def cross_entropy(
         target = target.movedim(1, -1).reshape(-1, V) if prob else target.reshape(-1)
     inplace = inplace_backward and logits.requires_grad and torch.is_grad_enabled()
     if inplace:
-        _check_inplace(logits, return_lse)
+        check_inplace(logits, return_lse)
     elif logits.stride(1) != 1:
         logits = logits.contiguous()
     if prob:
@@ -472,149 +393,6 @@ def shaped(loss, lse, code, out_shape, return_lse):
     return (loss, lse.reshape(out_shape).to(loss.dtype)) if return_lse else loss
 
 
-def _vocab_group(logits, process_group, vocab_size, inplace_backward, op="cross_entropy"):
-    """The group the classes are split over, or None (one process: the logits hold all vocab_size classes)."""
-    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
-        raise ArgumentTypeError(f"{op}: vocab_size must be an int or None, got {vocab_size!r}")
-    group = None if process_group is None else sync_group(process_group)
-    V = logits.shape[1 if logits.dim() > 1 else 0]
-    if group is None and V == 0:  # only a shard of a split may be empty
-        raise ArgumentEmptyError(
-            f"{op}: logits must have at least one class when the classes are not split "
-            f"across processes, got shape {tuple(logits.shape)}"
-        )
-    if group is None and vocab_size is not None and vocab_size != V:
-        raise ArgumentValueError(
-            f"{op}: vocab_size={vocab_size} but the logits have {V} classes, not split across processes"
-        )
-    if group is not None and inplace_backward:
-        raise ArgumentValueError(
-            f"{op}: inplace_backward=True cannot be used with a process_group that "
-            "splits the classes (the gradient comes from autograd there)"
-        )
-    return group
-
-
-def _check_inplace(logits, return_lse):
-    """The gradient can be written over the logits: unit stride along the classes, rows apart, and no
-    differentiable lse asked for (its gradient needs the logits)."""
-    if return_lse:
-        raise ArgumentValueError(
-            "inplace_backward=True cannot return_lse=True while the logits require grad: the "
-            "lse's gradient needs the logits, which are overwritten by their gradient"
-        )
-    N, V = logits.shape
-    if logits.stride(1) != 1 or (N > 1 and abs(logits.stride(0)) < V):
-        raise ArgumentValueError(
-            "inplace_backward=True needs logits with unit stride along the classes and rows "
-            f"that do not overlap, got shape {tuple(logits.shape)} and strides "
-            f"{logits.stride()}"
-        )
-
-
-def _check_number(name, value, low, allow_low, op):
-    """A real number (not a bool), finite, above `low` (or equal to it when allow_low)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"{op}: {name} must be a float, got {value!r}")
-    if not low <= value < math.inf or (value == low and not allow_low):  # comparisons: SymFloat-safe, NaN fails
-        raise ArgumentValueError(
-            f"{op}: {name} must be a finite number {'>=' if allow_low else '>'} {low}, got {value}"
-        )
-
-
-def _check_target(logits, target, ignore_index, op):
-    if not isinstance(target, Tensor):
-        raise ArgumentTypeError(f"{op}: target must be a tensor, got {type(target)}")
-    if target.device != logits.device:
-        raise ArgumentValueError(f"{op}: target is on {target.device} but logits on {logits.device}")
-    if target.is_floating_point():  # class probabilities
-        if target.dtype != logits.dtype:
-            raise ArgumentTypeError(
-                f"{op}: a probability target must have the logits' dtype "
-                f"{logits.dtype}, got {target.dtype} (argument 'target')"
-            )
-        if target.shape != logits.shape:
-            raise ArgumentValueError(
-                f"{op}: target has shape {tuple(target.shape)} but logits of shape "
-                f"{tuple(logits.shape)} need the same shape for class probabilities"
-            )
-        if ignore_index != -100:
-            raise ArgumentValueError(
-                f"{op}: ignore_index={ignore_index} is not supported with class-"
-                "probability targets (argument 'target' is floating-point)"
-            )
-        return
-    if target.dtype not in INDEX_DTYPES:
-        raise ArgumentTypeError(
-            f"{op}: target must be class indices (int64, int32 or uint8) or class "
-            f"probabilities (floating point), got {target.dtype}"
-        )
-    expected = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else torch.Size([])
-    if target.shape != expected:
-        raise ArgumentValueError(
-            f"{op}: target has shape {tuple(target.shape)} but logits of shape "
-            f"{tuple(logits.shape)} need {tuple(expected)}"
-        )
-
-
-def _check_weight(logits, weight, name, op):
-    if weight is None:
-        return
-    if not isinstance(weight, Tensor):
-        raise ArgumentTypeError(f"{op}: {name} must be a tensor or None, got {type(weight)}")
-    V = logits.shape[1 if logits.dim() > 1 else 0]
-    if weight.shape != (V,):
-        raise ArgumentValueError(f"{op}: {name} must have shape ({V},), one per class, got {tuple(weight.shape)}")
-    if weight.dtype != logits.dtype:
-        raise ArgumentTypeError(f"{op}: {name} must have the logits' dtype {logits.dtype}, got {weight.dtype}")
-    if weight.device != logits.device:
-        raise ArgumentValueError(f"{op}: {name} is on {weight.device} but logits on {logits.device}")
-    check_no_grad(op, name, weight)
-
-
-def _check_args(
-    logits,
-    target,
-    weight,
-    reduction,
-    ignore_index,
-    label_smoothing,
-    z_loss,
-    softcap,
-    return_lse,
-    backend,
-    weight_name="weight",
-    split=False,
-    op="cross_entropy",
-):
-    """Every argument check of cross_entropy, one message each. The kernels check the targets' range:
-    the C++ kernel before it writes anything, the Triton kernel by a device-side assert (as PyTorch's
-    CUDA kernel), so that no value is read on the host. split: the classes are split across processes,
-    and this one's shard may hold none."""
-    if not isinstance(logits, Tensor) or not logits.is_floating_point():
-        raise (ArgumentDtypeError if isinstance(logits, Tensor) else ArgumentTypeError)(
-            f"{op}: logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}"
-        )
-    if logits.dim() == 0 or (logits.shape[1 if logits.dim() > 1 else 0] == 0 and not split):
-        raise ArgumentEmptyError(f"{op}: logits must have at least one class, got shape {tuple(logits.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
-        raise ArgumentTypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
-    _check_target(logits, target, ignore_index, op)
-    _check_weight(logits, weight, weight_name, op)
-    if reduction not in REDUCTIONS:
-        raise ArgumentValueError(f"{op}: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise ArgumentTypeError(f"{op}: label_smoothing must be a float, got {label_smoothing!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ArgumentValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    _check_number("z_loss", z_loss, 0.0, allow_low=True, op=op)
-    if softcap is not None:
-        _check_number("softcap", softcap, 0.0, allow_low=False, op=op)
-    if not isinstance(return_lse, bool):
-        raise ArgumentTypeError(f"{op}: return_lse must be a bool, got {return_lse!r}")
-    check_backend(backend, logits, op)
-
-
 class CrossEntropyLoss(nn.Module):
     """Drop-in for `torch.nn.CrossEntropyLoss`: the same arguments, `weight` kept as a buffer (the same
     state_dict), plus z_loss, softcap, return_lse, inplace_backward, backend, process_group and vocab_size (see
@@ -639,7 +417,7 @@ class CrossEntropyLoss(nn.Module):
     ):
         super().__init__()
         if size_average is not None or reduce is not None:
-            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+            reduction = legacy_reduction(size_average, reduce)
         if reduction not in REDUCTIONS:
             raise ArgumentValueError(
                 f"CrossEntropyLoss: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}"

@@ -10,8 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._ops import acc_dtype
-from .cross_entropy import MEAN, NONE, mean_divisors
+from ._math import MEAN, NONE, acc_dtype, mean_divisors
 
 MAX_BLOCK = 4096
 

@@ -16,21 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._ops import acc_dtype, batched_first, fast_apply, kernels, no_tangent, not_differentiable
-from .cross_entropy import (
-    MEAN,
-    NONE,
-    REDUCTIONS,
-    SUM,
-    _check_args,
-    _mean_scale,
-    _vocab_group,
-    capped,
-    consumable,
-    cross_entropy,
-    shaped,
-    z_loss_weight,
-)
+from ._autograd import add_grads, batched_first, consumable, fast_apply, functorch_active
+from ._checks import check_cross_entropy, check_linear_cross_entropy, no_tangent, not_differentiable, vocab_group
+from ._math import MEAN, NONE, REDUCTIONS, SUM, acc_dtype, capped, mean_scale, z_loss_weight
+from ._ops import kernels
+from .cross_entropy import cross_entropy, shaped
 from .errors import ArgumentTypeError, ArgumentValueError
 
 CHUNK_BYTES = 64 * 2**20  # default: the most bytes one chunk of logits takes
@@ -96,7 +86,7 @@ def _forward(
     if reduction == NONE:
         return torch.cat(row_losses) if row_losses else input.new_empty(0), lse, dX, dW, db
     if reduction == MEAN:
-        scale = _mean_scale(target, class_weight, ignore_index)
+        scale = mean_scale(target, class_weight, ignore_index)
         total = torch.where(scale == 0, torch.nan, total * scale)  # every target ignored: 0/0, as torch
         for grad in (dX, db):
             if grad is not None:
@@ -265,7 +255,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             row_t.append(row + (logits.to(lse.dtype) * d_logits.to(lse.dtype)).sum(1))  # + <G_i, dZ_i>
         rows = torch.cat(row_t) if row_t else lse.new_zeros(0)
         if reduction == MEAN:
-            rows = rows * _mean_scale(target, class_weight, ignore_index).to(rows.dtype)
+            rows = rows * mean_scale(target, class_weight, ignore_index).to(rows.dtype)
         loss_t = rows if reduction == NONE else rows.sum()
         lse_t = (torch.cat(lse_t) if lse_t else lse.new_zeros(0)) if ctx.return_lse else None
         return (loss_t.to(input.dtype), lse_t) + ((None, None, None) if ctx.with_grads else ())
@@ -324,11 +314,11 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
     elif reduction == NONE:
         row_grad = grad_loss
     else:  # d loss / d loss_i: the upstream gradient, over the divisor for the mean
-        scale = _mean_scale(target, class_weight, ignore_index).to(acc) if reduction == MEAN else 1.0
+        scale = mean_scale(target, class_weight, ignore_index).to(acc) if reduction == MEAN else 1.0
         row_grad = (grad_loss * scale).expand(N)
     dX, dT = [], []
     # the sums in place, unless they must be differentiable or may be batched (torch.func)
-    in_place = not create_graph and not torch._C._are_functorch_transforms_active()
+    in_place = not create_graph and not functorch_active()
     dW = _WeightGrad(weight) if in_place and need_weight else None
     db = input.new_zeros(V, dtype=acc) if in_place and need_bias else None
     for start, stop in _chunks(N, _chunk_rows(V, input.dtype, ctx.chunk_bytes)):
@@ -367,8 +357,8 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
         if need_input:
             dX.append(d_logits @ weight)  # dX = dZ W
         if not in_place:
-            dW = _plus(dW, d_logits.t() @ x) if need_weight else None  # dW += dZ^T X
-            db = _plus(db, d_logits.sum(0)) if need_bias else None
+            dW = add_grads(dW, d_logits.t() @ x) if need_weight else None  # dW += dZ^T X
+            db = add_grads(db, d_logits.sum(0)) if need_bias else None
         else:
             if need_weight:
                 dW.add(d_logits, x)
@@ -409,10 +399,6 @@ def _chunk_vjp(ctx, x, weight, bias, target, class_weight, row_grad, lse_grad):
         (loss, lse), pullback = torch.func.vjp(lambda logits: loss_and_lse(logits, target), logits)
     grads = pullback((row_grad.to(loss.dtype), torch.zeros_like(lse) if lse_grad is None else lse_grad.to(lse.dtype)))
     return grads[0], grads[1] if len(grads) > 1 else None
-
-
-def _plus(a, b):
-    return b if a is None else a + b
 
 
 def _finish(grad, like, needed):
@@ -456,13 +442,13 @@ def linear_cross_entropy(
     rows of weight (and bias, class_weight) of a contiguous shard of the classes, in rank order; target
     holds global class indices; vocab_size, when given, is checked against the shards' sizes.
     """
-    _check_linear_args(input, weight, bias, target, chunk_bytes)
+    check_linear_cross_entropy(input, weight, bias, target, chunk_bytes)
     V = weight.shape[0]
     prob = target.is_floating_point()
     # the logits' shape without the logits, (N, V, d1, ...) as cross_entropy takes them: one element (checks only)
     logits_like = input.new_empty(()).expand(*input.shape[:-1], V).movedim(-1, min(1, input.dim() - 1))
     # cross_entropy's checks of the loss options, in this function's name
-    _check_args(
+    check_cross_entropy(
         logits_like,
         target.movedim(-1, 1) if prob and target.dim() > 1 else target,
         class_weight,
@@ -477,7 +463,7 @@ def linear_cross_entropy(
         split=process_group is not None,
         op="linear_cross_entropy",
     )
-    group = _vocab_group(logits_like, process_group, vocab_size, False, op="linear_cross_entropy")
+    group = vocab_group(logits_like, process_group, vocab_size, False, op="linear_cross_entropy")
     code = REDUCTIONS[reduction]
     out_shape = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])
@@ -507,7 +493,7 @@ def linear_cross_entropy(
         code != NONE
         and not return_lse
         and torch.is_grad_enabled()
-        and not torch._C._are_functorch_transforms_active()
+        and not functorch_active()
         and not (prob and target.requires_grad)
         and any(t is not None and t.requires_grad for t in (input, weight, bias))
     )
@@ -528,52 +514,6 @@ def linear_cross_entropy(
         backend,
     )
     return shaped(loss, lse, code, out_shape, return_lse)
-
-
-def _check_linear_args(input, weight, bias, target, chunk_bytes):
-    """The projection's checks and the target's shape; the loss options are cross_entropy's."""
-    for name, t in (("input", input), ("weight", weight)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise ArgumentTypeError(
-                f"linear_cross_entropy: {name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}"
-            )
-    if input.dim() < 1:
-        raise ArgumentValueError(
-            f"linear_cross_entropy: input must have at least 1 dimension, got shape {tuple(input.shape)}"
-        )
-    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
-        raise ArgumentValueError(
-            f"linear_cross_entropy: weight must have shape (V, {input.shape[-1]}) for input of "
-            f"shape {tuple(input.shape)}, got {tuple(weight.shape)}"
-        )
-    if not isinstance(target, Tensor):
-        raise ArgumentTypeError(f"linear_cross_entropy: target must be a tensor, got {type(target)}")
-    expected = input.shape[:-1] + (weight.shape[:1] if target.is_floating_point() else ())
-    if target.shape != expected:
-        raise ArgumentValueError(
-            f"linear_cross_entropy: target has shape {tuple(target.shape)} but input of shape "
-            f"{tuple(input.shape)} needs {tuple(expected)} ("
-            f"{'class probabilities' if target.is_floating_point() else 'class indices'})"
-        )
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise ArgumentTypeError(f"linear_cross_entropy: {name} must be a tensor, got {type(t)}")
-        if t.dtype != input.dtype:
-            raise ArgumentTypeError(
-                f"linear_cross_entropy: {name} must have the input's dtype {input.dtype}, got {t.dtype}"
-            )
-        if t.device != input.device:
-            raise ArgumentValueError(f"linear_cross_entropy: {name} is on {t.device} but input on {input.device}")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ArgumentValueError(
-            f"linear_cross_entropy: bias must have shape ({weight.shape[0]},), one per class, got {tuple(bias.shape)}"
-        )
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
-        raise ArgumentTypeError(f"linear_cross_entropy: chunk_bytes must be an int, got {chunk_bytes!r}")
-    if chunk_bytes < 1:
-        raise ArgumentValueError(f"linear_cross_entropy: chunk_bytes must be a positive int, got {chunk_bytes!r}")
 
 
 class LinearCrossEntropy(nn.Module):

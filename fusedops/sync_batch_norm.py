@@ -17,9 +17,11 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ._autograd import fast_apply
+from ._checks import check_batch_norm, rank_error
 from ._collectives import all_reduce, sync_group
-from ._ops import fast_apply, kernels
-from .batch_norm import _BatchNorm, _check_args, _rank_error, adopt_state, update_running_stats
+from ._ops import kernels
+from .batch_norm import BatchNormBase, adopt_state, update_running_stats
 from .errors import ArgumentValueError
 
 
@@ -91,7 +93,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 _apply = fast_apply(SyncBatchNormFunction)
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(BatchNormBase):
     """A fusedops batch norm on (N, C, *) input whose training statistics cover the batch of every process
     in `process_group` (default: the whole world), on CPU (gloo) and CUDA (NCCL). In eval mode, in a
     single process, or without an initialised process group it is the plain fused batch norm.
@@ -133,7 +135,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
-            raise _rank_error("SyncBatchNorm", "at least 2D", input)
+            raise rank_error("SyncBatchNorm", "at least 2D", input)
 
     def forward(self, input):
         group = sync_group(self.process_group) if self.training else None
@@ -141,7 +143,7 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         weight, bias, running_mean, running_var, _ = self._tensors()
-        _check_args(
+        check_batch_norm(
             input,
             running_mean,
             running_var,
@@ -161,7 +163,7 @@ class SyncBatchNorm(_BatchNorm):
         return out
 
 
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, _BatchNorm)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNormBase)
 
 
 def convert_sync_batchnorm(module, process_group=None):

@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ._autograd import assert_async
 from ._collectives import all_reduce
-from ._ops import acc_dtype
-from .cross_entropy import MEAN, NONE, capped
+from ._math import MEAN, NONE, acc_dtype, capped
 from .errors import ArgumentIndexError, ArgumentValueError
 
 
@@ -197,7 +197,7 @@ def _check(sizes, V, target, ignore_index, vocab_size, name):
     on_host = sizes.device.type == "cpu"
     if vocab_size is not None:
         if not on_host:
-            torch._assert_async(V == vocab_size, f"{name}: the shards' sizes do not add up to vocab_size={vocab_size}")
+            assert_async(V == vocab_size, f"{name}: the shards' sizes do not add up to vocab_size={vocab_size}")
         elif V != vocab_size:
             raise ArgumentValueError(
                 f"{name}: vocab_size={vocab_size} but the {sizes.numel()} shards' sizes "
@@ -207,9 +207,7 @@ def _check(sizes, V, target, ignore_index, vocab_size, name):
         return
     bad = ((target < 0) & (target != ignore_index)) | (target >= V)
     if not on_host:
-        torch._assert_async(
-            ~bad.any(), f"{name}: target out of range for the classes of all shards (argument 'target')"
-        )
+        assert_async(~bad.any(), f"{name}: target out of range for the classes of all shards (argument 'target')")
     elif bad.any():
         i = int(bad.nonzero()[0])
         raise ArgumentIndexError(

@@ -14,7 +14,7 @@ from processes import GROUP_TIMEOUT_S, run_ok
 
 import fusedops
 from fusedops import vocab_parallel
-from fusedops.cross_entropy import REDUCTIONS
+from fusedops._math import REDUCTIONS
 
 V, N, H = 11, 6, 4
 SPLITS = {2: [(7, 4)], 3: [(3, 5, 3), (6, 0, 5)]}  # the shards' sizes, in rank order (0: a rank with no class)

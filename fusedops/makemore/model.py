@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedops import reference
+from fusedops._math import MEAN
 from fusedops._ops import kernels
 from fusedops.batch_norm import BatchNorm1d, update_running_stats
-from fusedops.cross_entropy import MEAN, cross_entropy
+from fusedops.cross_entropy import cross_entropy
 
 LAYERS = ("fusedops", "torch")
 

@@ -22,7 +22,11 @@ BAD_INPUTS = {
     "integer_input": ({"input": torch.ones(8, 4, dtype=torch.int64)}, TypeError, "input must be a float"),
     "bool_input": ({"input": torch.ones(8, 4, dtype=torch.bool)}, TypeError, "input must be a float"),
     "input_not_a_tensor": ({"input": [[0.0] * 4] * 8}, TypeError, "input must be a float"),
-    "wrong_channels": ({"weight": torch.ones(5)}, ValueError, r"weight has shape \(5,\) but input has 4 channels"),
+    "wrong_channels": (
+        {"weight": torch.ones(5)},
+        ValueError,
+        r"weight has shape \(5,\) but input of shape \(8, 4\) needs \(4,\)",
+    ),
     "weight_2d": ({"weight": torch.ones(1, 4)}, ValueError, r"weight has shape \(1, 4\)"),
     "wrong_running_mean": ({"running_mean": torch.zeros(3)}, ValueError, "running_mean has shape"),
     "running_var_dtype": (
@@ -72,7 +76,7 @@ BAD_INPUTS = {
     "residual_shape": (
         {"residual": torch.randn(8, 5)},
         ValueError,
-        r"residual has shape \(8, 5\) but input has \(8, 4\)",
+        r"residual has shape \(8, 5\) but input of shape \(8, 4\) needs \(8, 4\)",
     ),
     "residual_broadcastable": ({"residual": torch.randn(1, 4)}, ValueError, r"residual has shape \(1, 4\)"),
     "residual_dtype": (
@@ -106,7 +110,7 @@ MODULE_BAD_INPUTS = {
         TypeError,
         "has dtype torch.float32 but input has torch.float64",
     ),
-    "wrong_channels": ({}, torch.randn(8, 5), ValueError, r"has shape \(4,\) but input has 5 channels"),
+    "wrong_channels": ({}, torch.randn(8, 5), ValueError, r"has shape \(4,\) but input of shape \(8, 5\) needs \(5,\)"),
     "integer_input": ({}, torch.ones(8, 4, dtype=torch.int64), TypeError, "input must be a float"),
     "double_input_float_module": (
         {},

@@ -79,17 +79,25 @@ BAD_INPUTS = {
         "target must be class indices .* got torch.complex64",
     ),
     "target_not_a_tensor": ({"target": [0, 4, 1, 2]}, TypeError, "target must be a tensor"),
-    "weight_wrong_size": ({"weight": torch.ones(4)}, ValueError, r"weight must have shape \(5,\).* got \(4,\)"),
-    "weight_2d": ({"weight": torch.ones(1, 5)}, ValueError, r"weight must have shape \(5,\).* got \(1, 5\)"),
+    "weight_wrong_size": (
+        {"weight": torch.ones(4)},
+        ValueError,
+        r"weight has shape \(4,\) but logits of shape \(4, 5\) needs \(5,\)",
+    ),
+    "weight_2d": (
+        {"weight": torch.ones(1, 5)},
+        ValueError,
+        r"weight has shape \(1, 5\) but logits of shape \(4, 5\) needs \(5,\)",
+    ),
     "weight_wrong_dtype": (
         {"weight": torch.ones(5, dtype=torch.float64)},
         TypeError,
-        "weight must have the logits' dtype torch.float32, got torch.float64",
+        "weight has dtype torch.float64 but logits has torch.float32",
     ),
     "weight_on_another_device": (
         {"weight": torch.ones(5, device="meta")},
         ValueError,
-        "weight is on meta but logits on cpu",
+        "weight is on meta but logits is on cpu",
     ),
     "weight_not_a_tensor": ({"weight": [1.0] * 5}, TypeError, "weight must be a tensor or None"),
     # as in PyTorch: the loss is not differentiable with respect to the class weights (no silently dropped gradient)
@@ -121,7 +129,7 @@ BAD_INPUTS = {
     "target_on_another_device": (
         {"target": torch.zeros(4, dtype=torch.long, device="meta")},
         ValueError,
-        "target is on meta but logits on cpu",
+        "target is on meta but logits is on cpu",
     ),
     "unknown_reduction": ({"reduction": "avg"}, ValueError, "reduction must be one of .*, got 'avg'"),
     "reduction_none_object": ({"reduction": None}, ValueError, "reduction must be one of .*, got None"),
