@@ -11,7 +11,10 @@ residual's gradient), then one elementwise pass for
 mode the statistics are constants and dx = dy * gamma * invstd.
 """
 
+from typing import NamedTuple
+
 import torch
+from torch import Tensor
 
 from ._autograd import TorchBatchNorm, batched_first, fast_apply
 from ._checks import check_activation, check_batch_norm, no_tangent, not_differentiable, rank_error
@@ -78,19 +81,30 @@ for _step, _fake in {
 register("batch_norm_update_stats", lambda *args: None, None)
 
 
+class BatchNormOptions(NamedTuple):
+    """BatchNormFunction's options, as `batch_norm` checked them (see there); activation is a code of
+    ACTIVATIONS (0: none, 1: relu)."""
+
+    training: bool = True
+    unbiased: bool = False
+    eps: float = 1e-5
+    activation: int = 0
+    backend: str | None = None
+
+
 class BatchNormFunction(torch.autograd.Function):
-    """out, mean, invstd, var = BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-    training, unbiased, eps, backend, residual, activation): act(batch_norm(input) + residual) of (N, C, *)
-    input with the batch's statistics (training) or the running ones, which it does not update.
-    residual may be None; activation is a code of ACTIVATIONS (0: none, 1: relu). mean (fp64), invstd and
-    var (the unbiased batch variance, or the running one) are per channel and not differentiable: mean and
-    var are what the running statistics' update takes.
+    """out, mean, invstd, var = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, residual,
+    options): act(batch_norm(input) + residual) of (N, C, *) input with the batch's statistics (training) or
+    the running ones, which it does not update; options a BatchNormOptions. residual may be None. mean (fp64),
+    invstd and var (the unbiased batch variance, or the running one) are per channel and not differentiable:
+    mean and var are what the running statistics' update takes.
     weight and bias may be None. backward runs the fused backward op (relu's mask from the saved output, no
     other tensor saved than batch norm's); under create_graph=True it differentiates the same function
     written in torch ops, so double backward is exact."""
 
     @staticmethod
-    def forward(input, weight, bias, running_mean, running_var, training, unbiased, eps, backend, residual, activation):
+    def forward(input, weight, bias, running_mean, running_var, residual, options):
+        training, unbiased, eps, activation, backend = options
         out, mean, invstd, var = kernels(backend, input).batch_norm_forward(
             input,
             weight,
@@ -107,24 +121,24 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, running_mean, running_var, training, unbiased, eps, backend, residual, activation = inputs
+        input, weight, bias, *_, options = inputs
         out, mean, invstd, _ = output
-        relu_out = out if activation else None  # relu's mask: out > 0
+        relu_out = out if options.activation else None  # relu's mask: out > 0
         ctx.save_for_backward(input, weight, bias, mean, invstd, relu_out)
         ctx.save_for_forward(input, weight, mean, invstd, relu_out)
-        ctx.options = training, unbiased, eps, backend
+        ctx.options = options
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_out, *_):
         input, weight, bias, mean, invstd, relu_out = ctx.saved_tensors
-        training, unbiased, eps, backend = ctx.options
+        training, unbiased, eps, _, backend = ctx.options
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             raise not_differentiable("batch_norm", "running_mean and running_var")
-        needs = ctx.needs_input_grad[:3] + ctx.needs_input_grad[9:10]
+        needs = ctx.needs_input_grad[:3] + ctx.needs_input_grad[5:6]  # input, weight, bias, residual
         if grad_out is None:
-            return (None,) * 11
+            return None, None, None, None, None, None, None
         if torch.is_grad_enabled():  # create_graph: the backward in torch ops, differentiable
             grads = _composite_grads(
                 grad_out, input, weight, bias, mean, invstd, relu_out, training, unbiased, eps, needs
@@ -139,25 +153,13 @@ class BatchNormFunction(torch.autograd.Function):
                 db.to(bias.dtype) if needs[2] else None,
                 (grad_out if relu_out is None else dz) if needs[3] else None,
             )
-        return *grads[:3], None, None, None, None, None, None, grads[3], None
+        dx, dw, db, dresidual = grads
+        return dx, dw, db, None, None, dresidual, None
 
     @staticmethod
-    def jvp(
-        ctx,
-        input_t,
-        weight_t,
-        bias_t,
-        running_mean_t,
-        running_var_t,
-        training_t,
-        unbiased_t,
-        eps_t,
-        backend_t,
-        residual_t,
-        activation_t,
-    ):
+    def jvp(ctx, input_t, weight_t, bias_t, running_mean_t, running_var_t, residual_t, _):
         input, weight, mean, invstd, relu_out = ctx.saved_tensors
-        training, unbiased, _, _ = ctx.options
+        training, unbiased = ctx.options.training, ctx.options.unbiased
         if not training:  # (in training the output does not depend on them: their tangent's share is 0)
             no_tangent("batch_norm", ["running_mean", "running_var"], [running_mean_t, running_var_t])
         dims, shape = _reduced_dims(input)
@@ -182,21 +184,7 @@ class BatchNormFunction(torch.autograd.Function):
         return out_t.to(input.dtype), None, None, None  # the statistics are not differentiable
 
     @staticmethod
-    def vmap(
-        info,
-        in_dims,
-        input,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        training,
-        unbiased,
-        eps,
-        backend,
-        residual,
-        activation,
-    ):
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, residual, options):
         """Each mapped slice its own batch: (B, N, C, *) runs as (N, B*C, *), every (slice, channel)
         pair a channel of its own."""
         B = info.batch_size
@@ -211,9 +199,9 @@ class BatchNormFunction(torch.autograd.Function):
             for t, dim in zip((weight, bias, running_mean, running_var), in_dims[1:5])
         ]
         if residual is not None:
-            residual = batch_second(residual, in_dims[9]).reshape(N, B * C, *x.shape[3:])
+            residual = batch_second(residual, in_dims[5]).reshape(N, B * C, *x.shape[3:])
         out, mean, invstd, var = BatchNormFunction.apply(
-            x.reshape(N, B * C, *x.shape[3:]), *per_channel, training, unbiased, eps, backend, residual, activation
+            x.reshape(N, B * C, *x.shape[3:]), *per_channel, residual, options
         )
         out = out.view(N, B, C, *x.shape[3:])
         return (out, mean.view(B, C), invstd.view(B, C), var.view(B, C)), (1, 0, 0, 0)
@@ -259,29 +247,43 @@ _apply = fast_apply(BatchNormFunction)
 
 
 def batch_norm(
-    input,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
-    training=False,
-    momentum=0.1,
-    eps=1e-5,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
     *,
-    residual=None,
-    activation=None,
-    unbiased=False,
-    backend=None,
-):
+    residual: Tensor | None = None,
+    activation: str | None = None,
+    unbiased: bool = False,
+    backend: str | None = None,
+) -> Tensor:
     """Like `torch.nn.functional.batch_norm` for (N, C, *) input, contiguous or channels-last, fused with
     an optional residual and activation: act(batch_norm(input) + residual) in one elementwise pass.
 
-    training: normalise with the batch statistics and, if running_mean/running_var are given,
-    update them in place: running = (1 - momentum) * running + momentum * batch (running_var with
-    the unbiased batch variance). Otherwise normalise with running_mean and running_var (momentum unused).
-    residual: None or a tensor like input, added before the activation. activation: None or "relu".
-    unbiased: normalise with the Bessel-corrected batch variance (the makemore notebooks) instead
-    of the biased one (PyTorch). backend: None (C++ on CPU, Triton on CUDA), "cpp" or "triton".
+    Args:
+        input: (N, C, *) input, contiguous or channels-last.
+        running_mean: (C,) running means, or None (training only).
+        running_var: (C,) running variances, or None with running_mean.
+        weight: (C,) scale gamma, or None (no scaling).
+        bias: (C,) shift beta, or None (no shift).
+        training: normalise with the batch statistics and, if running_mean/running_var are given,
+            update them in place: running = (1 - momentum) * running + momentum * batch (running_var with
+            the unbiased batch variance). Otherwise normalise with running_mean and running_var.
+        momentum: the running statistics' update factor in training (None raises here: the cumulative
+            average needs the batch count that the BatchNorm layers keep); unused otherwise.
+        eps: added to the variance before its inverse square root; must be positive in training.
+        residual: None or a tensor like input, added before the activation.
+        activation: None or "relu".
+        unbiased: normalise with the Bessel-corrected batch variance (the makemore notebooks) instead
+            of the biased one (PyTorch).
+        backend: None (C++ on CPU, Triton on CUDA), "cpp" or "triton".
+
+    Returns:
+        act(batch_norm(input) + residual), shaped like input.
     """
     if training and momentum is None:
         raise ArgumentTypeError(
@@ -337,19 +339,8 @@ def _batch_norm(
     counted batches. An empty batch is counted and leaves the statistics as they are, as in torch."""
     if residual is input:  # relu(bn(x) + x): torch.compile traces no Function given one tensor twice
         residual = input.view_as(input)
-    out, mean, _, var = _apply(
-        input,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        training,
-        unbiased,
-        eps,
-        backend,
-        residual,
-        ACTIVATIONS[activation],
-    )
+    options = BatchNormOptions(training, unbiased, eps, ACTIVATIONS[activation], backend)
+    out, mean, _, var = _apply(input, weight, bias, running_mean, running_var, residual, options)
     if training and running_mean is not None:
         if input.numel():
             torch.ops.fusedops.batch_norm_update_stats(
@@ -360,10 +351,19 @@ def _batch_norm(
     return out
 
 
-def update_running_stats(module, mean, var):
+def update_running_stats(module: "BatchNormBase", mean: Tensor, var: Tensor) -> None:
     """Counts a training batch of `module` (a fusedops batch-norm layer) and updates its running statistics
     with the batch mean and unbiased variance, as its forward does (fusedops::batch_norm_update_stats), for
-    callers that run the forward op themselves."""
+    callers that run the forward op themselves.
+
+    Nothing is done when the module does not track running statistics.
+
+    Args:
+        module: the fusedops batch-norm layer whose running_mean, running_var and num_batches_tracked are
+            updated, with its momentum (None: the cumulative average).
+        mean: (C,) the batch mean.
+        var: (C,) the batch's unbiased variance.
+    """
     if module.track_running_stats:
         torch.ops.fusedops.batch_norm_update_stats(
             module.running_mean, module.running_var, module.num_batches_tracked, mean, var, module.momentum
@@ -379,24 +379,51 @@ class BatchNormBase(TorchBatchNorm):
 
     def __init__(
         self,
-        num_features,
-        eps=1e-5,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        device=None,
-        dtype=None,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
-        bias=True,
-        activation=None,
-        unbiased=False,
-        backend=None,
-    ):
+        bias: bool = True,
+        activation: str | None = None,
+        unbiased: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        """torch's batch-norm arguments (the same parameters and buffers), plus fusedops' options.
+
+        Args:
+            num_features: C, the number of channels.
+            eps: added to the variance before its inverse square root, as torch's.
+            momentum: the running statistics' update factor, as torch's; None: the cumulative average over
+                the batches counted in num_batches_tracked.
+            affine: whether the layer has a learnable weight (and bias), as torch's.
+            track_running_stats: whether the layer keeps running statistics, as torch's.
+            device: the parameters' and buffers' device, as torch's.
+            dtype: the parameters' and buffers' dtype, as torch's.
+            bias: with affine, whether the layer has a learnable bias, as torch's.
+            activation: None or "relu", applied after the residual add.
+            unbiased: normalise with the Bessel-corrected batch variance (the makemore notebooks) instead of
+                the biased one (PyTorch).
+            backend: as `batch_norm`.
+        """
         check_activation(activation)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.activation, self.unbiased, self.backend = activation, unbiased, backend
 
-    def forward(self, input, residual=None):
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """act(bn(input) + residual): batch statistics in training (updating the running ones when tracked),
+        else the running ones (the batch's when the layer tracks none).
+
+        Args:
+            input: (N, C, *) input, of the ranks the subclass takes.
+            residual: None or a tensor like input, added before the activation.
+
+        Returns:
+            The output, shaped like input.
+        """
         self._check_input_dim(input)
         weight, bias, running_mean, running_var, counter = self._tensors()
         training = self.training

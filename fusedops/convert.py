@@ -32,19 +32,25 @@ ADDS = {
 }  # fx records `out += identity` as operator.add
 
 
-def convert_batchnorm(model, fuse_activations=False):
+def convert_batchnorm(model: nn.Module, fuse_activations: bool = False) -> nn.Module:
     """Every torch.nn BatchNorm1d/2d/3d in `model` replaced by fusedops' that keeps its parameters, buffers,
     options and mode (the very Parameter and buffer tensors, so an optimizer built before still applies).
 
-    fuse_activations=False: converts `model` in place and returns it (a new module if `model` is itself a
-    batch norm), as torch.nn.SyncBatchNorm.convert_sync_batchnorm.
-    fuse_activations=True: traces `model` with torch.fx and returns a torch.fx.GraphModule in which each
-    batch norm whose output goes only into a ReLU, directly or through an add with another tensor (the
-    identity of a residual block) that goes only into the ReLU, computes relu(bn(x) [+ identity]) in one
-    call. The identity must then have the batch norm's shape and dtype (no broadcasting, no promotion), as
-    in residual blocks. A batch norm module called more than once, or whose output has other uses, stays
-    unfused (but converted). `model` itself is left as it is; the GraphModule shares its parameters and
-    buffers.
+    Args:
+        model: the torch.nn.Module to convert.
+        fuse_activations: False: converts `model` in place and returns it (a new module if `model` is itself
+            a batch norm), as torch.nn.SyncBatchNorm.convert_sync_batchnorm.
+            True: traces `model` with torch.fx and returns a torch.fx.GraphModule in which each batch norm
+            whose output goes only into a ReLU, directly or through an add with another tensor (the identity
+            of a residual block) that goes only into the ReLU, computes relu(bn(x) [+ identity]) in one call.
+            The identity must then have the batch norm's shape and dtype (no broadcasting, no promotion), as
+            in residual blocks. A batch norm module called more than once, or whose output has other uses,
+            stays unfused (but converted). `model` itself is left as it is; the GraphModule shares its
+            parameters and buffers. A model that torch.fx cannot trace raises.
+
+    Returns:
+        The converted model: `model` itself (or the new batch norm) without fusion, a torch.fx.GraphModule
+        with it.
     """
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"convert_batchnorm: model must be a torch.nn.Module, got {type(model).__name__}")

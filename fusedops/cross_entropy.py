@@ -1,8 +1,8 @@
 """Fused cross-entropy: the loss and its gradient from one pass over the logits.
 
 Per row i, with y = softcap * tanh(x / softcap) (or y = x), lse = logsumexp(y), p = softmax(y), class
-weights w (ones without) and the target distribution q' = (1-eps) * q + eps/V (q: the one-hot class or
-the probability row; eps: label smoothing):
+weights w (ones without) and the target distribution q' = (1-ls) * q + ls/V (q: the one-hot class or
+the probability row; ls: label smoothing):
     loss_i = sum_j w_j q'_ij (lse_i - y_ij) + z_loss * lse_i^2          (0 in an ignored row)
     G_i    = scale * ((W_i + 2 z_loss lse_i) p_i - w q'_i) * dy/dx,     W_i = sum_j w_j q'_ij
 scale = 1/divisor for the mean (the kept targets' summed weight; N for probability targets), 1 otherwise.
@@ -13,6 +13,7 @@ The forward op returns the loss, G and lse; backward scales G by the upstream gr
 """
 
 import weakref
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,9 @@ from ._checks import check_cross_entropy, check_inplace, no_tangent, not_differe
 from ._math import MEAN, NONE, REDUCTIONS, SUM, acc_dtype, capped, mean_scale, z_loss_weight
 from ._ops import kernels, register
 from .errors import ArgumentTypeError, ArgumentValueError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 def _forward_inplace_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap):
@@ -67,12 +71,26 @@ register("cross_entropy_forward_inplace", _forward_inplace_fake, _forward_inplac
 register("cross_entropy_scale_grad", lambda grad, scale: None, _scale_grad_cuda)
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    """loss, G, lse = CrossEntropyFunction.apply(logits, target, weight, reduction, ignore_index,
-    label_smoothing, z_loss, softcap, return_lse, inplace_backward, backend): cross-entropy of (N, V) logits
-    and (N,) class indices (int64, int32 or uint8) or (N, V) probabilities.
+class CrossEntropyOptions(NamedTuple):
+    """CrossEntropyFunction's options, as `cross_entropy` checked them (see there); reduction is a code of
+    REDUCTIONS (0 none, 1 mean, 2 sum: torch's numbering)."""
 
-    reduction: 0 none, 1 mean, 2 sum (torch's numbering). G is the loss's gradient with respect to the
+    reduction: int = MEAN
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    return_lse: bool = False
+    inplace_backward: bool = False
+    backend: str | None = None
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """loss, G, lse = CrossEntropyFunction.apply(logits, target, weight, options): cross-entropy of (N, V)
+    logits and (N,) class indices (int64, int32 or uint8) or (N, V) probabilities, with (V,) class weights or
+    None, and a CrossEntropyOptions.
+
+    G is the loss's gradient with respect to the
     logits; backward returns G times the upstream gradient. G is differentiable (its Jacobian is the
     loss's Hessian), which is how double backward goes through it. lse (acc dtype) is the per-row
     logsumexp, differentiable when return_lse is True. The logits are kept for backward only when it
@@ -83,37 +101,25 @@ class CrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        logits,
-        target,
-        weight,
-        reduction,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        softcap,
-        return_lse,
-        inplace_backward,
-        backend,
-    ):
-        ops = kernels(backend, logits)
-        args = (target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap)
-        if inplace_backward:
+    def forward(logits, target, weight, options):
+        ops = kernels(options.backend, logits)
+        args = (target, weight, *options[:5])  # reduction, ignore_index, label_smoothing, z_loss, softcap
+        if options.inplace_backward:
             loss, lse = ops.cross_entropy_forward_inplace(logits, *args)
             return loss, None, lse
         return ops.cross_entropy_forward(logits, *args)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, target, weight, reduction, ignore_index, eps, z_loss, softcap, return_lse, inplace, _ = inputs
+        logits, target, weight, options = inputs
+        inplace = options.inplace_backward
         grad = logits if inplace else output[1]
         # (probability targets: their derivatives need the logits, and a forward-mode tangent cannot be seen here)
-        keep_logits = not inplace and (softcap is not None or return_lse or target.is_floating_point())
+        keep_logits = not inplace and (options.softcap is not None or options.return_lse or target.is_floating_point())
         ctx.save_for_backward(grad, target, weight, output[2], logits if keep_logits else None)
         ctx.save_for_forward(grad, target, weight, output[2], logits if keep_logits else None)
-        ctx.options = reduction, ignore_index, eps, z_loss, softcap
-        ctx.inplace, ctx.backend = inplace, inputs[-1]
-        ctx.lse_differentiable = return_lse and not inplace
+        ctx.options = options
+        ctx.lse_differentiable = options.return_lse and not inplace
         if not ctx.lse_differentiable:
             ctx.mark_non_differentiable(output[2])
         # the G the caller got back (None once dropped): while held, never scaled in place
@@ -125,22 +131,22 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad, target, weight, lse, logits = ctx.saved_tensors
         if ctx.needs_input_grad[2]:
             raise not_differentiable("cross_entropy", "weight")
-        reduction = ctx.options[0]
+        reduction = ctx.options.reduction
         create_graph = torch.is_grad_enabled()
-        if create_graph and ctx.inplace:
+        if create_graph and ctx.options.inplace_backward:
             raise RuntimeError(
                 "cross_entropy: inplace_backward=True has no double backward (the logits it "
                 "needs are overwritten by their gradient)"
             )
         grad_lse = grad_lse if ctx.lse_differentiable else None  # (zeros, not None, while compiled)
         needs_rows = grad_grad is not None or grad_lse is not None or ctx.needs_input_grad[1]
-        rows = _Rows(grad, target, weight, lse, logits, *ctx.options) if needs_rows else None
+        rows = _Rows(grad, target, weight, lse, logits, ctx.options) if needs_rows else None
         dlogits = dtarget = None
         if grad_grad is not None:  # through G's dependence on the logits, before G is scaled in place
             dlogits = rows.hessian_vp(grad_grad)
         if grad_lse is not None:  # d lse / dx = p * dy/dx
             dlogits = add_grads(dlogits, (rows.p * rows.dy_dx * grad_lse.unsqueeze(1)).to(grad.dtype))
-        if ctx.needs_input_grad[1] and grad_loss is not None:  # d loss_i / dq_ij = scale (1-eps) w_j (lse_i - y_ij)
+        if ctx.needs_input_grad[1] and grad_loss is not None:  # d loss_i / dq_ij = scale (1-ls) w_j (lse_i - y_ij)
             dtarget = (rows.target_grad() * _per_row(grad_loss, reduction)).to(target.dtype)
         if ctx.needs_input_grad[1] and grad_grad is not None:
             dtarget = add_grads(dtarget, rows.target_vjp(grad_grad).to(target.dtype))
@@ -148,21 +154,21 @@ class CrossEntropyFunction(torch.autograd.Function):
             held = ctx.grad_output is not None and ctx.grad_output() is not None
             if consumable(create_graph) and not held:
                 # nothing can ask for G again: scaled in place (not at all for the usual factor 1) and handed out
-                kernels(ctx.backend, grad).cross_entropy_scale_grad(grad, grad_loss)
+                kernels(ctx.options.backend, grad).cross_entropy_scale_grad(grad, grad_loss)
                 first = grad
             else:
                 first = grad * _per_row(grad_loss, reduction)
             dlogits = add_grads(dlogits, first)
-        return dlogits, dtarget, None, None, None, None, None, None, None, None, None
+        return dlogits, dtarget, None, None
 
     @staticmethod
-    def jvp(ctx, logits_tangent, target_tangent, weight_tangent, *_):
+    def jvp(ctx, logits_tangent, target_tangent, weight_tangent, _):
         grad, target, weight, lse, logits = ctx.saved_tensors
-        if ctx.inplace:
+        if ctx.options.inplace_backward:
             raise RuntimeError("cross_entropy: inplace_backward=True has no forward-mode derivative")
         no_tangent("cross_entropy", ["weight"], [weight_tangent])
-        reduction = ctx.options[0]
-        rows = _Rows(grad, target, weight, lse, logits, *ctx.options)
+        reduction = ctx.options.reduction
+        rows = _Rows(grad, target, weight, lse, logits, ctx.options)
         zeros = logits_tangent is None
         tangent = torch.zeros_like(grad) if zeros else logits_tangent
         # d loss_i = sum_j G_ij dx_ij (G holds the mean's scale); dG = H dx; d lse = <p dy/dx, dx>
@@ -175,43 +181,28 @@ class CrossEntropyFunction(torch.autograd.Function):
         return (row if reduction == NONE else row.sum()), grad_tangent, lse_tangent
 
     @staticmethod
-    def vmap(
-        info,
-        in_dims,
-        logits,
-        target,
-        weight,
-        reduction,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        softcap,
-        return_lse,
-        inplace_backward,
-        backend,
-    ):
+    def vmap(info, in_dims, logits, target, weight, options):
         """Each mapped slice its own batch of rows: the slices' rows are folded into one call of
         reduction none, then reduced per slice (a batched weight: one call per slice)."""
-        if inplace_backward:
+        if options.inplace_backward:
             raise RuntimeError("cross_entropy: inplace_backward=True cannot be used under vmap")
         B = info.batch_size
         logits, target = batched_first(logits, in_dims[0], B), batched_first(target, in_dims[1], B)
-        options = (reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, False, backend)
         if in_dims[2] is not None:
             outs = [
-                CrossEntropyFunction.apply(logits[b], target[b], weight.select(in_dims[2], b), *options)
+                CrossEntropyFunction.apply(logits[b], target[b], weight.select(in_dims[2], b), options)
                 for b in range(B)
             ]
             return tuple(torch.stack(out) for out in zip(*outs)), (0, 0, 0)
         _, N, V = logits.shape
         rows, grad, lse = CrossEntropyFunction.apply(
-            logits.reshape(B * N, V), target.reshape(B * N, *target.shape[2:]), weight, NONE, *options[1:]
+            logits.reshape(B * N, V), target.reshape(B * N, *target.shape[2:]), weight, options._replace(reduction=NONE)
         )
         rows, grad, lse = rows.view(B, N), grad.view(B, N, V), lse.view(B, N)
-        if reduction == SUM:
+        if options.reduction == SUM:
             return (rows.sum(1), grad, lse), (0, 0, 0)
-        if reduction == MEAN:  # the mean over each slice's divisor
-            scale = torch.stack([mean_scale(target[b], weight, ignore_index) for b in range(B)]).to(rows.dtype)
+        if options.reduction == MEAN:  # the mean over each slice's divisor
+            scale = torch.stack([mean_scale(target[b], weight, options.ignore_index) for b in range(B)]).to(rows.dtype)
             return (rows.sum(1) * scale, grad * scale.view(B, 1, 1), lse), (0, 0, 0)
         return (rows, grad, lse), (0, 0, 0)
 
@@ -227,10 +218,11 @@ class _Rows:
     p = (G / scale + w q') / (W + 2 z lse), exact wherever that divisor is not 0 (where it is, without
     z-loss, the row's Hessian is 0 anyway)."""
 
-    def __init__(self, grad, target, weight, lse, logits, reduction, ignore_index, eps, z_loss, softcap):
+    def __init__(self, grad, target, weight, lse, logits, options):
+        reduction, ignore_index, label_smoothing, z_loss, softcap = options[:5]
         acc = lse.dtype
         N, V = grad.shape
-        self.z, self.eps, self.softcap = z_loss, eps, softcap
+        self.z, self.label_smoothing, self.softcap = z_loss, label_smoothing, softcap
         w = torch.ones(V, dtype=acc, device=grad.device) if weight is None else weight.to(acc)
         if target.is_floating_point():
             self.kept = torch.ones(N, 1, dtype=torch.bool, device=grad.device)
@@ -239,7 +231,7 @@ class _Rows:
             self.kept = (target != ignore_index).unsqueeze(1)
             q = (target.unsqueeze(1) == torch.arange(V, device=grad.device)).to(acc)  # one-hot (vmap-safe)
         self.w = w
-        self.wq = w * ((1 - eps) * q + eps / V) * self.kept  # w q'
+        self.wq = w * ((1 - label_smoothing) * q + label_smoothing / V) * self.kept  # w q'
         self.A = self.wq.sum(1, keepdim=True) + 2 * z_loss * lse.unsqueeze(1)  # W + 2 z lse
         self.scale = (
             mean_scale(target, weight, ignore_index)
@@ -272,19 +264,22 @@ class _Rows:
         return (out * self.kept).to(self.dtype)
 
     def target_grad(self):
-        """d loss_i / d q_ij = scale (1-eps) w_j (lse_i - y_ij) (the probability targets' gradient)."""
-        return self.scale * (1 - self.eps) * self.w * (self.lse - self.y)
+        """d loss_i / d q_ij = scale (1-ls) w_j (lse_i - y_ij) (the probability targets' gradient)."""
+        return self.scale * (1 - self.label_smoothing) * self.w * (self.lse - self.y)
 
     def target_vjp(self, v):
-        """(d G / d q)^T v = scale (1-eps) w (<p y', v> - y' v)."""
+        """(d G / d q)^T v = scale (1-ls) w (<p y', v> - y' v)."""
         v = v.to(self.p.dtype) * self.dy_dx
-        return self.scale * (1 - self.eps) * self.w * ((self.p * v).sum(1, keepdim=True) - v)
+        return self.scale * (1 - self.label_smoothing) * self.w * ((self.p * v).sum(1, keepdim=True) - v)
 
     def target_hessian_vp(self, dq):
-        """d G / d q . dq = scale (1-eps) (<w, dq> p - w dq) y'."""
+        """d G / d q . dq = scale (1-ls) (<w, dq> p - w dq) y'."""
         dq = dq.to(self.p.dtype)
         return (
-            self.scale * (1 - self.eps) * ((self.w * dq).sum(1, keepdim=True) * self.p - self.w * dq) * self.dy_dx
+            self.scale
+            * (1 - self.label_smoothing)
+            * ((self.w * dq).sum(1, keepdim=True) * self.p - self.w * dq)
+            * self.dy_dx
         ).to(self.dtype)
 
 
@@ -292,43 +287,60 @@ _apply = fast_apply(CrossEntropyFunction)
 
 
 def cross_entropy(
-    input,
-    target,
-    weight=None,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
     *,
-    reduction="mean",
-    ignore_index=-100,
-    label_smoothing=0.0,
-    z_loss=0.0,
-    softcap=None,
-    return_lse=False,
-    inplace_backward=False,
-    backend=None,
-    process_group=None,
-    vocab_size=None,
-):
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+    process_group: "ProcessGroup | None" = None,
+    vocab_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Like `torch.nn.functional.cross_entropy`, fused: loss and gradient from one pass over the logits.
 
-    input: (N, V), (V,) or (N, V, d1, ...) logits. target: class indices shaped (N,), () or (N, d1, ...)
-    (int64, int32 or uint8), or class probabilities shaped like input, of its dtype. weight: (V,) class
-    weights. reduction, ignore_index, label_smoothing: as PyTorch's (the weighted mean divides by the
-    kept targets' summed weight; probability targets take no ignore_index).
-    z_loss: adds z_loss * logsumexp(y)^2 to each kept row's loss (PaLM, Chowdhery et al. 2022, sec. 5); a
-    per-token term, unweighted: the mean averages it over the kept rows (N for probability targets), whatever
-    the class weights, while the weighted cross-entropy divides by the kept targets' summed weight.
-    softcap: replaces the logits x by y = softcap * tanh(x / softcap) before everything (Gemma 2, 2024: 30 for
-    the final logits). return_lse: also return the rows' logsumexp(y), shaped like
-    the loss of reduction "none", differentiable.
-    inplace_backward: write the gradient over `input` (2-D or 1-D) instead of a new buffer; its values
-    are gone after the call. backend: None (C++ on CPU, Triton on CUDA), "cpp" or "triton". Under
-    torch.autocast the loss is computed and returned in float32, as PyTorch's.
-    process_group: a torch.distributed group over which the classes are split (fusedops/vocab_parallel.py):
-    each process holds a contiguous shard of them, in rank order: input's columns, weight's and, for
-    probability targets, target's; class indices stay global, the same on every rank. The loss (and lse) is
-    the whole vocabulary's on every rank, each rank's gradient its shard's; the upstream gradient must be
-    the same on every rank (loss.backward() on each). With one process, or torch.distributed not
-    initialised, it is the plain call. No inplace_backward then. vocab_size: the number of classes of the
-    whole vocabulary, checked against the shards' sizes (without a split, the logits' V).
+    Under torch.autocast the loss is computed and returned in float32, as PyTorch's.
+
+    Args:
+        input: (N, V), (V,) or (N, V, d1, ...) logits.
+        target: class indices shaped (N,), () or (N, d1, ...) (int64, int32 or uint8), or class probabilities
+            shaped like input, of its dtype.
+        weight: (V,) class weights, or None (all ones).
+        reduction: "none", "mean" or "sum", as PyTorch's (the weighted mean divides by the kept targets'
+            summed weight).
+        ignore_index: as PyTorch's: the class index whose rows are left out of the loss (probability targets
+            take no ignore_index).
+        label_smoothing: as PyTorch's, in [0, 1]: the share of the target mass spread evenly over the V
+            classes (q' = (1 - label_smoothing) * q + label_smoothing / V).
+        z_loss: adds z_loss * logsumexp(y)^2 to each kept row's loss (PaLM, Chowdhery et al. 2022, sec. 5); a
+            per-token term, unweighted: the mean averages it over the kept rows (N for probability targets),
+            whatever the class weights, while the weighted cross-entropy divides by the kept targets' summed
+            weight. 0 (the default) adds nothing.
+        softcap: replaces the logits x by y = softcap * tanh(x / softcap) before everything (Gemma 2, 2024: 30
+            for the final logits); None: no soft-capping (y = x).
+        return_lse: also return the rows' logsumexp(y), shaped like the loss of reduction "none",
+            differentiable.
+        inplace_backward: write the gradient over `input` (2-D or 1-D) instead of a new buffer; its values are
+            gone after the call.
+        backend: None (C++ on CPU, Triton on CUDA), "cpp" or "triton".
+        process_group: a torch.distributed group over which the classes are split (fusedops/vocab_parallel.py):
+            each process holds a contiguous shard of them, in rank order: input's columns, weight's and, for
+            probability targets, target's; class indices stay global, the same on every rank. The loss (and
+            lse) is the whole vocabulary's on every rank, each rank's gradient its shard's; the upstream
+            gradient must be the same on every rank (loss.backward() on each). With one process, or
+            torch.distributed not initialised, it is the plain call. No inplace_backward then. None: no split.
+        vocab_size: the number of classes of the whole vocabulary, checked against the shards' sizes (without
+            a split, the logits' V); None: not checked.
+
+    Returns:
+        The loss: a scalar for reduction "mean" or "sum", else one per row, shaped (N,), () or (N, d1, ...)
+        as the class-index target. With return_lse, the tuple (loss, lse), lse shaped like the loss of
+        reduction "none", in the loss's dtype.
     """
     check_cross_entropy(
         input,
@@ -373,9 +385,10 @@ def cross_entropy(
         weight = weight.contiguous()
     if group is None:
         weight = z_loss_weight(target, weight, ignore_index, code, z_loss)  # z-loss's mean: kept rows, unweighted
-        loss, _, lse = _apply(
-            logits, target, weight, code, ignore_index, label_smoothing, z_loss, softcap, return_lse, inplace, backend
+        options = CrossEntropyOptions(
+            code, ignore_index, label_smoothing, z_loss, softcap, return_lse, inplace, backend
         )
+        loss, _, lse = _apply(logits, target, weight, options)
     else:
         from . import vocab_parallel
 
@@ -400,21 +413,39 @@ class CrossEntropyLoss(nn.Module):
 
     def __init__(
         self,
-        weight=None,
-        size_average=None,
-        ignore_index=-100,
-        reduce=None,
-        reduction="mean",
-        label_smoothing=0.0,
+        weight: Tensor | None = None,
+        size_average: bool | None = None,
+        ignore_index: int = -100,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
         *,
-        z_loss=0.0,
-        softcap=None,
-        return_lse=False,
-        inplace_backward=False,
-        backend=None,
-        process_group=None,
-        vocab_size=None,
-    ):
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        return_lse: bool = False,
+        inplace_backward: bool = False,
+        backend: str | None = None,
+        process_group: "ProcessGroup | None" = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        """The loss's options, as torch.nn.CrossEntropyLoss's plus fusedops' (see `cross_entropy`).
+
+        Args:
+            weight: (V,) class weights, or None; kept as the buffer `weight`.
+            size_average: deprecated, as in torch.nn.CrossEntropyLoss: when it or `reduce` is not None, the two
+                set `reduction` (torch's legacy rule) in place of the `reduction` argument.
+            ignore_index: see `cross_entropy`.
+            reduce: deprecated, as in torch.nn.CrossEntropyLoss (see size_average).
+            reduction: "none", "mean" or "sum" (see `cross_entropy`).
+            label_smoothing: see `cross_entropy`.
+            z_loss: see `cross_entropy`.
+            softcap: see `cross_entropy`.
+            return_lse: see `cross_entropy`: forward then returns (loss, lse).
+            inplace_backward: see `cross_entropy`.
+            backend: see `cross_entropy`.
+            process_group: see `cross_entropy`.
+            vocab_size: see `cross_entropy`.
+        """
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = legacy_reduction(size_average, reduce)
@@ -430,7 +461,16 @@ class CrossEntropyLoss(nn.Module):
         self.inplace_backward, self.backend = inplace_backward, backend
         self.process_group, self.vocab_size = process_group, vocab_size
 
-    def forward(self, input, target):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """`cross_entropy(input, target, self.weight, ...)` with the module's options.
+
+        Args:
+            input: the logits, (N, V), (V,) or (N, V, d1, ...).
+            target: class indices or class probabilities, as `cross_entropy` takes them.
+
+        Returns:
+            The loss, or (loss, lse) with return_lse.
+        """
         return cross_entropy(
             input,
             target,

@@ -12,6 +12,8 @@ none, return_lse, probability targets that require grad, double backward, torch.
 recomputes each chunk's logits and takes their gradient through fusedops.cross_entropy.
 """
 
+from typing import TYPE_CHECKING, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,6 +24,9 @@ from ._math import MEAN, NONE, REDUCTIONS, SUM, acc_dtype, capped, mean_scale, z
 from ._ops import kernels
 from .cross_entropy import cross_entropy, shaped
 from .errors import ArgumentTypeError, ArgumentValueError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 CHUNK_BYTES = 64 * 2**20  # default: the most bytes one chunk of logits takes
 
@@ -35,28 +40,16 @@ def _chunks(N, rows):
     return ((start, min(start + rows, N)) for start in range(0, N, rows))
 
 
-def _forward(
-    input,
-    weight,
-    bias,
-    target,
-    class_weight,
-    reduction,
-    ignore_index,
-    label_smoothing,
-    z_loss,
-    softcap,
-    chunk_bytes,
-    with_grads,
-    backend,
-):
-    """(loss, lse, dX, dW, db) of 2-D input; the gradients (of a unit upstream gradient) only when with_grads
-    (reduction mean or sum), else None."""
+def _forward(input, weight, bias, target, class_weight, options):
+    """(loss, lse, dX, dW, db) of 2-D input; the gradients (of a unit upstream gradient) only when
+    options.with_grads (reduction mean or sum), else None."""
     N, V = input.shape[0], weight.shape[0]
+    reduction, ignore_index, with_grads = options.reduction, options.ignore_index, options.with_grads
     acc = acc_dtype(input.dtype)
-    ops = kernels(backend, input)
-    options = (class_weight, NONE if reduction == NONE else SUM, ignore_index, label_smoothing, z_loss, softcap)
-    rows = _chunk_rows(V, input.dtype, chunk_bytes)
+    ops = kernels(options.backend, input)
+    # the kernel's arguments after the target: the chunks' sums, reduced here
+    kernel_args = (class_weight, NONE if reduction == NONE else SUM, *options[1:5])
+    rows = _chunk_rows(V, input.dtype, options.chunk_bytes)
     buffer = input.new_empty(min(rows, N), V)
     lse = input.new_empty(N, dtype=acc)
     row_losses, total = [], torch.zeros((), dtype=torch.float64, device=input.device)
@@ -71,7 +64,7 @@ def _forward(
         torch.mm(x, weight.t(), out=logits)  # Z = X W^T
         if bias is not None:
             logits.add_(bias)  # + b
-        loss, lse[start:stop] = ops.cross_entropy_forward_inplace(logits, target[start:stop], *options)
+        loss, lse[start:stop] = ops.cross_entropy_forward_inplace(logits, target[start:stop], *kernel_args)
         if reduction == NONE:
             row_losses.append(loss)
         else:
@@ -126,77 +119,46 @@ class _WeightGrad:
         return self.sum.to(self.dtype)
 
 
+class LinearLossOptions(NamedTuple):
+    """LinearCrossEntropyFunction's options, as `linear_cross_entropy` checked them: cross-entropy's (reduction
+    a code of REDUCTIONS), then the most bytes one chunk of logits takes and with_grads (below)."""
+
+    reduction: int = MEAN
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    return_lse: bool = False
+    chunk_bytes: int = CHUNK_BYTES
+    with_grads: bool = False
+    backend: str | None = None
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """loss, lse[, dX, dW, db] = LinearCrossEntropyFunction.apply(input, weight, bias, target, class_weight,
-    reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, chunk_bytes, with_grads, backend):
-    cross-entropy of the logits input @ weight.T + bias, chunk by chunk, for 2-D input (N, H), weight (V, H),
-    bias (V,) or None, target (N,) class indices or (N, V) probabilities. reduction: 0 none, 1 mean, 2 sum.
-    lse (acc dtype) is differentiable when return_lse. With with_grads (reduction mean or sum), dX, dW, db are
-    the gradients of a unit upstream gradient, computed in forward and scaled by backward (not
+    options): cross-entropy of the logits input @ weight.T + bias, chunk by chunk, for 2-D input (N, H), weight
+    (V, H), bias (V,) or None, target (N,) class indices or (N, V) probabilities, class_weight (V,) or None,
+    and a LinearLossOptions. lse (acc dtype) is differentiable when return_lse. With with_grads (reduction mean
+    or sum), dX, dW, db are the gradients of a unit upstream gradient, computed in forward and scaled by backward (not
     differentiable; not returned without with_grads; db None without bias), and consumed by it: scaled in place
     unless the graph is retained. Backward recomputes the chunks
     when it needs more: a per-row upstream gradient, the lse's, the targets', or a differentiable result
     (create_graph)."""
 
     @staticmethod
-    def forward(
-        input,
-        weight,
-        bias,
-        target,
-        class_weight,
-        reduction,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        softcap,
-        return_lse,
-        chunk_bytes,
-        with_grads,
-        backend,
-    ):
-        out = _forward(
-            input,
-            weight,
-            bias,
-            target,
-            class_weight,
-            reduction,
-            ignore_index,
-            label_smoothing,
-            z_loss,
-            softcap,
-            chunk_bytes,
-            with_grads,
-            backend,
-        )
-        return out if with_grads else out[:2]  # (no None outputs where it can: torch.compile's backward)
+    def forward(input, weight, bias, target, class_weight, options):
+        out = _forward(input, weight, bias, target, class_weight, options)
+        return out if options.with_grads else out[:2]  # (no None outputs where it can: torch.compile's backward)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        (
-            input,
-            weight,
-            bias,
-            target,
-            class_weight,
-            reduction,
-            ignore_index,
-            eps,
-            z_loss,
-            softcap,
-            return_lse,
-            chunk_bytes,
-            with_grads,
-            backend,
-        ) = inputs
-        _, lse, dX, dW, db = output if with_grads else (*output, None, None, None)
+        input, weight, bias, target, class_weight, options = inputs
+        _, lse, dX, dW, db = output if options.with_grads else (*output, None, None, None)
         ctx.save_for_backward(input, weight, bias, target, class_weight, dX, dW, db)
         ctx.save_for_forward(input, weight, bias, target, class_weight, lse)
-        ctx.options = reduction, ignore_index, eps, z_loss, softcap
-        ctx.chunk_bytes, ctx.with_grads, ctx.return_lse, ctx.backend = chunk_bytes, with_grads, return_lse, backend
+        ctx.options = options
         ctx.mark_non_differentiable(*(g for g in (dX, dW, db) if g is not None))
-        if not return_lse:
+        if not options.return_lse:
             ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
 
@@ -209,29 +171,29 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         create_graph = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, weight, bias, target)
         )
-        grad_lse = grad_lse if ctx.return_lse else None  # (zeros, not None, while compiled)
-        if ctx.with_grads and grad_lse is None and not create_graph and not ctx.needs_input_grad[3]:
+        grad_lse = grad_lse if ctx.options.return_lse else None  # (zeros, not None, while compiled)
+        if ctx.options.with_grads and grad_lse is None and not create_graph and not ctx.needs_input_grad[3]:
             if grad_loss is None:
-                return (None,) * 14
+                return None, None, None, None, None, None
             in_place = consumable(create_graph)
-            grads = [
-                (_scaled(g, grad_loss, ctx.backend) if in_place else g * grad_loss) if needed else None
+            dX, dW, db = (
+                (_scaled(g, grad_loss, ctx.options.backend) if in_place else g * grad_loss) if needed else None
                 for g, needed in zip((dX, dW, db), ctx.needs_input_grad[:3])
-            ]
-            return (*grads, *(None,) * 11)
-        return (
-            *_recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, grad_lse, create_graph),
-            *(None,) * 10,
+            )
+            return dX, dW, db, None, None, None
+        dX, dW, db, dT = _recompute_grads(
+            ctx, input, weight, bias, target, class_weight, grad_loss, grad_lse, create_graph
         )
+        return dX, dW, db, dT, None, None
 
     @staticmethod
-    def jvp(ctx, input_t, weight_t, bias_t, target_t, class_weight_t, *_):
+    def jvp(ctx, input_t, weight_t, bias_t, target_t, class_weight_t, _):
         input, weight, bias, target, class_weight, lse = ctx.saved_tensors
         no_tangent("linear_cross_entropy", ["class_weight"], [class_weight_t])
-        reduction, ignore_index, eps, z_loss, softcap = ctx.options
+        reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse = ctx.options[:6]
         target_t = target_t if target.is_floating_point() else None
         row_t, lse_t = [], []
-        for start, stop in _chunks(input.shape[0], _chunk_rows(weight.shape[0], input.dtype, ctx.chunk_bytes)):
+        for start, stop in _chunks(input.shape[0], _chunk_rows(weight.shape[0], input.dtype, ctx.options.chunk_bytes)):
             x = input[start:stop]
             logits = F.linear(x, weight, bias)
             d_logits = torch.zeros_like(logits)  # dZ = dX W^T + X dW^T + db (out of place: tangents may be batched)
@@ -242,53 +204,37 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if bias_t is not None:
                 d_logits = d_logits + bias_t
             row = 0.0
-            if ctx.return_lse or target_t is not None:  # (before the kernel writes G over the logits)
+            if return_lse or target_t is not None:  # (before the kernel writes G over the logits)
                 y, dy_dx = capped(logits, lse.dtype, softcap)
-                if ctx.return_lse:  # d lse = <p, dy>
+                if return_lse:  # d lse = <p, dy>
                     lse_t.append((torch.exp(y - lse[start:stop, None]) * dy_dx * d_logits.to(lse.dtype)).sum(1))
-                if target_t is not None:  # d loss_i += sum_j (1-eps) w_j (lse_i - y_ij) dq_ij
+                if target_t is not None:  # d loss_i += sum_j (1-ls) w_j (lse_i - y_ij) dq_ij
                     w = 1.0 if class_weight is None else class_weight.to(lse.dtype)
-                    row = ((1 - eps) * w * (lse[start:stop, None] - y) * target_t[start:stop].to(lse.dtype)).sum(1)
-            kernels(ctx.backend, input).cross_entropy_forward_inplace(
-                logits, target[start:stop], class_weight, NONE, ignore_index, eps, z_loss, softcap
+                    row = (
+                        (1 - label_smoothing) * w * (lse[start:stop, None] - y) * target_t[start:stop].to(lse.dtype)
+                    ).sum(1)
+            kernels(ctx.options.backend, input).cross_entropy_forward_inplace(
+                logits, target[start:stop], class_weight, NONE, ignore_index, label_smoothing, z_loss, softcap
             )
             row_t.append(row + (logits.to(lse.dtype) * d_logits.to(lse.dtype)).sum(1))  # + <G_i, dZ_i>
         rows = torch.cat(row_t) if row_t else lse.new_zeros(0)
         if reduction == MEAN:
             rows = rows * mean_scale(target, class_weight, ignore_index).to(rows.dtype)
         loss_t = rows if reduction == NONE else rows.sum()
-        lse_t = (torch.cat(lse_t) if lse_t else lse.new_zeros(0)) if ctx.return_lse else None
-        return (loss_t.to(input.dtype), lse_t) + ((None, None, None) if ctx.with_grads else ())
+        lse_t = (torch.cat(lse_t) if lse_t else lse.new_zeros(0)) if return_lse else None
+        return (loss_t.to(input.dtype), lse_t) + ((None, None, None) if ctx.options.with_grads else ())
 
     @staticmethod
-    def vmap(
-        info,
-        in_dims,
-        input,
-        weight,
-        bias,
-        target,
-        class_weight,
-        reduction,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        softcap,
-        return_lse,
-        chunk_bytes,
-        with_grads,
-        backend,
-    ):
+    def vmap(info, in_dims, input, weight, bias, target, class_weight, options):
         """One call per mapped slice."""
         B = info.batch_size
         tensors = [
             None if t is None else batched_first(t, d, B)
             for t, d in zip((input, weight, bias, target, class_weight), in_dims)
         ]
-        options = (reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, chunk_bytes, False, backend)
+        options = options._replace(with_grads=False)
         outs = [
-            LinearCrossEntropyFunction.apply(*(None if t is None else t[b] for t in tensors), *options)
-            for b in range(B)
+            LinearCrossEntropyFunction.apply(*(None if t is None else t[b] for t in tensors), options) for b in range(B)
         ]
         return tuple(torch.stack(out) for out in zip(*outs)), (0, 0)
 
@@ -305,7 +251,7 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
     their gradient the kernel's G times each row's upstream gradient (plus p dy/dx times the lse's), or, for
     a differentiable result (create_graph: the chunks' graphs are then kept, N x V in all), taken through
     fusedops.cross_entropy."""
-    reduction, ignore_index, eps, z_loss, softcap = ctx.options
+    reduction, ignore_index, label_smoothing, z_loss, softcap = ctx.options[:5]
     need_input, need_weight, need_bias, need_target = ctx.needs_input_grad[:4]
     N, V = input.shape[0], weight.shape[0]
     acc = acc_dtype(input.dtype)
@@ -321,7 +267,7 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
     in_place = not create_graph and not functorch_active()
     dW = _WeightGrad(weight) if in_place and need_weight else None
     db = input.new_zeros(V, dtype=acc) if in_place and need_bias else None
-    for start, stop in _chunks(N, _chunk_rows(V, input.dtype, ctx.chunk_bytes)):
+    for start, stop in _chunks(N, _chunk_rows(V, input.dtype, ctx.options.chunk_bytes)):
         x, t = input[start:stop], target[start:stop]
         if create_graph:
             d_logits, d_target = _chunk_vjp(
@@ -340,8 +286,8 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
             if grad_lse is not None or need_target:  # the capped logits, kept from the kernel's write of G
                 y, dy_dx = capped(d_logits, acc, softcap)
                 y = y.clone() if y is d_logits else y
-            _, lse = kernels(ctx.backend, input).cross_entropy_forward_inplace(
-                d_logits, t, class_weight, NONE, ignore_index, eps, z_loss, softcap
+            _, lse = kernels(ctx.options.backend, input).cross_entropy_forward_inplace(
+                d_logits, t, class_weight, NONE, ignore_index, label_smoothing, z_loss, softcap
             )
             upstream = row_grad[start:stop, None]
             d_logits = d_logits.mul_(upstream) if in_place else d_logits * upstream  # dZ = G * upstream
@@ -349,9 +295,9 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
                 d_logits = d_logits + (torch.exp(y - lse[:, None]) * dy_dx * grad_lse[start:stop, None]).to(
                     d_logits.dtype
                 )
-            if need_target:  # d loss_i / d q_ij = (1-eps) w_j (lse_i - y_ij), times the row's upstream gradient
+            if need_target:  # d loss_i / d q_ij = (1-ls) w_j (lse_i - y_ij), times the row's upstream gradient
                 w = 1.0 if class_weight is None else class_weight.to(acc)
-                d_target = ((1 - eps) * w * (lse[:, None] - y) * upstream).to(t.dtype)
+                d_target = ((1 - label_smoothing) * w * (lse[:, None] - y) * upstream).to(t.dtype)
         if need_target:
             dT.append(d_target)
         if need_input:
@@ -376,7 +322,7 @@ def _recompute_grads(ctx, input, weight, bias, target, class_weight, grad_loss, 
 def _chunk_vjp(ctx, x, weight, bias, target, class_weight, row_grad, lse_grad):
     """A chunk's (dZ, d target) through fusedops.cross_entropy (reduction none, return_lse) by torch.func.vjp,
     for the upstream gradients of its rows' losses and lse, differentiable (double backward)."""
-    reduction, ignore_index, eps, z_loss, softcap = ctx.options
+    reduction, ignore_index, label_smoothing, z_loss, softcap = ctx.options[:5]
 
     def loss_and_lse(logits, target):
         return cross_entropy(
@@ -385,11 +331,11 @@ def _chunk_vjp(ctx, x, weight, bias, target, class_weight, row_grad, lse_grad):
             class_weight,
             reduction="none",
             ignore_index=ignore_index,
-            label_smoothing=eps,
+            label_smoothing=label_smoothing,
             z_loss=z_loss,
             softcap=softcap,
             return_lse=True,
-            backend=ctx.backend,
+            backend=ctx.options.backend,
         )
 
     logits = F.linear(x, weight, bias)
@@ -412,35 +358,52 @@ _apply = fast_apply(LinearCrossEntropyFunction)
 
 
 def linear_cross_entropy(
-    input,
-    weight,
-    target,
-    bias=None,
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
     *,
-    class_weight=None,
-    reduction="mean",
-    ignore_index=-100,
-    label_smoothing=0.0,
-    z_loss=0.0,
-    softcap=None,
-    return_lse=False,
-    chunk_bytes=CHUNK_BYTES,
-    process_group=None,
-    vocab_size=None,
-    backend=None,
-):
+    class_weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    chunk_bytes: int = CHUNK_BYTES,
+    process_group: "ProcessGroup | None" = None,
+    vocab_size: int | None = None,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """`cross_entropy(F.linear(input, weight, bias), target, class_weight, ...)`, fused: the logits are
     computed, turned into their gradient and multiplied out chunk by chunk, never held whole.
 
-    input: (N, H) or (B, T, H) (any leading dimensions). weight: (V, H), as an nn.Linear's. bias: (V,) or
-    None. target: class indices shaped like input without its last dimension (int64, int32 or uint8), or
-    class probabilities shaped like the logits (..., V). class_weight: (V,) class weights (the `weight` of
-    torch's cross_entropy). reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, backend:
-    as fusedops.cross_entropy's. chunk_bytes: the most bytes one chunk of logits takes (default 64 MiB):
-    peak memory beyond the gradients is about one chunk. Accumulation is in fp32 for bf16 and fp16.
-    process_group: a torch.distributed group over which the vocabulary is split: this process holds the
-    rows of weight (and bias, class_weight) of a contiguous shard of the classes, in rank order; target
-    holds global class indices; vocab_size, when given, is checked against the shards' sizes.
+    Accumulation is in fp32 for bf16 and fp16.
+
+    Args:
+        input: (N, H) or (B, T, H) (any leading dimensions).
+        weight: (V, H), as an nn.Linear's.
+        target: class indices shaped like input without its last dimension (int64, int32 or uint8), or class
+            probabilities shaped like the logits (..., V).
+        bias: (V,) or None.
+        class_weight: (V,) class weights (the `weight` of torch's cross_entropy), or None.
+        reduction: as fusedops.cross_entropy's.
+        ignore_index: as fusedops.cross_entropy's.
+        label_smoothing: as fusedops.cross_entropy's.
+        z_loss: as fusedops.cross_entropy's.
+        softcap: as fusedops.cross_entropy's.
+        return_lse: as fusedops.cross_entropy's.
+        chunk_bytes: the most bytes one chunk of logits takes (default 64 MiB): peak memory beyond the
+            gradients is about one chunk.
+        process_group: a torch.distributed group over which the vocabulary is split: this process holds the
+            rows of weight (and bias, class_weight) of a contiguous shard of the classes, in rank order; target
+            holds global class indices. None: no split.
+        vocab_size: when given, checked against the shards' sizes (without a split, against V).
+        backend: as fusedops.cross_entropy's.
+
+    Returns:
+        The loss: a scalar for reduction "mean" or "sum", else shaped like input without its last dimension.
+        With return_lse, the tuple (loss, lse), lse shaped like the loss of reduction "none".
     """
     check_linear_cross_entropy(input, weight, bias, target, chunk_bytes)
     V = weight.shape[0]
@@ -503,15 +466,9 @@ def linear_cross_entropy(
         None if bias is None else bias.contiguous(),
         target.contiguous() if prob else target,
         class_weight,
-        code,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        softcap,
-        return_lse,
-        chunk_bytes,
-        with_grads,
-        backend,
+        LinearLossOptions(
+            code, ignore_index, label_smoothing, z_loss, softcap, return_lse, chunk_bytes, with_grads, backend
+        ),
     )
     return shaped(loss, lse, code, out_shape, return_lse)
 
@@ -524,23 +481,43 @@ class LinearCrossEntropy(nn.Module):
 
     def __init__(
         self,
-        in_features,
-        num_classes,
-        bias=False,
-        device=None,
-        dtype=None,
+        in_features: int,
+        num_classes: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
-        class_weight=None,
-        reduction="mean",
-        ignore_index=-100,
-        label_smoothing=0.0,
-        z_loss=0.0,
-        softcap=None,
-        chunk_bytes=CHUNK_BYTES,
-        process_group=None,
-        vocab_size=None,
-        backend=None,
-    ):
+        class_weight: Tensor | None = None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+        process_group: "ProcessGroup | None" = None,
+        vocab_size: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        """The layer's parameters, as nn.Linear(in_features, num_classes, bias, device=device, dtype=dtype)
+        makes them, and the loss's options (see `linear_cross_entropy`).
+
+        Args:
+            in_features: H, the size of each input row.
+            num_classes: V, the number of classes (this process's shard of them with a process_group).
+            bias: whether the layer has a (num_classes,) bias (default False, unlike nn.Linear).
+            device: the parameters' device, as nn.Linear's.
+            dtype: the parameters' dtype, as nn.Linear's.
+            class_weight: (num_classes,) class weights, or None; kept as the buffer `class_weight`.
+            reduction: "none", "mean" or "sum" (see `linear_cross_entropy`).
+            ignore_index: see `linear_cross_entropy`.
+            label_smoothing: see `linear_cross_entropy`.
+            z_loss: see `linear_cross_entropy`.
+            softcap: see `linear_cross_entropy`.
+            chunk_bytes: see `linear_cross_entropy`.
+            process_group: see `linear_cross_entropy`.
+            vocab_size: see `linear_cross_entropy`.
+            backend: see `linear_cross_entropy`.
+        """
         super().__init__()
         linear = nn.Linear(in_features, num_classes, bias, device=device, dtype=dtype)  # its initialisation
         self.in_features, self.num_classes = in_features, num_classes
@@ -559,7 +536,17 @@ class LinearCrossEntropy(nn.Module):
         self.z_loss, self.softcap, self.chunk_bytes = z_loss, softcap, chunk_bytes
         self.process_group, self.vocab_size, self.backend = process_group, vocab_size, backend
 
-    def forward(self, input, target):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """`linear_cross_entropy(input, self.weight, target, self.bias, ...)` with the module's options.
+
+        Args:
+            input: (N, in_features) or (B, T, in_features) (any leading dimensions).
+            target: class indices shaped like input without its last dimension, or class probabilities shaped
+                like the logits (..., num_classes).
+
+        Returns:
+            The loss (no lse: the layer does not take return_lse).
+        """
         return linear_cross_entropy(
             input,
             self.weight,
@@ -577,8 +564,15 @@ class LinearCrossEntropy(nn.Module):
             backend=self.backend,
         )
 
-    def logits(self, input):
-        """input @ weight.T + bias: the whole logits, for inference."""
+    def logits(self, input: Tensor) -> Tensor:
+        """input @ weight.T + bias: the whole logits, for inference.
+
+        Args:
+            input: (..., in_features).
+
+        Returns:
+            The logits, (..., num_classes).
+        """
         return F.linear(input, self.weight, self.bias)
 
     def extra_repr(self):

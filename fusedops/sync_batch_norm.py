@@ -13,8 +13,10 @@ As in torch.nn.SyncBatchNorm, each process's weight and bias gradients are its o
 DistributedDataParallel's gradient all-reduce).
 """
 
+from typing import TYPE_CHECKING, NamedTuple
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ._autograd import fast_apply
@@ -23,6 +25,9 @@ from ._collectives import all_reduce, sync_group
 from ._ops import kernels
 from .batch_norm import BatchNormBase, adopt_state, update_running_stats
 from .errors import ArgumentValueError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 def global_stats(count, mean, m2, group):
@@ -38,15 +43,25 @@ def global_stats(count, mean, m2, group):
     return n, mean_all, m2_all
 
 
+class SyncBatchNormOptions(NamedTuple):
+    """SyncBatchNormFunction's options: as batch norm's, and the process group the batch is split over."""
+
+    unbiased: bool
+    eps: float
+    group: object  # a torch.distributed ProcessGroup
+    backend: str | None = None
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
-    """out, mean, invstd, var, count = SyncBatchNormFunction.apply(input, weight, bias, unbiased, eps, group,
-    backend): training-mode batch norm of this process's (N, C, *) input with the statistics of every
-    process's in `group`. mean (fp64), invstd, var (the global unbiased variance, fp64) and count (the
-    global values per channel, a one-element fp64 tensor) are not differentiable. Its backward is once
+    """out, mean, invstd, var, count = SyncBatchNormFunction.apply(input, weight, bias, options): training-mode
+    batch norm of this process's (N, C, *) input with the statistics of every process's in options.group. mean
+    (fp64), invstd, var (the global unbiased variance, fp64) and count (the global values per channel, a
+    one-element fp64 tensor) are not differentiable. Its backward is once
     differentiable: asking for a second derivative raises."""
 
     @staticmethod
-    def forward(input, weight, bias, unbiased, eps, group, backend):
+    def forward(input, weight, bias, options):
+        unbiased, eps, group, backend = options
         ops = kernels(backend, input)
         mean, m2 = ops.batch_norm_stats(input)
         count, mean, m2 = global_stats(input.numel() // input.shape[1], mean, m2, group)
@@ -59,17 +74,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, unbiased, _, group, backend = inputs
+        input, weight, bias, options = inputs
         _, mean, invstd, _, count = output
         ctx.save_for_backward(input, weight, mean, invstd, count)
-        ctx.options = unbiased, group, backend, None if bias is None else bias.dtype
+        ctx.options, ctx.bias_dtype = options, None if bias is None else bias.dtype
         ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, *_):
         input, weight, mean, invstd, count = ctx.saved_tensors
-        unbiased, group, backend, bias_dtype = ctx.options
+        unbiased, _, group, backend = ctx.options
         ops = kernels(backend, input)
         sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(grad_out, input, mean)
         grad_input = None
@@ -79,15 +94,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 grad_out, input, mean, invstd, weight, total_dy, total_dy_xmu, count, unbiased
             )
         need_weight, need_bias = ctx.needs_input_grad[1:3]
-        return (
-            grad_input,
-            (sum_dy_xmu * invstd).to(weight.dtype) if need_weight else None,  # sum(dy * xhat), this share
-            sum_dy.to(bias_dtype) if need_bias else None,  # sum(dy), this share
-            None,
-            None,
-            None,
-            None,
-        )
+        grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if need_weight else None  # sum(dy * xhat), this share
+        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None  # sum(dy), this share
+        return grad_input, grad_weight, grad_bias, None
 
 
 _apply = fast_apply(SyncBatchNormFunction)
@@ -106,19 +115,35 @@ class SyncBatchNorm(BatchNormBase):
 
     def __init__(
         self,
-        num_features,
-        eps=1e-5,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        process_group=None,
-        device=None,
-        dtype=None,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: "ProcessGroup | None" = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
-        bias=True,
-        unbiased=False,
-        backend=None,
-    ):
+        bias: bool = True,
+        unbiased: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        """Arguments as torch.nn.SyncBatchNorm, plus the fusedops layers' unbiased and backend.
+
+        Args:
+            num_features: C, the number of channels.
+            eps: as BatchNormBase's.
+            momentum: as BatchNormBase's (None: the cumulative average).
+            affine: as BatchNormBase's.
+            track_running_stats: as BatchNormBase's.
+            process_group: the torch.distributed group whose processes' batches the training statistics
+                cover; None: the whole world.
+            device: as BatchNormBase's.
+            dtype: as BatchNormBase's.
+            bias: as BatchNormBase's.
+            unbiased: as BatchNormBase's.
+            backend: as BatchNormBase's.
+        """
         super().__init__(
             num_features,
             eps,
@@ -137,7 +162,17 @@ class SyncBatchNorm(BatchNormBase):
         if input.dim() < 2:
             raise rank_error("SyncBatchNorm", "at least 2D", input)
 
-    def forward(self, input):
+    def forward(self, input: Tensor) -> Tensor:
+        """Batch norm of this process's input with the statistics of every process's batch in training (the
+        running ones updated when tracked); the plain fused batch norm in eval mode, in a single process, or
+        without an initialised process group.
+
+        Args:
+            input: (N, C, *) input, at least 2-D.
+
+        Returns:
+            The output, shaped like input.
+        """
         group = sync_group(self.process_group) if self.training else None
         if group is None:
             return super().forward(input)
@@ -155,7 +190,8 @@ class SyncBatchNorm(BatchNormBase):
             momentum=self.momentum,
             backend=self.backend,
         )  # the count over all processes is not known here
-        out, mean, _, var, count = _apply(input, weight, bias, self.unbiased, self.eps, group, self.backend)
+        options = SyncBatchNormOptions(self.unbiased, self.eps, group, self.backend)
+        out, mean, _, var, count = _apply(input, weight, bias, options)
         if self.track_running_stats:  # an empty batch everywhere (count 0) leaves them as they are
             update_running_stats(
                 self, torch.where(count > 0, mean, running_mean), torch.where(count > 0, var, running_var)
@@ -166,11 +202,20 @@ class SyncBatchNorm(BatchNormBase):
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNormBase)
 
 
-def convert_sync_batchnorm(module, process_group=None):
+def convert_sync_batchnorm(module: nn.Module, process_group: "ProcessGroup | None" = None) -> nn.Module:
     """Every batch norm in `module` (torch's BatchNorm1d/2d/3d and SyncBatchNorm, fusedops' layers) replaced
-    by a SyncBatchNorm over `process_group` (when None, a torch SyncBatchNorm's own group, else the whole
-    world) that keeps its parameters and buffers (the same tensors), options and mode; returns the module,
-    itself replaced if it is one."""
+    by a SyncBatchNorm over `process_group` that keeps its parameters and buffers (the same tensors), options
+    and mode.
+
+    Args:
+        module: the model, converted in place; a fusedops layer with a fused activation raises (SyncBatchNorm
+            has none).
+        process_group: the group of the new layers; when None, a torch SyncBatchNorm's own group, else the
+            whole world.
+
+    Returns:
+        The module, itself replaced if it is one.
+    """
     if isinstance(module, BATCH_NORMS) and not isinstance(module, SyncBatchNorm):
         if getattr(module, "activation", None) is not None:
             raise ArgumentValueError(

@@ -1,7 +1,9 @@
 import os
+import traceback
 
 import pytest
 import torch
+from cases import BACKENDS
 
 from fusedops import reference
 from fusedops.makemore import data
@@ -12,6 +14,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """The kernel a test runs on, each in turn: "cpp" and "triton"."""
+    return request.param
 
 
 def loss_and_grad(fn, logits, target, grad_output=None, **kwargs):
@@ -63,3 +71,48 @@ def names_splits(names):
 def notebook_batch(names_splits):
     """The notebooks' parameters and first minibatch of 32 (seed 2147483647)."""
     return reference.notebook_batch(*names_splits[0])
+
+
+# Tensor methods that read a value into Python (a host sync on CUDA)
+READS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"]
+
+
+class HostReads:
+    """The tensor reads made from Python inside `with host_reads:`, recorded (then done) as (method, where
+    it was called from). A read with triton's interpreter on the stack is the kernel's own work (on a GPU,
+    device work) and is not recorded; at triton 3.9 the interpreter makes none of these calls anyway."""
+
+    def __init__(self):
+        self.reads, self.watching = [], False
+
+    def __enter__(self):
+        self.watching = True
+
+    def __exit__(self, *_):
+        self.watching = False
+
+    def spy(self, name, method):
+        def read(tensor, *args, **kwargs):
+            if self.watching:
+                stack = traceback.extract_stack()[:-1]
+                if not any(frame.filename.startswith(triton_dir()) for frame in stack):
+                    self.reads.append((name, "".join(traceback.format_list(stack[-3:]))))
+            return method(tensor, *args, **kwargs)
+
+        return read
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """A HostReads spying on every tensor read of READS for the test's duration."""
+    spy = HostReads()
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, spy.spy(name, getattr(torch.Tensor, name)))
+    return spy
+
+
+def triton_dir():
+    """Where triton's own code lives (imported here, after TRITON_INTERPRET is chosen)."""
+    import triton
+
+    return os.path.dirname(triton.__file__) + os.sep

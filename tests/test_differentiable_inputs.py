@@ -15,7 +15,6 @@ import fusedops
 
 F64 = torch.float64
 NOT_DIFFERENTIABLE = r"not differentiable with respect to"
-BACKENDS = ["cpp", "triton"]
 
 
 def gen(seed=0):
@@ -32,9 +31,10 @@ def ce_case(backend):
     }
 
     def fn(logits, target, weight):
-        return fusedops.CrossEntropyFunction.apply(
-            logits, target, weight, 1, -100, 0.1, 0.05, 2.0, True, False, backend
+        options = fusedops.CrossEntropyOptions(
+            reduction=1, label_smoothing=0.1, z_loss=0.05, softcap=2.0, return_lse=True, backend=backend
         )
+        return fusedops.CrossEntropyFunction.apply(logits, target, weight, options)
 
     return fn, inputs
 
@@ -51,9 +51,16 @@ def lce_case(backend):
     }
 
     def fn(input, weight, bias, target, class_weight):
-        return fusedops.LinearCrossEntropyFunction.apply(
-            input, weight, bias, target, class_weight, 1, -100, 0.1, 0.05, 2.0, True, 2 * 5 * 8, False, backend
+        options = fusedops.LinearLossOptions(
+            reduction=1,
+            label_smoothing=0.1,
+            z_loss=0.05,
+            softcap=2.0,
+            return_lse=True,
+            chunk_bytes=2 * 5 * 8,  # two chunks
+            backend=backend,
         )
+        return fusedops.LinearCrossEntropyFunction.apply(input, weight, bias, target, class_weight, options)
 
     return fn, inputs
 
@@ -71,9 +78,8 @@ def bn_case(backend, training):
     }
 
     def fn(input, weight, bias, running_mean, running_var, residual):
-        return fusedops.BatchNormFunction.apply(
-            input, weight, bias, running_mean, running_var, training, False, 1e-5, backend, residual, 1
-        )[0]
+        options = fusedops.BatchNormOptions(training=training, activation=1, backend=backend)
+        return fusedops.BatchNormFunction.apply(input, weight, bias, running_mean, running_var, residual, options)[0]
 
     return fn, inputs
 
@@ -123,7 +129,6 @@ def derivative_check(fn, inputs, name, mode):
 
 
 @pytest.mark.parametrize("mode", ["backward", "forward"])
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_tensor_input_gives_its_derivative_or_raises(case, backend, mode):
     fn, inputs = CASES[case](backend)
@@ -149,7 +154,8 @@ def _sync_batch_norm_derivatives(rank, world):
     }
 
     def fn(input, weight, bias):
-        return fusedops.SyncBatchNormFunction.apply(input, weight, bias, False, 1e-5, group, "cpp")[0]
+        options = fusedops.SyncBatchNormOptions(unbiased=False, eps=1e-5, group=group, backend="cpp")
+        return fusedops.SyncBatchNormFunction.apply(input, weight, bias, options)[0]
 
     return {
         f"{name} {mode}": str(derivative_check(fn, inputs, name, mode))
@@ -168,7 +174,6 @@ def test_sync_batch_norm_inputs_give_their_derivative_or_raise(tmp_path):
 # --- the defects, each on its own ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("stat", ["running_mean", "running_var"])
 def test_eval_tangent_of_a_running_statistic_raises(backend, stat):
     """In eval the output depends on the running statistics, and they take no derivative (as in PyTorch): a
@@ -188,7 +193,6 @@ def test_eval_tangent_of_a_running_statistic_raises(backend, stat):
         torch.func.jvp(lambda s: torch.func.functional_call(module, {stat: s}, (x,)), (stats[stat],), (torch.ones(2),))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_training_tangent_of_the_running_statistics_is_zero_as_torch(backend):
     """In training the output does not depend on them: their tangent contributes 0, as in PyTorch."""
     x, rm, rv = torch.randn(3, 2, 5, dtype=F64), torch.randn(2, dtype=F64), torch.rand(2, dtype=F64) + 0.5
@@ -223,7 +227,6 @@ def test_running_statistics_that_require_grad_raise_as_torch(api, training):
         call()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "options", [{}, {"label_smoothing": 0.1, "reduction": "none"}, {"weight": True, "z_loss": 0.05, "softcap": 2.0}]
 )
@@ -247,7 +250,6 @@ def test_forward_mode_through_probability_targets(backend, options):
     torch.testing.assert_close(dual, torch.func.jvp(lambda b: expected(x, b), (q,), (dq,))[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_cross_entropy_forward_mode_through_probability_targets(backend):
     """A dual target (torch.func.jvp runs the Triton interpreter on functorch's wrapped tensors, which it cannot
     read: the C++ kernel only there)."""

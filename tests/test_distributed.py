@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import READS, HostReads
 from processes import GROUP_TIMEOUT_S, TIMEOUT_S, run_ok, run_ranks
-from test_host_sync import READS, HostReads
 from torch import nn
 
 import fusedops
@@ -36,7 +36,6 @@ def _is_stored(t, memory_format):
     return _stored(t, memory_format).stride() == t.stride()
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize(
     "shape, memory_format",
     [((9, 5), "contiguous"), ((4, 3, 5), "contiguous"), ((3, 2, 2, 3), "contiguous"), ((3, 2, 2, 3), "channels_last")],
@@ -184,9 +183,8 @@ def _large_mean(rank, world, sizes):
     x = _large_mean_batch(sizes)[_rows(sizes, rank)]
     result = dict(local=kernels("cpp", x).batch_norm_stats(x))
     for name, xr in (("fp64", x), ("fp32", x.float())):
-        out, mean, _, var, count = fusedops.SyncBatchNormFunction.apply(
-            xr, None, None, False, 1e-5, dist.group.WORLD, "cpp"
-        )
+        options = fusedops.SyncBatchNormOptions(unbiased=False, eps=1e-5, group=dist.group.WORLD, backend="cpp")
+        out, mean, _, var, count = fusedops.SyncBatchNormFunction.apply(xr, None, None, options)
         result[name] = dict(out=out, mean=mean, var=var, count=count)
     return result
 
