@@ -12,7 +12,6 @@ from conftest import assert_all_close, forward_and_grads, loss_and_grad
 
 import fusedops
 
-BACKENDS = KERNELS = ["cpp", "triton"]
 INF, NAN = float("inf"), float("nan")
 EXACT = {"rtol": 0, "atol": 0}
 
@@ -27,7 +26,6 @@ def call_cross_entropy(api, logits, target, **options):
 
 
 @pytest.mark.parametrize("api", ["function", "module"])
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(ce_cases.BAD_INPUTS))
 def test_cross_entropy_rejects(case, backend, api):
     replace, error, message = ce_cases.BAD_INPUTS[case]
@@ -84,7 +82,6 @@ def test_cross_entropy_ops_refuse_overlapping_rows():
         )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3), (2, 5, 0)])
 def test_cross_entropy_empty_like_torch(backend, reduction, shape):
@@ -96,7 +93,6 @@ def test_cross_entropy_empty_like_torch(backend, reduction, shape):
 
 
 @pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # the interpreter's numpy on inf/NaN
-@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cross_entropy_non_finite_like_torch(backend, dtype):
     logits = torch.randn(7, 5)
@@ -116,7 +112,6 @@ def test_cross_entropy_non_finite_like_torch(backend, dtype):
         torch.testing.assert_close(grad.float(), grad_t, equal_nan=True, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e4), (torch.float16, 6e4), (torch.bfloat16, 1e4)])
 def test_cross_entropy_extreme_logits_match_float64(backend, dtype, scale):
     """Logits at +-scale: the loss (up to 2*scale, past fp16's range for 6e4) and the gradient are those of
@@ -135,7 +130,6 @@ def test_cross_entropy_extreme_logits_match_float64(backend, dtype, scale):
         assert F.cross_entropy(logits, target).isinf() and loss.isfinite()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", list(ce_cases.LAYOUTS))
 def test_cross_entropy_strided_equals_contiguous(backend, layout):
     torch.manual_seed(0)
@@ -152,7 +146,6 @@ def test_cross_entropy_strided_equals_contiguous(backend, layout):
 # --- batch norm -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(bn_cases.BAD_INPUTS))
 def test_batch_norm_rejects_and_leaves_the_running_stats_untouched(backend, case):
     replace, error, message = bn_cases.BAD_INPUTS[case]
@@ -175,7 +168,6 @@ def test_batch_norm_rejects_and_leaves_the_running_stats_untouched(backend, case
     assert_all_close([running_mean, running_var], list(saved), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(bn_cases.MODULE_BAD_INPUTS))
 def test_module_rejects_bad_input_before_counting_it(backend, case):
     kwargs, input, error, message = bn_cases.MODULE_BAD_INPUTS[case]
@@ -196,7 +188,6 @@ def test_batch_norm_ops_check_their_arguments():
         torch.ops.fusedops.batch_norm_forward(torch.randn(1, 3), None, None, None, None, True, False, 1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 4), (3, 4, 0)])
 def test_batch_norm_empty_eval_like_torch(backend, shape):
     running = torch.randn(4), torch.rand(4) + 0.5
@@ -208,7 +199,6 @@ def test_batch_norm_empty_eval_like_torch(backend, shape):
 
 
 @pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # the interpreter's numpy on inf/NaN
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("value", [NAN, INF, -INF])
 def test_batch_norm_non_finite_like_torch(backend, training, value):
@@ -226,7 +216,6 @@ def test_batch_norm_non_finite_like_torch(backend, training, value):
     assert_all_close(results["ours"], results["torch"], equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("mean,std", [(1e3, 1e-2), (1e4, 1e-3)])
 def test_batch_norm_large_mean_small_std_match_float64(backend, mean, std):
     """The statistics of an input far from 0 relative to its spread: output and gradients as float64's."""
@@ -243,7 +232,6 @@ def test_batch_norm_large_mean_small_std_match_float64(backend, mean, std):
         assert (ours - exact).abs().max() <= 1e-3 * exact.abs().max()  # torch.nn.functional: ~6e-3 at 1e3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", list(bn_cases.LAYOUTS))
 def test_batch_norm_strided_equals_contiguous(backend, training, layout):
@@ -259,7 +247,6 @@ def test_batch_norm_strided_equals_contiguous(backend, training, layout):
     assert_all_close(results[0], results[1], **EXACT)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 def test_batch_norm_strided_per_channel_tensors_equal_contiguous(backend, training):
     """weight, bias and running statistics every other element of a longer tensor, bit for bit as contiguous."""

@@ -8,10 +8,7 @@ from conftest import assert_all_close, forward_and_grads
 import fusedops
 from fusedops import reference
 
-BACKENDS = ["cpp", "triton"]
 
-
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_the_chunked_reference(backend, notebook_batch):
     params, Xb, Yb = notebook_batch
     acts = reference.forward(params, Xb, Yb)
@@ -33,7 +30,6 @@ def test_matches_the_chunked_reference(backend, notebook_batch):
         assert (fused - chunked.view(fused.shape)).abs().max().item() <= 1e-8  # the notebooks' maxdiff level
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(7, 5), (4, 3, 6)])
 @pytest.mark.parametrize("training", [True, False])
 def test_unbiased_matches_the_reference(backend, shape, training):
@@ -83,7 +79,6 @@ def module_step(module, x, dy, call=None):
     return [y.detach(), x.grad] + [p.grad for p in params]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(TORCH_CASES))
 def test_module_matches_torch(backend, case):
     shape, layout, kwargs = TORCH_CASES[case]
@@ -148,7 +143,6 @@ def test_state_dict_round_trips_both_ways():
         torch.testing.assert_close(target(x), source(x))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("param_dtype", ["same", "float32"])
 @pytest.mark.parametrize("training", [True, False])
@@ -172,7 +166,6 @@ def test_half_precision_against_float32(backend, dtype, param_dtype, training):
     assert_all_close([rm.float(), rv.float()], list(stats32), **tol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["train", "train_unbiased", "eval"])
 @pytest.mark.parametrize("shape", [(6, 3), (4, 3, 2)])
 def test_gradcheck(backend, mode, shape):
@@ -194,7 +187,6 @@ def test_gradcheck(backend, mode, shape):
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_eval_backward_is_the_plain_affine_one(backend):
     g = torch.Generator().manual_seed(8)
     x, dy = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
@@ -239,7 +231,6 @@ def test_module_with_a_parametrized_weight():
     torch.testing.assert_close(bn(x), expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_inference_mode(backend):
     """Inference mode skips the autograd kernel: the op's own kernel normalises and updates the statistics."""
     torch.manual_seed(0)

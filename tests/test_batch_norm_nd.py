@@ -13,7 +13,6 @@ from torch.func import jacrev, jvp, vmap
 
 import fusedops
 
-BACKENDS = ["cpp", "triton"]
 CLASSES = {2: (nn.BatchNorm2d, fusedops.BatchNorm2d), 3: (nn.BatchNorm3d, fusedops.BatchNorm3d)}
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 # (input shape, memory format): shapes the Triton interpreter runs quickly
@@ -113,7 +112,6 @@ def test_layer_matches_torch_over_steps_then_eval(backend, shape, memory_format,
     run_against_torch(shape, memory_format, dtype, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape,memory_format", SHAPES)
 @pytest.mark.parametrize("fused", ["relu", "add_relu", "add"])
 def test_fused_forms_match_the_torch_composition(backend, shape, memory_format, fused):
@@ -127,13 +125,11 @@ def test_fused_forms_match_the_torch_composition(backend, shape, memory_format, 
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_fused_forms_in_other_dtypes(backend, dtype):
     run_against_torch((3, 4, 3, 5), "channels_last", dtype, backend, steps=2, residual=True, activation="relu")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -149,7 +145,6 @@ def test_layer_options_match_torch(backend, kwargs):
     run_against_torch((4, 3, 3, 5), "contiguous", torch.float32, backend, **kwargs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "shape",
     [(4, 1, 3, 3), (2, 3, 1, 1), (5, 3, 1, 1), (2, 1, 1, 1, 1), (2, 3, 1, 2, 1), (1, 3, 2, 1)],
@@ -168,7 +163,6 @@ VIEWS = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("view", list(VIEWS))
 def test_strided_views(backend, view):
     run_against_torch(
@@ -176,7 +170,6 @@ def test_strided_views(backend, view):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_residual_in_the_other_memory_format(backend):
     ours, theirs = fused_and_torch((2, 3, 4, 5), backend=backend, activation="relu")
     g = torch.Generator().manual_seed(3)
@@ -224,7 +217,6 @@ def test_forward_mode_and_vmap_match_torch():
     assert_all_close([vmap(ours, in_dims=(0, None))(xs, r)], [vmap(theirs, in_dims=(0, None))(xs, r)])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_saves_no_tensor_but_the_input_and_output(backend):
     """The relu's mask comes from the saved output: no full-size tensor is saved that the caller does not
     hold already."""
@@ -277,7 +269,6 @@ def test_unknown_activation_is_rejected_by_the_layer():
         fusedops.BatchNorm2d(3, activation="gelu")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (0, 3, 2, 2), (2, 3, 0, 4), (0, 3, 1, 2, 2)])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_empty_batch_in_training_like_torch(backend, shape, momentum):
@@ -321,7 +312,6 @@ def test_eps_zero_raises_in_training_and_runs_in_eval_like_torch(rank):
     torch.testing.assert_close(ours(x), theirs(x))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_functional_fused_forms_match_f_batch_norm(backend):
     g = torch.Generator().manual_seed(6)
     x, r = torch.randn(3, 4, 3, 3, generator=g), torch.randn(3, 4, 3, 3, generator=g)
@@ -372,7 +362,6 @@ def test_compile_fullgraph_of_a_residual_block(compiler, memory_format):
             assert_all_close(list(ours.state_dict().values()), list(theirs.state_dict().values()), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize(
     "layer,memory_format", [(fusedops.BatchNorm2d, torch.channels_last), (fusedops.BatchNorm3d, torch.channels_last_3d)]
 )

@@ -87,40 +87,6 @@ def check_rows(rows, providers, modes):
             assert r.vs_floor == pytest.approx(r.median_ms / by_key[case + (cases.FLOOR,)].median_ms)
 
 
-def test_cases_declare_the_issue_shapes():
-    """The per-operator tables: the shapes the performance targets name are in a full run, and the
-    per-call shapes in both a full and a quick run."""
-    ce, bn = cases.OPERATORS["ce"], cases.OPERATORS["bn"]
-    assert {(32, 27), (4096, 1024), (1024, 32768), (8192, 8192), (2048, 50257), (512, 131072)} <= set(ce.shapes)
-    assert {(32, 64), (65536, 256)} <= set(bn.shapes)
-    assert ce.per_call_shapes == ((32, 27),) and bn.per_call_shapes == ((32, 64),)
-    for name, op in cases.OPERATORS.items():
-        assert set(op.per_call_shapes) <= set(op.shapes) & set(op.quick_shapes)
-        if name != "lce":  # its full shapes take seconds a call: --quick runs a small sweep of V instead
-            assert set(op.quick_shapes) <= set(op.shapes)
-    assert "fusedops cpp in-place" in bench.provider_names("ce", CPU)
-    assert {cases.TORCH_LAYERS, cases.COMPILE, "fusedops layers"} <= set(bench.provider_names("train", CPU))
-
-
-def test_bn2d_declares_the_issue_cases():
-    """ResNet's four shapes, each form in both layouts, forward+backward only, and the targets: 1.5x eager
-    alone, 1.75x with ReLU (and the add), faster than torch.compile, the fused forms one input-sized
-    tensor below eager's peak memory."""
-    bn2d = cases.OPERATORS["bn2d"]
-    assert bn2d.shapes == ((32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7))
-    assert sorted(bn2d.variants) == sorted(
-        f"{form}, {layout}" for form in ("BN", "BN + ReLU", "BN + add + ReLU") for layout in ("NCHW", "channels_last")
-    )
-    assert bn2d.modes == (bench.FWD_BWD,)
-    assert bench.provider_names("bn2d", CPU) == [cases.FLOOR, cases.EAGER, cases.COMPILE, "fusedops cpp"]
-    targets = {v: bn2d.targets((32, 64, 56, 56), v, "fusedops cpp") for v in bn2d.variants}
-    assert {(v.split(",")[0], t) for v, t in targets.items()} == {
-        ("BN", cases.Targets(1.5)),
-        ("BN + ReLU", cases.Targets(1.75, memory_saved=1)),
-        ("BN + add + ReLU", cases.Targets(1.75, memory_saved=1)),
-    }
-
-
 @pytest.mark.parametrize("variant", cases.BN2D_VARIANTS)
 def test_bn2d_providers_compute_the_same(variant):
     """Each variant's providers compute its form (eager code against fusedops' one call), outputs and the
@@ -138,67 +104,6 @@ def test_bn2d_providers_compute_the_same(variant):
         results[name] = (out, *torch.autograd.grad(out, [xi, *params, *args], grad_out))
     for got, expected in zip(results["fusedops cpp"], results[cases.EAGER]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-
-
-def test_cross_entropy_declares_the_issue_cases():
-    """Plain cross-entropy at every shape (in every mode but at the large vocabularies), weighted also at
-    4096x1024 and the large vocabularies, probability targets and z-loss + softcap at 4096x1024, each
-    option forward+backward; the reference with plain alone, up to 4096x1024; the targets:
-    2.5x, 2x and 3x eager at 4096x1024, faster than torch.compile (every case), peak extra memory at most
-    1.1 logits (in place 0.1) and 16 bytes a row."""
-    ce = cases.OPERATORS["ce"]
-    plain, weighted, probabilities, z_softcap = cases.CE_VARIANTS
-    only_fwd_bwd = (bench.FWD_BWD,)
-    assert ce.variants == ("plain", "weighted", "probability targets", "z-loss + softcap")
-    assert ce.plan((4096, 1024)) == {
-        plain: bench.MODES,
-        weighted: only_fwd_bwd,
-        probabilities: only_fwd_bwd,
-        z_softcap: only_fwd_bwd,
-    }
-    for shape in ((32, 27), (333, 3001), (1024, 32768), (8192, 8192)):
-        assert ce.plan(shape) == {plain: bench.MODES}
-    for shape in ((2048, 50257), (512, 131072)):
-        assert ce.plan(shape) == {plain: only_fwd_bwd, weighted: only_fwd_bwd}
-    for shape in ce.shapes:
-        for variant in ce.plan(shape):
-            names = cases.cross_entropy_providers(shape, CPU, variant)
-            assert (cases.REFERENCE in names) == (variant == plain and shape[0] * shape[1] <= 4096 * 1024)
-            assert {cases.EAGER, cases.COMPILE, "fusedops cpp", "fusedops cpp in-place"} <= set(names)
-            for provider in ("fusedops cpp", "fusedops cpp in-place"):
-                in_place = provider.endswith("in-place")
-                peak = 0.1 if in_place else 1.1
-                for dtype in ("fp32", "bf16"):
-                    assert ce.targets(shape, variant, provider, dtype) == cases.Targets(
-                        ISSUE_CE_SPEEDUP.get((shape, variant, dtype, in_place)),
-                        over_eager_us=20.0 if shape == (32, 27) else None,
-                        vs_floor=1.6 if (shape, dtype, in_place) == ((8192, 8192), "fp32", True) else None,
-                        peak_memory=peak,
-                        peak_slack_mb=16 * shape[0] / 2**20,
-                    )
-
-
-# the speed issue's table, spelled out: (shape, variant, dtype, in place) -> the least speed-up against eager
-ISSUE_CE_SPEEDUP = {
-    **{((4096, 1024), "plain", "fp32", p): 3.0 for p in (False, True)},
-    **{((4096, 1024), "z-loss + softcap", d, p): 3.0 for d in ("fp32", "bf16") for p in (False, True)},
-    **{((4096, 1024), v, "fp32", p): 2.5 for v in ("weighted", "probability targets") for p in (False, True)},
-    **{((333, 3001), "plain", "fp32", p): 2.7 for p in (False, True)},
-    ((1024, 32768), "plain", "fp32", False): 8.0,
-    ((2048, 50257), "plain", "fp32", False): 8.0,
-    ((8192, 8192), "plain", "fp32", True): 10.0,
-}
-
-
-def test_batch_norm_targets_are_the_issues():
-    bn = cases.OPERATORS["bn"]
-    assert set(bn.shapes) == {(32, 64), (16384, 256), (65536, 256), (8192, 1000), (100000, 7)}
-    expected = {(16384, 256): 1.6, (65536, 256): 2.0, (8192, 1000): 1.5, (100000, 7): 1.6}
-    for shape in bn.shapes:
-        assert bn.targets(shape, "", "fusedops cpp", "fp32") == cases.Targets(
-            expected.get(shape), over_eager_us=20.0 if shape == (32, 64) else None
-        )
-        assert bn.targets(shape, "", "fusedops cpp", "bf16").vs_eager is None
 
 
 def test_per_call_and_floor_targets_are_judged():
@@ -395,39 +300,6 @@ def test_cross_entropy_targets_are_judged_as_stated():
     # 32x27: a row's loss and logsumexp are a tenth of an fp32 row of 27 logits, within the slack
     count, row = judged("32x27", "fusedops cpp in-place", 1.0, 12 * 32 / 2**20, "plain", input_mb=32 * 27 * 4 / 2**20)
     assert count.startswith("3 of 3 hold") and "0.00 ≤ 0.1 input ✓" in row and "-4000.0 µs ≤ +20 µs ✓" in row
-
-
-def test_lce_declares_the_issue_cases():
-    """Linear cross-entropy: the issue's (N, H, V) in fp32 and bf16, a sweep of V at N=4096, H=512 in fp32,
-    forward+backward only, no copy floor; eager, torch.compile, cut-cross-entropy (where it imports; not at
-    the sweep's extra points) and fusedops; the targets at the issue's shapes: faster than eager and at most
-    15% of eager's peak extra memory, torch.compile not judged; none at the sweep's extra points."""
-    lce = cases.OPERATORS["lce"]
-    fp32, both = [torch.float32], [torch.float32, torch.bfloat16]
-    issue = [(4096, 512, 50257), (8192, 768, 32000)]
-    assert set(issue) <= set(lce.shapes) and lce.modes == (bench.FWD_BWD,) and not lce.floor
-    sweep = [s for s in lce.shapes if s[:2] == (4096, 512)]
-    assert len(sweep) >= 4 and {8192, 32000, 50257} <= {s[2] for s in sweep}
-    for shape in lce.shapes:
-        assert lce.dtypes(shape, both) == (both if shape in issue else fp32)
-        assert lce.plan(shape) == {"": (bench.FWD_BWD,)}
-        names = cases.linear_cross_entropy_providers(shape, CPU, "")
-        peers = [cases.CCE] if shape in issue and cases.cut_cross_entropy()[0] is not None else []
-        assert list(names) == [cases.EAGER, cases.COMPILE, cases.TORCH_CHUNKED, *peers, "fusedops cpp"]
-        assert lce.targets(shape, "", "fusedops cpp") == (
-            cases.Targets(1.0, peak_vs_eager=0.15, faster_than_compile=False, peers=(cases.TORCH_CHUNKED,))
-            if shape in issue
-            else cases.Targets(faster_than_compile=False)
-        )
-    assert cases.FLOOR not in bench.provider_names("lce", CPU)
-    assert bench.sweep_of(
-        [
-            bench.Result("lce", bench.shape_name(s), "", d, bench.FWD_BWD, cases.EAGER, 1.0, 0.0)
-            for s in lce.shapes
-            for d in ("fp32", "bf16")
-        ],
-        2,
-    )[1] == sorted(s[2] for s in sweep)
 
 
 def test_lce_providers_compute_the_same():

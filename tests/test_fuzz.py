@@ -1,8 +1,8 @@
 """Property-based: shapes (odd, prime, past a kernel block), dtypes, options, layouts and values drawn by
-hypothesis; every op's forward and backward against PyTorch on the same inputs. The C++ kernels get the
-larger budget, the Triton ones (in the interpreter on CPU) small shapes and a few examples."""
+hypothesis; every operator's (cross-entropy, linear cross-entropy, batch norm) forward and backward against
+PyTorch on the same inputs. The C++ kernels get the larger budget, the Triton ones (in the interpreter on CPU)
+small shapes and a few examples."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -101,6 +101,58 @@ def check_cross_entropy(backend, case):
 
 
 @st.composite
+def linear_cross_entropy_cases(draw, backend):
+    limits = LIMITS[backend]
+    V = draw(st.integers(1, limits["V"]))
+    options = {
+        "reduction": draw(st.sampled_from(["mean", "sum", "none"])),
+        "label_smoothing": draw(st.sampled_from([0.0, 0.0, 1.0]) | st.floats(0, 1)),
+        "ignore_index": draw(st.sampled_from([-100, 0])),
+    }
+    return {
+        "N": draw(st.integers(1, limits["N"])),
+        "H": draw(st.integers(1, 9)),
+        "V": V,
+        "options": options,
+        "dtype": draw(st.sampled_from([torch.float32, torch.float64])),  # bf16/fp16: matmul rounding, not ours
+        "bias": draw(st.booleans()),
+        "class_weight": draw(st.booleans()),
+        "chunk_rows": draw(st.integers(1, limits["N"])),  # a chunk of logits: that many rows
+        "ignored": draw(st.floats(0, 1)),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def check_linear_cross_entropy(backend, case):
+    N, H, V, dtype, seed, options = case["N"], case["H"], case["V"], case["dtype"], case["seed"], case["options"]
+    x, W = randn((N, H), seed, dtype), randn((V, H), seed + 1, dtype)
+    b = randn(V, seed + 2, dtype) if case["bias"] else None
+    class_weight = randn(V, seed + 3, torch.float64).abs().add(0.5).to(dtype) if case["class_weight"] else None
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, V, (N,), generator=g)
+    target[torch.rand(N, generator=g) < case["ignored"]] = options["ignore_index"]
+    grad_output = randn((N,) if options["reduction"] == "none" else (), seed + 4, dtype)
+    chunk_bytes = case["chunk_rows"] * V * dtype.itemsize
+    ours = run(
+        lambda x, W, b: fusedops.linear_cross_entropy(
+            x, W, target, b, class_weight=class_weight, chunk_bytes=chunk_bytes, backend=backend, **options
+        ),
+        x,
+        [W, b],
+        grad_output,
+    )
+    weight = None if class_weight is None else class_weight.double()
+    theirs = run(
+        lambda x, W, b: F.cross_entropy(F.linear(x, W, b), target, weight, **options),
+        x.double(),
+        [W.double(), None if b is None else b.double()],
+        grad_output.double(),
+    )
+    assert [t.dtype for t in ours] == [dtype] * len(ours)
+    assert_matches(ours, theirs)
+
+
+@st.composite
 def batch_norm_cases(draw, backend):
     limits = LIMITS[backend]
     L = draw(st.sampled_from([None, None, draw(st.integers(1, limits["L"]))]))
@@ -148,11 +200,13 @@ def check_batch_norm(backend, case):
     assert_matches(ours + (ours_stats if has_stats else []), theirs + (theirs_stats if has_stats else []))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_cross_entropy_matches_torch(backend):
     given(cross_entropy_cases(backend))(fuzz(backend)(lambda case: check_cross_entropy(backend, case)))()
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_linear_cross_entropy_matches_torch(backend):
+    given(linear_cross_entropy_cases(backend))(fuzz(backend)(lambda case: check_linear_cross_entropy(backend, case)))()
+
+
 def test_batch_norm_matches_torch(backend):
     given(batch_norm_cases(backend))(fuzz(backend)(lambda case: check_batch_norm(backend, case)))()
