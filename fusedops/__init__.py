@@ -1,7 +1,16 @@
 """fusedops: fused cross-entropy and batch norm for PyTorch, C++ kernels on CPU, Triton on CUDA."""
 
 from . import errors
-from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormFunction, BatchNormOptions, batch_norm
+from .batch_norm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormFunction,
+    BatchNormOptions,
+    batch_norm,
+    batch_norm_backward,
+    update_running_stats,
+)
 from .convert import convert_batchnorm
 from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss, CrossEntropyOptions, cross_entropy
 from .linear_cross_entropy import (
@@ -22,6 +31,8 @@ __all__ = [
     "LinearCrossEntropyFunction",
     "LinearLossOptions",
     "batch_norm",
+    "batch_norm_backward",
+    "update_running_stats",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import TorchBatchNorm, batched_first, fast_apply
-from ._checks import check_activation, check_batch_norm, no_tangent, not_differentiable, rank_error
+from ._checks import check_activation, check_backend, check_batch_norm, no_tangent, not_differentiable, rank_error
 from ._layout import empty_like_input
 from ._math import ACTIVATIONS, acc_dtype
 from ._ops import kernels, register
@@ -368,6 +368,43 @@ def update_running_stats(module: "BatchNormBase", mean: Tensor, var: Tensor) -> 
         torch.ops.fusedops.batch_norm_update_stats(
             module.running_mean, module.running_var, module.num_batches_tracked, mean, var, module.momentum
         )
+
+
+def batch_norm_backward(
+    grad_out: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    *,
+    training: bool = True,
+    unbiased: bool = False,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch norm's fused backward, for a backward pass written by hand (the makemore notebooks' last
+    exercise): the gradients of input, weight and bias from grad_out and the forward's statistics, as
+    BatchNormFunction returns them. In training
+        dx = gamma * invstd / n * (n*dy - sum(dy) - f * xhat * sum(dy*xhat)),   f = n/(n-1) if unbiased else 1
+    and dx = dy * gamma * invstd in eval.
+
+    Args:
+        grad_out: the output's gradient, shaped and laid out like input.
+        input: (N, C, *) the forward's input.
+        mean: (C,) the forward's mean (fp64), as BatchNormFunction returns it.
+        invstd: (C,) the forward's 1 / sqrt(var + eps).
+        weight: (C,) gamma, or None (ones).
+        training: whether the forward normalised with the batch's statistics (else with constants).
+        unbiased: whether it normalised with the Bessel-corrected variance.
+        backend: None (C++ on CPU, Triton on CUDA), "cpp" or "triton".
+
+    Returns:
+        grad_input (input's dtype and layout), grad_weight and grad_bias (per channel, fp32 or fp64).
+    """
+    check_backend(backend, input, "batch_norm_backward")
+    grad_input, grad_weight, grad_bias, _ = kernels(backend, input).batch_norm_backward(
+        grad_out, input, mean, invstd, weight, training, unbiased
+    )
+    return grad_input, grad_weight, grad_bias
 
 
 class BatchNormBase(TorchBatchNorm):

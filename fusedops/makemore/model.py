@@ -10,11 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fusedops
 from fusedops import reference
-from fusedops._math import MEAN
-from fusedops._ops import kernels
-from fusedops.batch_norm import BatchNorm1d, update_running_stats
-from fusedops.cross_entropy import cross_entropy
 
 LAYERS = ("fusedops", "torch")
 
@@ -64,7 +61,7 @@ class MLP(nn.Module):
         self.embedding = nn.Embedding(vocab_size, n_embd)
         self.hidden = nn.Linear(n_embd * block_size, n_hidden)
         bn = (
-            BatchNorm1d(n_hidden, momentum=bn_momentum, unbiased=True, backend=backend)
+            fusedops.BatchNorm1d(n_hidden, momentum=bn_momentum, unbiased=True, backend=backend)
             if layers == "fusedops"
             else BesselBatchNorm1d(n_hidden, momentum=bn_momentum)
         )
@@ -86,7 +83,7 @@ class MLP(nn.Module):
 
     def criterion(self, logits, Y, reduction="mean"):
         if self.layers == "fusedops":
-            return cross_entropy(logits, Y, reduction=reduction, backend=self.backend)
+            return fusedops.cross_entropy(logits, Y, reduction=reduction, backend=self.backend)
         return F.cross_entropy(logits, Y, reduction=reduction)
 
 
@@ -162,23 +159,24 @@ def manual_step(model, Xb, Yb):
     embedding's scatter-add), the fused kernels for the cross-entropy and batch-norm layers."""
     if model.layers != "fusedops":
         raise ValueError("manual_step runs the fused kernels: it needs a model with fusedops layers")
-    ops = kernels(model.backend, Xb)
     C, bn = model.embedding.weight, model.bn
     W1, b1, W2, b2 = model.hidden.weight, model.hidden.bias, model.output.weight, model.output.bias
     embcat = C[Xb].flatten(1)
     hprebn = F.linear(embcat, W1, b1)  # embcat @ W1^T + b1
-    hpreact, mean, invstd, var = ops.batch_norm_forward(
-        hprebn, bn.weight, bn.bias, None, None, True, bn.unbiased, bn.eps
+    bn_options = fusedops.BatchNormOptions(training=True, unbiased=bn.unbiased, eps=bn.eps, backend=model.backend)
+    hpreact, mean, invstd, var = fusedops.BatchNormFunction.apply(
+        hprebn, bn.weight, bn.bias, None, None, None, bn_options
     )
-    update_running_stats(bn, mean, var)
+    fusedops.update_running_stats(bn, mean, var)
     h = torch.tanh(hpreact)
     logits = F.linear(h, W2, b2)
-    loss, dlogits, _ = ops.cross_entropy_forward(
-        logits, Yb, None, MEAN, -100, 0.0, 0.0, None
-    )  # (softmax - one_hot) / n
+    ce_options = fusedops.CrossEntropyOptions(backend=model.backend)  # the mean over the batch
+    loss, dlogits, _ = fusedops.CrossEntropyFunction.apply(logits, Yb, None, ce_options)  # (softmax - one_hot) / n
     dh, dW2, db2 = dlogits @ W2, dlogits.T @ h, dlogits.sum(0)  # logits = h @ W2^T + b2
     dhpreact = (1.0 - h**2) * dh  # tanh' = 1 - tanh^2
-    dhprebn, dgamma, dbeta, _ = ops.batch_norm_backward(dhpreact, hprebn, mean, invstd, bn.weight, True, bn.unbiased)
+    dhprebn, dgamma, dbeta = fusedops.batch_norm_backward(
+        dhpreact, hprebn, mean, invstd, bn.weight, unbiased=bn.unbiased, backend=model.backend
+    )
     dembcat, dW1, db1 = dhprebn @ W1, dhprebn.T @ embcat, dhprebn.sum(0)  # hprebn = embcat @ W1^T + b1
     dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), dembcat.view(-1, C.shape[1]))  # emb = C[Xb]
     return loss, [dC, dW1, db1, dgamma.to(bn.weight.dtype), dbeta.to(bn.bias.dtype), dW2, db2]
