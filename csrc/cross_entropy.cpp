@@ -1,6 +1,6 @@
 // Fused cross-entropy on CPU: one pass over each row gives its loss, its gradient and its logsumexp.
 //   y = c * tanh(x / c) with softcap c (else y = x),  M = max_j y_j,  S = sum_j exp(y_j - M),  lse = M + log S
-//   q' = (1-eps) * q + eps/V,  q = one_hot(t) (class target) or the row of probabilities
+//   q' = (1-ls) * q + ls/V (ls: label smoothing),  q = one_hot(t) (class target) or the row of probabilities
 //   W = sum_j w_j q'_j                                                      (class weights w, else ones)
 //   loss = sum_j w_j q'_j (lse - y_j) + z * lse^2 = sum_j w_j q'_j (M - y_j) + W log S + z * lse^2
 //   grad = scale * ((W + 2 z lse) * softmax(y) - w * q') * (1 - (y/c)^2)     (scale = 1/divisor for mean)
@@ -97,7 +97,7 @@ struct Problem {
   const acc_t* w;            // class weights, or nullptr
   const double* w_before;    // w_before[b] = sum of w_j over the classes before block b (j < b * kBlock)
   double sum_w;              // sum_j w_j (V without weights)
-  double eps, z, scale;      // label smoothing, z-loss, gradient scale
+  double ls, z, scale;       // label smoothing, z-loss, gradient scale
   acc_t cap;                 // softcap (used only with it)
 };
 
@@ -160,8 +160,8 @@ RowStats<acc_t> row_pass1(const Problem<scalar_t>& P, const scalar_t* x, const s
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size(), B = kBlock<acc_t>;
   const acc_t lowest = std::numeric_limits<acc_t>::lowest();  // a finite start: -inf - start = -inf
-  const bool smooth = !kProb && P.eps > 0;  // class targets' eps/V sum_j w_j (M - y_j)
-  const acc_t keep = 1 - P.eps, eps_V = P.eps / P.V;
+  const bool smooth = !kProb && P.ls > 0;  // class targets' ls/V sum_j w_j (M - y_j)
+  const acc_t keep = 1 - P.ls, ls_V = P.ls / P.V;
   const int64_t V = P.V;
   Vec s(0), c(0);
   acc_t M = lowest;
@@ -192,7 +192,7 @@ RowStats<acc_t> row_pass1(const Problem<scalar_t>& P, const scalar_t* x, const s
       block_sum = block_sum + ev;
       if (smooth) bwd = kWeight ? at::vec::fnmadd(Vec::loadu(P.w + j), d, bwd) : bwd - d;  // += w (M - y)
       if constexpr (kProb) {
-        Vec wq_j = at::vec::fmadd(load_acc<acc_t>(q + j), Vec(keep), Vec(eps_V));  // q' = (1-eps) q + eps/V
+        Vec wq_j = at::vec::fmadd(load_acc<acc_t>(q + j), Vec(keep), Vec(ls_V));  // q' = (1-ls) q + ls/V
         if constexpr (kWeight) wq_j = wq_j * Vec::loadu(P.w + j);
         bqd = at::vec::fnmadd(wq_j, d, bqd);  // += w q' (M - y)
         bwq = bwq + wq_j;
@@ -213,7 +213,7 @@ RowStats<acc_t> row_pass1(const Problem<scalar_t>& P, const scalar_t* x, const s
       const double w_j = kWeight ? static_cast<double>(P.w[j]) : 1.0;
       if (smooth) wd_rest -= w_j * d;
       if constexpr (kProb) {
-        const double wq_j = w_j * (keep * static_cast<acc_t>(q[j]) + eps_V);
+        const double wq_j = w_j * (keep * static_cast<acc_t>(q[j]) + ls_V);
         qd_rest -= wq_j * d;
         wq_rest += wq_j;
       }
@@ -238,14 +238,14 @@ void block_factors(acc_t* block_max, int64_t num_blocks, acc_t M, acc_t S) {
 }
 
 // Pass 2 over a row: grad_j = (a p_j - b_j) * (1 - (y_j/c)^2), p_j = e_j f_b, a = scale (W + 2 z lse),
-// b_j = scale w_j q'_j off a class target (eps/V scale w_j); returns sum_j p_j (classes: e[t] zeroed first).
+// b_j = scale w_j q'_j off a class target (ls/V scale w_j); returns sum_j p_j (classes: e[t] zeroed first).
 template <bool kProb, bool kWeight, bool kCap, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 acc_t row_pass2(const Problem<scalar_t>& P, scalar_t* g, const scalar_t* q, const acc_t* e, const acc_t* ys,
                 const acc_t* f, acc_t a) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size(), B = kBlock<acc_t>;
-  const acc_t kq = P.scale * (1 - P.eps), ks = P.scale * P.eps / P.V, inv_cap = acc_t(1) / P.cap;
-  const auto b_lanes = [&](int64_t j) {  // b_j = scale w_j q'_j, q'_j = (1-eps) q_j + eps/V
+  const acc_t kq = P.scale * (1 - P.ls), ks = P.scale * P.ls / P.V, inv_cap = acc_t(1) / P.cap;
+  const auto b_lanes = [&](int64_t j) {  // b_j = scale w_j q'_j, q'_j = (1-ls) q_j + ls/V
     Vec b(ks);
     if constexpr (kProb) b = at::vec::fmadd(load_acc<acc_t>(q + j), Vec(kq), b);
     if constexpr (kWeight) b = b * Vec::loadu(P.w + j);
@@ -291,7 +291,7 @@ void cross_entropy_rows(const Problem<scalar_t>& P, int64_t begin, int64_t end) 
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t B = kBlock<acc_t>;
   const int64_t V = P.V, num_blocks = (V + B - 1) / B;
-  const double eps = P.eps, smooth = eps / V, keep = 1.0 - eps;
+  const double ls = P.ls, smooth = ls / V, keep = 1.0 - ls;
   std::vector<acc_t> e(V), ys(kCap ? V : 0), f(num_blocks);
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* x = P.x + i * P.x_stride;
@@ -312,7 +312,7 @@ void cross_entropy_rows(const Problem<scalar_t>& P, int64_t begin, int64_t end) 
     const double y_t = kProb ? 0.0 : scalar_y<kCap>(x, ys.data(), t);  // read before pass 2 may overwrite x
     const double W = kProb ? r.wq : keep * w_t + smooth * P.sum_w;  // W = sum_j w_j q'_j
     double loss = kProb ? r.qd : keep * w_t * (r.M - y_t);           // sum_j w_j q'_j (M - y_j) ...
-    if (!kProb && eps > 0) loss += smooth * r.wd;  // ... + eps/V sum_j w_j (M - y_j); none at eps = 0: no 0 * inf
+    if (!kProb && ls > 0) loss += smooth * r.wd;  // ... + ls/V sum_j w_j (M - y_j); none at ls = 0: no 0 * inf
     P.row_loss[i] = loss + W * log_S + P.z * lse * lse;
     block_factors(f.data(), num_blocks, r.M, r.S);
     const acc_t a = P.scale * (W + 2 * P.z * lse);  // a = scale (W + 2 z lse)
@@ -325,7 +325,7 @@ void cross_entropy_rows(const Problem<scalar_t>& P, int64_t begin, int64_t end) 
     const double others = row_pass2<kProb, kWeight, kCap>(P, g, q, e.data(), ys.data(), f.data(), a);
     // target column: p_t - 1 as -(sum of the others) when p_t > 1/2 (exact even when p_t rounds to 1),
     // else directly (where the sum of the others would cancel);
-    // grad_t = scale ((1-eps) w_t (p_t - 1) + eps/V (sum(w) p_t - w_t) + 2 z lse p_t) (1 - (y_t/c)^2)
+    // grad_t = scale ((1-ls) w_t (p_t - 1) + ls/V (sum(w) p_t - w_t) + 2 z lse p_t) (1 - (y_t/c)^2)
     const double pm1 = p_t > 0.5 ? -others : p_t - 1.0;
     double g_t = P.scale * (keep * w_t * pm1 + smooth * (P.sum_w * p_t - w_t) + 2 * P.z * lse * p_t);
     if constexpr (kCap) g_t *= 1 - (y_t / P.cap) * (y_t / P.cap);
@@ -352,7 +352,7 @@ void run_rows(const Problem<scalar_t>& P, bool prob, bool weighted, bool capped,
 // Shared by the out-of-place and in-place forward: fills grad, returns the loss and lse.
 std::tuple<at::Tensor, at::Tensor> cross_entropy_into(const at::Tensor& logits, const at::Tensor& target,
                                                       const std::optional<at::Tensor>& weight, at::Tensor& grad,
-                                                      int64_t reduction, int64_t ignore_index, double eps,
+                                                      int64_t reduction, int64_t ignore_index, double label_smoothing,
                                                       double z_loss, std::optional<double> softcap) {
   TORCH_CHECK_VALUE(logits.dim() == 2 && (logits.stride(1) == 1 || logits.size(1) == 1 || logits.numel() == 0),
                     "cross_entropy: logits must be 2-D with unit stride along classes");
@@ -389,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_into(const at::Tensor& logits, 
                         grad.mutable_data_ptr<scalar_t>(), grad.stride(0), row_loss.mutable_data_ptr<double>(),
                         lse.mutable_data_ptr<acc_t>(), V, ignore_index,
                         weight ? w_acc.const_data_ptr<acc_t>() : nullptr, w_before.data(), w_before.back(),
-                        eps, z_loss, scale, static_cast<acc_t>(softcap.value_or(1.0))};
+                        label_smoothing, z_loss, scale, static_cast<acc_t>(softcap.value_or(1.0))};
     run_rows(P, prob, weight.has_value(), softcap.has_value(), N);
   });
   if (reduction == kNone) return {row_loss.to(logits.scalar_type()), lse};

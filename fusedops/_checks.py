@@ -166,18 +166,18 @@ def check_cross_entropy(
     check_backend(backend, logits, op)
 
 
-def check_inplace(logits, return_lse):
+def check_inplace(logits, return_lse, op="cross_entropy"):
     """The gradient can be written over the logits: unit stride along the classes, rows apart, and no
     differentiable lse asked for (its gradient needs the logits)."""
     if return_lse:
         raise ArgumentValueError(
-            "inplace_backward=True cannot return_lse=True while the logits require grad: the "
+            f"{op}: inplace_backward=True cannot return_lse=True while the logits require grad: the "
             "lse's gradient needs the logits, which are overwritten by their gradient"
         )
     N, V = logits.shape
     if logits.stride(1) != 1 or (N > 1 and abs(logits.stride(0)) < V):
         raise ArgumentValueError(
-            "inplace_backward=True needs logits with unit stride along the classes and rows "
+            f"{op}: inplace_backward=True needs logits with unit stride along the classes and rows "
             f"that do not overlap, got shape {tuple(logits.shape)} and strides "
             f"{logits.stride()}"
         )

@@ -370,7 +370,9 @@ def cross_entropy(
         logits, target = logits.unsqueeze(0), target.reshape(1, -1) if prob else target.reshape(1)
     elif logits.dim() > 2:
         if inplace_backward:
-            raise ArgumentValueError(f"inplace_backward=True needs 1-D or 2-D logits, got shape {tuple(logits.shape)}")
+            raise ArgumentValueError(
+                f"cross_entropy: inplace_backward=True needs 1-D or 2-D logits, got shape {tuple(logits.shape)}"
+            )
         V = logits.shape[1]
         logits = logits.movedim(1, -1).reshape(-1, V)
         target = target.movedim(1, -1).reshape(-1, V) if prob else target.reshape(-1)

@@ -60,7 +60,7 @@ def _target_weight(
     w_ptr,
     offs,
     mask,
-    eps,
+    ls,
     V,
     PROB_TARGET: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -68,13 +68,13 @@ def _target_weight(
     ACC: tl.constexpr,
 ):
     """w_j q'_j at columns offs (0 off the row), without the one-hot part of a class target:
-    q' = (1-eps) q + eps/V for a probability target q, eps/V for a class target."""
+    q' = (1-ls) q + ls/V (ls: label smoothing) for a probability target q, ls/V for a class target."""
     if PROB_TARGET:
         wq = tl.load(t_row + offs, mask=mask, other=0.0).to(ACC)
         if SMOOTH:
-            wq = (1.0 - eps) * wq + eps / V
+            wq = (1.0 - ls) * wq + ls / V
     else:
-        wq = tl.full(offs.shape, 0.0, ACC) + eps / V  # only called with SMOOTH
+        wq = tl.full(offs.shape, 0.0, ACC) + ls / V  # only called with SMOOTH
     if HAS_WEIGHT:
         wq *= tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC)
     return tl.where(mask, wq, 0.0)
@@ -93,7 +93,7 @@ def _forward_kernel(
     lse_ptr,
     div_ptr,
     sum_w_ptr,
-    eps_ptr,
+    ls_ptr,
     z_ptr,
     cap_ptr,
     V,
@@ -112,9 +112,9 @@ def _forward_kernel(
     g_row = g_ptr + row * g_stride
     t_row = t_ptr + row * t_stride
     # the options' scalars, in ACC (a float argument would be fp32)
-    eps = 0.0
+    ls = 0.0
     if SMOOTH:
-        eps = tl.load(eps_ptr)
+        ls = tl.load(ls_ptr)
     cap = 1.0
     if HAS_SOFTCAP:
         cap = tl.load(cap_ptr)
@@ -152,17 +152,17 @@ def _forward_kernel(
         s = s * tl.where(m == m_new, 1.0, tl.exp(m - m_new)) + tl.sum(e, 0)
         m = m_new
         if PROB_TARGET:
-            W += tl.sum(_target_weight(t_row, w_ptr, offs, mask, eps, V, PROB_TARGET, HAS_WEIGHT, SMOOTH, ACC), 0)
+            W += tl.sum(_target_weight(t_row, w_ptr, offs, mask, ls, V, PROB_TARGET, HAS_WEIGHT, SMOOTH, ACC), 0)
     log_s = tl.log(s)
     lse = m + log_s  # lse = M + log S
     tl.store(lse_ptr + row, lse)
     if not PROB_TARGET:
-        # W = (1-eps) w_t + eps/V sum(w): 1 without weights
+        # W = (1-ls) w_t + ls/V sum(w): 1 without weights
         W = 1.0
         if HAS_WEIGHT:
             W = w_t
             if SMOOTH:
-                W = (1.0 - eps) * w_t + eps / V * tl.load(sum_w_ptr).to(ACC)
+                W = (1.0 - ls) * w_t + ls / V * tl.load(sum_w_ptr).to(ACC)
     if HAS_Z:
         z = tl.load(z_ptr)
         zz = 2.0 * z * lse  # added to W after W p - w q' (which may cancel), not to W
@@ -173,7 +173,7 @@ def _forward_kernel(
     inv = 1.0 / s
 
     # pass 2: G_j = scale * ((W + 2 z lse) p_j - w_j q'_j) * dy_j/dx_j (the target column of a class
-    # target after the loop); with M final, sum_j w_j q'_j (M - y_j) (for a class target: its eps/V part)
+    # target after the loop); with M final, sum_j w_j q'_j (M - y_j) (for a class target: its ls/V part)
     others = tl.zeros((), ACC)  # sum of p off the target column
     wq_gap = tl.zeros((), ACC)  # sum_j w_j q'_j (M - y_j)
     for start in range(0, V, BLOCK):
@@ -183,7 +183,7 @@ def _forward_kernel(
         p = tl.exp(y - m) * inv
         g = W * p
         if PROB_TARGET or SMOOTH:
-            wq = _target_weight(t_row, w_ptr, offs, mask, eps, V, PROB_TARGET, HAS_WEIGHT, SMOOTH, ACC)
+            wq = _target_weight(t_row, w_ptr, offs, mask, ls, V, PROB_TARGET, HAS_WEIGHT, SMOOTH, ACC)
             wq_gap += tl.sum(tl.where(mask, wq * (m - y), 0.0), 0)
             g -= wq
         if HAS_Z:
@@ -204,14 +204,14 @@ def _forward_kernel(
     if not PROB_TARGET:
         keep = 1.0
         if SMOOTH:
-            keep = 1.0 - eps
+            keep = 1.0 - ls
         loss += keep * w_t * (m - y_t)  # the one-hot part of a class target
     if HAS_Z:
         loss += z * lse * lse
     tl.store(loss_ptr + row, tl.where(bad, float("nan"), tl.where(ignored, 0.0, loss)))
 
     if not PROB_TARGET:
-        # target column: (1-eps) w_t (p_t - 1) + eps/V (sum(w) p_t - w_t) + 2 z lse p_t, with p_t - 1 as
+        # target column: (1-ls) w_t (p_t - 1) + ls/V (sum(w) p_t - w_t) + 2 z lse p_t, with p_t - 1 as
         # -(sum of the others) when p_t > 1/2 (exact even when p_t rounds to 1), else directly (where the
         # sum of the others would cancel)
         p_t = tl.exp(y_t - m) * inv
@@ -220,7 +220,7 @@ def _forward_kernel(
             sum_w = tl.zeros((), ACC) + V
             if HAS_WEIGHT:
                 sum_w = tl.load(sum_w_ptr).to(ACC)
-            g_t += eps / V * (sum_w * p_t - w_t)
+            g_t += ls / V * (sum_w * p_t - w_t)
         if HAS_Z:
             g_t += zz * p_t
         g_t *= scale

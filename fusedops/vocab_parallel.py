@@ -6,7 +6,7 @@ differ, 0 included): its logits' columns x (N, V_r), or for linear_cross_entropy
 (V_r, H) and bias (V_r,); its class weights w (V_r,); for probability targets, its columns of q (N, V_r).
 Class-index targets are global, the same tensor on every rank. The loss is cross_entropy's (see
 fusedops/cross_entropy.py) over the whole vocabulary: with y = softcap * tanh(x / softcap) (or x),
-q' = (1-eps) q + eps/V and M_i the max of row i over all shards,
+q' = (1-ls) q + ls/V (ls: label smoothing) and M_i the max of row i over all shards,
     lse_i  = M_i + log s_i,                  s_i = sum_j exp(y_ij - M_i)
     loss_i = D_i (lse_i - M_i) - S_i + z_loss lse_i^2 (kept rows; the mean divides the z-loss by their count),
              S_i = sum_j w_j q'_ij (y_ij - M_i),    D_i = sum_j w_j q'_ij
@@ -147,7 +147,9 @@ def linear_cross_entropy(
     )
 
 
-def _loss(logits, target, weight, code, ignore_index, eps, z_loss, softcap, return_lse, group, vocab_size, name):
+def _loss(
+    logits, target, weight, code, ignore_index, label_smoothing, z_loss, softcap, return_lse, group, vocab_size, name
+):
     """cross_entropy's (loss, lse); `name` is the op errors name."""
     y, _ = capped(logits, acc_dtype(logits.dtype), softcap)
     M, sizes = _max_and_sizes(y.detach(), group, name)
@@ -155,14 +157,14 @@ def _loss(logits, target, weight, code, ignore_index, eps, z_loss, softcap, retu
     _check(sizes, V, target, ignore_index, vocab_size, name)
     y = y - M.unsqueeze(1)  # y - M: exp cannot overflow
     w = None if weight is None else weight.to(y.dtype)  # (a weight's tangent carries through: torch ops)
-    eps_V = eps / V.to(y.dtype)  # eps/V, V the whole vocabulary
+    ls_V = label_smoothing / V.to(y.dtype)  # ls/V, V the whole vocabulary
     if target.is_floating_point():
         kept = torch.ones(target.shape[0], dtype=torch.bool, device=y.device)
-        parts = _probability_sums(y, target.to(y.dtype), w, eps, eps_V)
+        parts = _probability_sums(y, target.to(y.dtype), w, label_smoothing, ls_V)
     else:
         kept = target != ignore_index
         offset = sizes[: dist.get_rank(group)].sum()  # the shard's first class
-        parts = _class_sums(y, target.long() - offset, w, kept, eps, eps_V, code == MEAN and w is not None)
+        parts = _class_sums(y, target.long() - offset, w, kept, label_smoothing, ls_V, code == MEAN and w is not None)
     s = y.exp().sum(1)  # s_i = sum_j exp(y_ij - M_i), this shard's part
     s, S, D, *kept_weights = _ReduceFromRanks.apply(torch.stack((s, *parts)), group, name)  # all shards' sums
     log_s = torch.log(s)  # lse - M
@@ -216,25 +218,25 @@ def _check(sizes, V, target, ignore_index, vocab_size, name):
         )
 
 
-def _probability_sums(y, q, w, eps, eps_V):
+def _probability_sums(y, q, w, label_smoothing, ls_V):
     """This shard's S_i and D_i for probability targets q."""
-    d = (1 - eps) * q + eps_V  # q'
+    d = (1 - label_smoothing) * q + ls_V  # q'
     if w is not None:
         d = d * w
     return (d * y).sum(1), d.sum(1)
 
 
-def _class_sums(y, local, w, kept, eps, eps_V, with_divisor):
+def _class_sums(y, local, w, kept, label_smoothing, ls_V, with_divisor):
     """This shard's S_i and D_i for class targets at `local` (the index in this shard, which holds the
     classes in [0, V_r)), and with_divisor, its kept targets' weights w_t (the mean's divisor is their sum)."""
     owned = kept & (local >= 0) & (local < y.shape[1])
     local = torch.where(owned, local, 0)
     w_t = owned.to(y.dtype) if w is None else _at(w, local, owned)
-    S = (1 - eps) * w_t * _at(y, local, owned)  # (1-eps) w_t y_t
-    D = (1 - eps) * w_t
-    if eps:  # + eps/V sum_j w_j y_ij, + eps/V sum_j w_j
-        S = S + eps_V * (y.sum(1) if w is None else y @ w) * kept
-        D = D + eps_V * (y.shape[1] if w is None else w.sum()) * kept
+    S = (1 - label_smoothing) * w_t * _at(y, local, owned)  # (1-label_smoothing) w_t y_t
+    D = (1 - label_smoothing) * w_t
+    if label_smoothing:  # + label_smoothing/V sum_j w_j y_ij, + label_smoothing/V sum_j w_j
+        S = S + ls_V * (y.sum(1) if w is None else y @ w) * kept
+        D = D + ls_V * (y.shape[1] if w is None else w.sum()) * kept
     return (S, D, w_t) if with_divisor else (S, D)
 
 
