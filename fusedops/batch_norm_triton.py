@@ -156,7 +156,7 @@ def _stats_merge_kernel(
     var_ptr,
     C,
     splits,
-    eps,
+    eps_ptr,
     UNBIASED: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -184,6 +184,7 @@ def _stats_merge_kernel(
     tl.store(var_ptr + cols, var, mask=cmask)
     if not UNBIASED:
         var = m2 / count
+    eps = tl.load(eps_ptr)  # fp64 (a float argument would reach the kernel as fp32)
     tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)  # 1 / sqrt(var + eps), rounded once
 
 
@@ -410,7 +411,9 @@ class _Plan:
         self.splits = max(triton.cdiv(tiles, tiles_per_split), 1)
         self.sizes = (N, C, L)
         self.loop = (tiles, tiles_l, tiles_per_split)
-        self.blocks = dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_L=block_l)
+        # 8 warps for a full tile: with 4, a thread holds 64 of its values and the kernels spill (ptxas on sm_80/90)
+        warps = 8 if block_n * block_c * block_l >= TILE else 4
+        self.blocks = dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_L=block_l, num_warps=warps)
         self.grid = (triton.cdiv(C, block_c), self.splits)
         self.merge_block_c = min(triton.next_power_of_2(C), MERGE_BLOCK_C)
         self.merge_grid = (triton.cdiv(C, self.merge_block_c),)
@@ -464,7 +467,18 @@ def _batch_stats(x, plan, eps, unbiased):
     part = torch.empty((4, plan.splits, C), dtype=torch.float64, device=x.device)
     _stats_kernel[plan.grid](x, part, *plan.sizes, *plan.strides(x), *plan.loop, **plan.blocks)
     _stats_merge_kernel[plan.merge_grid](
-        x, x.stride(1), part, mean, m2, invstd, var, C, plan.splits, eps, UNBIASED=unbiased, BLOCK_C=plan.merge_block_c
+        x,
+        x.stride(1),
+        part,
+        mean,
+        m2,
+        invstd,
+        var,
+        C,
+        plan.splits,
+        torch.full((), eps, dtype=torch.float64, device=x.device),
+        UNBIASED=unbiased,
+        BLOCK_C=plan.merge_block_c,
     )
     return mean, m2, invstd, var
 

@@ -312,7 +312,7 @@ def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothi
             HAS_SOFTCAP=softcap is not None,
             ACC=_tl_dtype(acc),
             BLOCK=_block(V),
-            num_warps=8 if V >= 2048 else 4,
+            num_warps=8 if _block(V) * acc.itemsize >= 8192 else 4,  # 4 warps spill past 8 KB a row block
         )
     if reduction == NONE:
         return row_loss.to(logits.dtype), lse

@@ -241,3 +241,29 @@ def test_inference_mode(backend):
             ours.train(training), theirs.train(training)
             torch.testing.assert_close(ours(x), theirs(x))
     torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
+
+
+def test_triton_eps_reaches_the_kernel_in_fp64(monkeypatch):
+    """A Python float argument reaches a compiled Triton kernel as fp32 (the interpreter keeps fp64, so only the
+    launch shows it): eps goes to the statistics kernel as an fp64 tensor, and fp64 invstd is then C++'s."""
+    from fusedops import batch_norm_triton
+
+    launches = []
+    kernel = batch_norm_triton._stats_merge_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(args)
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(batch_norm_triton, "_stats_merge_kernel", Recorder())
+    x = torch.full((6, 3), 2.0, dtype=torch.float64)
+    x[0] += 1e-9  # a variance near 0: invstd is eps's
+    out = fusedops.batch_norm(x, None, None, training=True, eps=1e-5, backend="triton")
+    (eps,) = [a for a in launches[0] if isinstance(a, torch.Tensor) and a.dim() == 0]
+    assert eps.dtype == torch.float64 and eps.item() == 1e-5
+    assert not any(isinstance(a, float) for a in launches[0])
+    torch.testing.assert_close(out, fusedops.batch_norm(x, None, None, training=True, eps=1e-5, backend="cpp"))
