@@ -11,6 +11,7 @@ backend="triton" on CPU tensors (under TRITON_INTERPRET=1, which is how the Trit
 tested without a GPU) calls each op's CUDA kernel directly, as the dispatcher would for CUDA tensors.
 """
 
+import functools
 import sys
 import types
 
@@ -36,7 +37,19 @@ def register(name, fake, cuda):
 def _register(name, fake, cuda):
     torch.library.register_fake(f"fusedops::{name}")(fake)
     if cuda is not None:
-        _library.impl(name, cuda, "CUDA")
+        _library.impl(name, on_tensor_device(cuda), "CUDA")
+
+
+def on_tensor_device(launcher):
+    """`launcher` run with its first argument's CUDA device current: Triton launches on the current device's
+    stream, so a tensor on cuda:1 called while cuda:0 is current would otherwise run on the wrong device."""
+
+    @functools.wraps(launcher)
+    def launch(*args):
+        with torch.cuda.device(args[0].device):
+            return launcher(*args)
+
+    return launch
 
 
 def load() -> bool:

@@ -50,3 +50,27 @@ def test_every_op_has_a_kernel_per_device():
         keys = ("CompositeExplicitAutograd",) if name == "batch_norm_update_stats" else ("CPU", "CUDA")
         for key in keys:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedops::{name}", key), (name, key)
+
+
+def test_cuda_kernels_run_with_their_tensors_device_current(monkeypatch):
+    """The registered CUDA kernels make the first tensor's device current around the launch (a device guard):
+    Triton launches on the current device's stream. Recorded here with torch.cuda.device replaced."""
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *_):
+            entered.append("exit")
+
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    launched = fusedops._ops.on_tensor_device(lambda t, k: (t.device, k))
+    assert launched(OnSecondGpu(), 3) == (torch.device("cuda", 1), 3)
+    assert entered == [torch.device("cuda", 1), "exit"]
