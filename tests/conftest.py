@@ -8,10 +8,20 @@ from cases import BACKENDS
 from fusedops import reference
 from fusedops.makemore import data
 
-# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter; it must be chosen
-# before triton is first imported.
-if not torch.cuda.is_available():
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter; it must be chosen before triton is
+# first imported. With a GPU this process keeps them compiled and collects tests/test_cuda.py alone, which runs
+# them natively and runs every other test file in a second process that sees no GPU (under the interpreter).
+NATIVE_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+if not NATIVE_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """With a GPU (compiled Triton kernels), every test file but tests/test_cuda.py is left to its second process."""
+    if NATIVE_CUDA and collection_path.name.startswith("test_") and collection_path.suffix == ".py":
+        return collection_path.name != "test_cuda.py"
+    return None
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
