@@ -7,6 +7,7 @@ import copy
 import csv
 import io
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -501,3 +502,32 @@ def test_gpu_command_refuses_without_cuda(tmp_path):
         check=False,
     )
     assert run.returncode == 2 and "--device cuda: no CUDA device here" in run.stderr
+
+
+def test_gpu_command_runs_every_part_and_reports_each(tmp_path):
+    """bench/gpu.sh with a stand-in interpreter (PYTHON) that has CUDA and fails the makemore step, as an offline
+    machine without names.txt would: every part still runs, the summary gives each one's status, and the exit
+    status is 1."""
+    (tmp_path / "bench").mkdir()
+    shutil.copy(os.path.join(ROOT, "bench", "gpu.sh"), tmp_path / "bench" / "gpu.sh")
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "ran: $*" >> calls.log\n[[ " $* " == *" train "* ]] && exit 3\nexit 0\n')
+    fake.chmod(0o755)
+    gpu = subprocess.run(
+        ["bash", str(tmp_path / "bench" / "gpu.sh"), "--quick"],
+        env=dict(os.environ, PYTHON=str(fake)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert gpu.returncode == 1, gpu.stderr
+    summary = gpu.stdout.split("== summary\n")[1].splitlines()
+    ops = ["ce", "bn", "bn2d", "lce", "train", "resnet"]
+    assert summary == [
+        "ok      tests (tests/test_cuda.py)",
+        "ok      fidelity (bench/results/cuda/fidelity.md)",
+        *(f"ok      benchmark {op}" if op != "train" else "FAILED  benchmark train (exit 3)" for op in ops),
+    ]
+    calls = (tmp_path / "calls.log").read_text()
+    assert all(f"--op {op} --quick" in calls for op in ops)  # resnet too, after the failed step
