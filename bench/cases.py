@@ -4,6 +4,7 @@
 its providers and the targets fusedops should reach; for the training steps (the makemore MLP, a
 ResNet-18) their variants. bench/harness.py runs them; a new operator is one more entry in OPERATORS."""
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
@@ -67,6 +68,9 @@ class Operator(Table):
     memory_vs_baseline: bool = False  # peak memory as a fraction of the baseline's (tables, targets), not in inputs
     sweep_dim: int = None  # the shape's dimension plotted against (memory and time); None: speed-up bars
     notes: Callable = None  # device -> {provider: a line for the results' text}: what a peer is, or why it does not run
+    # (shape, variant, dtype) -> the bytes a fused forward+backward must move at least (the bandwidth model);
+    # None: no such floor (compute-bound)
+    bytes_moved: Callable = None
 
     def plan(self, shape):
         """{variant: the modes it is timed in} at the shape."""
@@ -390,6 +394,48 @@ def linear_cross_entropy_targets(shape, variant, provider, dtype="fp32"):
     return Targets(faster_than_compile=False)
 
 
+# --- the bandwidth model: the bytes a fused forward+backward must move, for GB/s and the share of HBM's --------
+
+# nominal HBM bandwidth in GB/s by torch.cuda.get_device_name (NVIDIA's data sheets); others: GB/s alone
+HBM_GBPS = {
+    "H200": 4800,
+    "H100 NVL": 3900,
+    "H100 80GB HBM3": 3350,
+    "H100 SXM": 3350,
+    "H100 PCIe": 2000,
+    "A100-SXM4-80GB": 2039,
+    "A100 80GB PCIe": 1935,
+    "A100-SXM4-40GB": 1555,
+    "A100-PCIE-40GB": 1555,
+}
+
+
+def hbm_gbps(device):
+    """The device's nominal HBM bandwidth in GB/s, or None (a CPU, or a GPU not in HBM_GBPS)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((gbps for key, gbps in HBM_GBPS.items() if key in name), None)
+
+
+def cross_entropy_bytes(shape, variant, dtype):
+    """(N, V) logits: read once and G written once, in forward (backward's unit upstream gradient moves
+    nothing); the targets (probabilities: N x V read once more) and the class weights."""
+    N, V = shape
+    b = dtype.itemsize
+    return 2 * N * V * b + (N * V * b if variant == PROBABILITIES else N * 8) + (V * b if variant == WEIGHTED else 0)
+
+
+def batch_norm_bytes(shape, variant, dtype):
+    """Training batch norm of n values, residual and relu as the variant has them. Forward: x read for the
+    statistics, read again and y written (+ the residual read); backward: dy and x read for the sums, read again
+    and dx written (+ y read twice for relu's mask, + the residual's gradient written)."""
+    n = math.prod(shape)
+    form = bn2d_form(variant)[0] if variant else BN
+    relu, residual = form in (BN_RELU, BN_ADD_RELU), form == BN_ADD_RELU
+    return (3 * n + 5 * n + 2 * n * relu + 2 * n * residual) * dtype.itemsize
+
+
 OPERATORS = {
     "ce": Operator(
         "cross_entropy",
@@ -403,6 +449,7 @@ OPERATORS = {
         variants=CE_VARIANTS,
         variants_at=cross_entropy_variants_at,
         targets=cross_entropy_targets,
+        bytes_moved=cross_entropy_bytes,
     ),
     "bn": Operator(
         "batch_norm",
@@ -414,6 +461,7 @@ OPERATORS = {
         inputs=batch_norm_inputs,
         providers=batch_norm_providers,
         targets=batch_norm_targets,
+        bytes_moved=batch_norm_bytes,
     ),
     "bn2d": Operator(
         "batch_norm2d",
@@ -427,6 +475,7 @@ OPERATORS = {
         variants=BN2D_VARIANTS,
         modes=(FWD_BWD,),
         targets=lambda shape, variant, provider, dtype="fp32": BN2D_TARGETS[bn2d_form(variant)[0]],
+        bytes_moved=batch_norm_bytes,
     ),
     "lce": Operator(
         "linear_cross_entropy",

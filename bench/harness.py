@@ -63,6 +63,7 @@ from .cases import (
     TABLES,
     TRAIN,
     TRAIN_VARIANTS,
+    hbm_gbps,
 )
 
 # The profiler (the CPU memory view below) logs two lines each time it starts unless told not to;
@@ -119,6 +120,7 @@ class Result:
     peak_mb: float = math.nan  # peak memory allocated during forward+backward (a step), beyond the inputs
     input_mb: float = math.nan
     compile_s: float = math.nan  # torch.compile: wall time of its first run (compiling; not timed)
+    model_mb: float = math.nan  # forward+backward: the MB the fused kernels must move (the bandwidth model)
 
 
 def shape_name(shape):
@@ -278,6 +280,7 @@ def run_case(op, shape, variant, dtype, device, *, modes=MODES, skip=(), min_run
     x, args, grad_out = operator.inputs(shape, dtype, device, variant)
     case = dict(op=op, shape=shape_name(shape), variant=variant, dtype=DTYPE_NAMES[dtype])
     input_mb = x.numel() * x.element_size() / 2**20
+    model_mb = operator.bytes_moved(shape, variant, dtype) / 2**20 if operator.bytes_moved else math.nan
     rows = []
     if operator.floor:
         copy_input = partial(torch.empty_like(x).copy_, x)  # into an existing buffer
@@ -301,6 +304,7 @@ def run_case(op, shape, variant, dtype, device, *, modes=MODES, skip=(), min_run
                     iqr_ms=iqr,
                     peak_mb=peak / 2**20 if mode == FWD_BWD else math.nan,
                     input_mb=input_mb,
+                    model_mb=model_mb if mode == FWD_BWD else math.nan,
                     compile_s=first_s if name == COMPILE else math.nan,
                 )
             )
@@ -490,11 +494,12 @@ def fmt_cell(r, baseline):
     return f"{fmt_ms(r.median_ms)} ({fmt_ratio(r.vs_eager)}{over})"
 
 
-def markdown(rows, op, about, notes=()):
+def markdown(rows, op, about, notes=(), peak_gbps=None):
     """A table per mode (median ms and speed-up against the baseline, per case and provider; fusedops'
     against torch.compile and the copy floor where they ran), then the peak extra memory with
     torch.compile's compile time, then whether the operator's targets hold. notes: lines after `about`
-    (the peers that did not run, and why)."""
+    (the peers that did not run, and why). peak_gbps: the device's HBM bandwidth, for the bandwidth model's
+    table."""
     baseline = TABLES[op].baseline
     vs_baseline = getattr(TABLES[op], "memory_vs_baseline", False)
     with_variant = any(r.variant for r in rows)
@@ -616,7 +621,47 @@ def markdown(rows, op, about, notes=()):
             for r in rows
             if not math.isnan(r.compile_s)
         ]
-    return "\n".join(lines + target_lines(op, rows, fused))
+    return "\n".join(lines + bandwidth_lines(rows, fused, peak_gbps) + target_lines(op, rows, fused))
+
+
+def bandwidth_lines(rows, fused, peak_gbps=None):
+    """The bandwidth model's table: for each forward+backward case, the MB the fused kernels must move, and
+    each fusedops provider's GB/s at that (and its share of the device's HBM bandwidth, when known), beside the
+    copy floor's GB/s (it reads and writes the input)."""
+    modelled = [r for r in rows if r.provider in fused and not math.isnan(r.model_mb)]
+    if not modelled:
+        return []
+    floors = {case_key(r): r for r in rows if r.provider == FLOOR and r.mode == FWD_BWD}
+
+    def gbps(mb, ms):
+        return mb * 2**20 / 1e9 / (ms / 1e3)
+
+    lines = [
+        "",
+        "## Bandwidth (the model)",
+        "",
+        "The bytes a fused forward+backward must move at least (bench/cases.py: `bytes_moved`), over each "
+        "median, in GB/s"
+        + (f"; in brackets the share of the device's {peak_gbps} GB/s of HBM bandwidth" if peak_gbps else "")
+        + ". The copy floor moves twice the input (a read and a write).",
+        "",
+        "| shape | variant | dtype | model MB | "
+        + " | ".join(f"{p} GB/s" for p in unique(r.provider for r in modelled))
+        + f" | {FLOOR} GB/s |",
+        "|" + " --- |" * (5 + len(unique(r.provider for r in modelled))),
+    ]
+    for key in unique(case_key(r) for r in modelled):
+        cells = []
+        for provider in unique(r.provider for r in modelled):
+            r = next((r for r in modelled if case_key(r) == key and r.provider == provider), None)
+            rate = None if r is None else gbps(r.model_mb, r.median_ms)
+            share = f" ({rate / peak_gbps:.0%})" if rate is not None and peak_gbps else ""
+            cells.append("" if rate is None else f"{rate:.3g}{share}")
+        floor = floors.get(key)
+        first = next(r for r in modelled if case_key(r) == key)
+        cells.append("" if floor is None else f"{gbps(2 * first.input_mb, floor.median_ms):.3g}")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {first.model_mb:.4g} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 MEMORY_SLACK = 0.01  # of an input's size: per-channel statistics and the like, no activation-sized tensor
@@ -880,7 +925,7 @@ def plot(rows, op, path, about):
     plt.close(fig)
 
 
-def write_results(rows, op, out_dir, about, notes=()):
+def write_results(rows, op, out_dir, about, notes=(), peak_gbps=None):
     """Writes <out_dir>/<name>.md (the notes after `about`), .csv and .png; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, TABLES[op].file)
@@ -889,7 +934,7 @@ def write_results(rows, op, out_dir, about, notes=()):
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
     with open(base + ".md", "w") as f:
-        f.write(markdown(rows, op, about, notes) + "\n")
+        f.write(markdown(rows, op, about, notes, peak_gbps) + "\n")
     plot(rows, op, base + ".png", about)
     return [base + ext for ext in (".md", ".csv", ".png")]
 
@@ -951,6 +996,7 @@ def run(ops=OPS, *, out_dir=None, quick=False, device=None, min_run_time=None, d
             f"{machine(device)}, load average {load_before} → {load_average()} (start → end); "
             f"`python bench/run.py --op {op}{' --quick' if quick else ''} --device {device.type}`, {settings}."
         )
-        print("wrote " + ", ".join(write_results(rows, op, out_dir, about, notes)), file=log, flush=True)
+        written = write_results(rows, op, out_dir, about, notes, hbm_gbps(device))
+        print("wrote " + ", ".join(written), file=log, flush=True)
         results[op] = rows
     return results

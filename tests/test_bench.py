@@ -531,3 +531,26 @@ def test_gpu_command_runs_every_part_and_reports_each(tmp_path):
     ]
     calls = (tmp_path / "calls.log").read_text()
     assert all(f"--op {op} --quick" in calls for op in ops)  # resnet too, after the failed step
+
+
+def test_bandwidth_model():
+    """The bytes a fused forward+backward must move (the logits read and G written; batch norm's three passes
+    forward and five backward, and relu's and the residual's extra), and the table of GB/s it gives."""
+    fp32 = torch.float32
+    ce, bn = cases.OPERATORS["ce"].bytes_moved, cases.OPERATORS["bn2d"].bytes_moved
+    assert ce((4, 10), cases.PLAIN, fp32) == 2 * 40 * 4 + 4 * 8
+    assert ce((4, 10), cases.PROBABILITIES, fp32) == 3 * 40 * 4
+    n = 2 * 3 * 4 * 4
+    assert bn((2, 3, 4, 4), "BN, NCHW", fp32) == 8 * n * 4
+    assert bn((2, 3, 4, 4), "BN + add + ReLU, channels_last", torch.bfloat16) == 12 * n * 2
+    assert cases.OPERATORS["lce"].bytes_moved is None  # compute-bound: no such floor
+    rows = [
+        bench.Result("ce", "4x10", "plain", "fp32", bench.FWD_BWD, cases.FLOOR, 2.0, 0.0, input_mb=0.5),
+        bench.Result(
+            "ce", "4x10", "plain", "fp32", bench.FWD_BWD, "fusedops cpp", 1.0, 0.0, input_mb=0.5, model_mb=1.0
+        ),
+    ]
+    table = bench.bandwidth_lines(rows, ["fusedops cpp"], peak_gbps=2.0)
+    # 1 MiB in 1 ms: 1.048576 GB/s, 52% of 2 GB/s; the floor: 2 x 0.5 MiB in 2 ms
+    assert table[-2:] == ["| 4x10 | plain | fp32 | 1 | 1.05 (52%) | 0.524 |", ""]
+    assert bench.bandwidth_lines(rows[:1], ["fusedops cpp"]) == []
