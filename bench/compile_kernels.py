@@ -162,15 +162,12 @@ def cross_entropy_calls(quick):
     else:
         combos = [dict(zip(flags, values)) for values in itertools.product((False, True), repeat=len(flags))]
     calls = []
-    for (dtype_name, dtype), V, combo in itertools.product(DTYPES.items(), vocabularies, combos):
-        if quick and V == MAX_V and dtype != torch.float32:
+    # 8 rows: split across programs from V = 16384 (cross_entropy_triton.splits_for); 4096 rows: one program each
+    for (dtype_name, dtype), V, combo, N in itertools.product(DTYPES.items(), vocabularies, combos, (8, 4096)):
+        if (N == 4096 and V < 16384) or (quick and (V == MAX_V or N == 4096) and dtype != torch.float32):
             continue
-        calls.append(
-            (
-                f"forward {dtype_name} V={V} {'+'.join(k for k, v in combo.items() if v) or 'plain'}",
-                _cross_entropy_forward(dtype, V, **combo),
-            )
-        )
+        flags = "+".join(k for k, v in combo.items() if v) or "plain"
+        calls.append((f"forward {dtype_name} {N}x{V} {flags}", _cross_entropy_forward(dtype, V, N=N, **combo)))
     for (dtype_name, dtype), V, per_row in itertools.product(DTYPES.items(), (27, 50257), (False, True)):
         grad = torch.empty(8, V, dtype=dtype, device=META)
         scale = torch.empty(

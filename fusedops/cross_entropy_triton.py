@@ -1,9 +1,10 @@
 """Triton kernels of the fused cross-entropy (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
 One program per row: an online max and sum of exp over the row in blocks, then a second pass that writes
-the gradient and sums the loss terms that need the final max. Math in fp32 (fp64 for fp64 logits), offsets
-in int64. Each option (class weights, probability targets, label smoothing, z-loss, soft-capping) is a
-constexpr flag, so the plain case compiles to the plain kernel.
+the gradient and sums the loss terms that need the final max. With too few rows to fill the GPU (splits_for),
+a row's columns are split across programs instead: two stages, partials merged per row. Math in fp32 (fp64
+for fp64 logits), offsets in int64. Each option (class weights, probability targets, label smoothing, z-loss,
+soft-capping) is a constexpr flag, so the plain case compiles to the plain kernel.
 """
 
 import torch
@@ -229,6 +230,223 @@ def _forward_kernel(
         tl.store(g_row + t_col, tl.where(bad, float("nan"), g_t).to(g_ptr.dtype.element_ty), mask=~no_target)
 
 
+# Rows split across programs (too few rows to fill the GPU): each of a row's `splits` programs takes `chunk`
+# columns. Stage 1 reduces its chunk to (m, s, off, wq, gap) relative to its own max m: s = sum exp(y - m),
+# off = the same off the target column, wq = sum w q' and gap = sum w q' (m - y) (but the one-hot part).
+# Stage 2 merges a row's partials, with M = max m_k and f_k = exp(m_k - M):
+#     S = sum_k f_k s_k,  lse = M + log S,  sum_{j != t} p_j = sum_k f_k off_k / S,  gap = sum_k gap_k + (M - m_k) wq_k
+# then writes the gradient of its own chunk as the one-program kernel does; the program owning the target's
+# column (chunk 0 where there is none) writes the row's loss and the target column's gradient.
+PARTS = 5  # the partials per (row, chunk)
+
+
+@triton.jit(debug=True)  # keeps the device-side assert on the targets' range
+def _split_stats_kernel(
+    x_ptr,
+    x_stride,
+    t_ptr,
+    t_stride,
+    w_ptr,
+    part_ptr,
+    ls_ptr,
+    cap_ptr,
+    N,
+    V,
+    chunk,
+    ignore_index,
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    x_row = x_ptr + row * x_stride
+    t_row = t_ptr + row * t_stride
+    ls = 0.0
+    if SMOOTH:
+        ls = tl.load(ls_ptr)
+    cap = 1.0
+    if HAS_SOFTCAP:
+        cap = tl.load(cap_ptr)
+    t_col = -1
+    if not PROB_TARGET:
+        t = tl.load(t_row).to(tl.int64)
+        ignored = t == ignore_index
+        bad = ~ignored & ((t < 0) | (t >= V))
+        tl.device_assert(~bad, "cross_entropy: target out of range (argument 'target')")
+        t_col = tl.where(ignored | bad, -1, t)
+    cols = tl.arange(0, BLOCK)
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    off = tl.zeros((), ACC)
+    wq_sum = tl.zeros((), ACC)
+    gap = tl.zeros((), ACC)
+    first = split.to(tl.int64) * chunk
+    for start in range(first, tl.minimum(first + chunk, V), BLOCK):
+        offs = start + cols
+        mask = offs < V
+        y, _ = _capped(tl.load(x_row + offs, mask=mask, other=float("-inf")).to(ACC), cap, HAS_SOFTCAP)
+        y = tl.where(mask, y, float("-inf"))
+        m_new = tl.maximum(m, tl.max(y, 0))
+        rescale = tl.where(m == m_new, 1.0, tl.exp(m - m_new))  # s = s * exp(m - m') + sum(exp(y - m'))
+        e = tl.where(y == float("-inf"), 0.0, tl.exp(y - m_new))
+        s = s * rescale + tl.sum(e, 0)
+        off = off * rescale + tl.sum(tl.where(offs == t_col, 0.0, e), 0)
+        if PROB_TARGET or SMOOTH:
+            wq = _target_weight(t_row, w_ptr, offs, mask, ls, V, PROB_TARGET, HAS_WEIGHT, SMOOTH, ACC)
+            gap += (m_new - tl.where(wq_sum == 0.0, m_new, m)) * wq_sum  # the earlier terms, to the new max
+            gap += tl.sum(tl.where(mask, wq * (m_new - y), 0.0), 0)
+            wq_sum += tl.sum(wq, 0)
+        m = m_new
+    at = part_ptr + row * splits + split
+    size = N * splits
+    tl.store(at, m)
+    tl.store(at + size, s)
+    tl.store(at + 2 * size, off)
+    tl.store(at + 3 * size, wq_sum)
+    tl.store(at + 4 * size, gap)
+
+
+@triton.jit
+def _split_grad_kernel(
+    x_ptr,
+    x_stride,
+    t_ptr,
+    t_stride,
+    w_ptr,
+    g_ptr,
+    g_stride,
+    loss_ptr,
+    lse_ptr,
+    part_ptr,
+    div_ptr,
+    sum_w_ptr,
+    ls_ptr,
+    z_ptr,
+    cap_ptr,
+    N,
+    V,
+    chunk,
+    ignore_index,
+    IS_MEAN: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    x_row = x_ptr + row * x_stride
+    g_row = g_ptr + row * g_stride
+    t_row = t_ptr + row * t_stride
+    ls = 0.0
+    if SMOOTH:
+        ls = tl.load(ls_ptr)
+    cap = 1.0
+    if HAS_SOFTCAP:
+        cap = tl.load(cap_ptr)
+    # the row's partials, merged
+    ks = tl.arange(0, BLOCK_S)
+    kmask = ks < splits
+    at = part_ptr + row * splits + ks
+    size = N * splits
+    m_k = tl.load(at, mask=kmask, other=float("-inf"))
+    M = tl.max(m_k, 0)
+    f = tl.where(m_k == float("-inf"), 0.0, tl.exp(m_k - M))  # exp(m_k - M)
+    S = tl.sum(f * tl.load(at + size, mask=kmask, other=0.0), 0)
+    inv = 1.0 / S
+    others = tl.sum(f * tl.load(at + 2 * size, mask=kmask, other=0.0), 0) * inv  # sum of p off the target
+    log_s = tl.log(S)
+    lse = M + log_s
+    wq_k = tl.load(at + 3 * size, mask=kmask, other=0.0)
+    gap_k = tl.load(at + 4 * size, mask=kmask, other=0.0)
+    gap = tl.sum(gap_k + (M - tl.where(wq_k == 0.0, M, m_k)) * wq_k, 0)  # sum_j w_j q'_j (M - y_j)
+    ignored = False
+    bad = False
+    owner = split == 0  # writes the loss (and the lse)
+    if PROB_TARGET:
+        W = tl.sum(wq_k, 0)
+    else:
+        t = tl.load(t_row).to(tl.int64)
+        ignored = t == ignore_index
+        bad = ~ignored & ((t < 0) | (t >= V))
+        no_target = ignored | bad
+        t_col = tl.where(no_target, -1, t)
+        owner = tl.where(no_target, split == 0, t_col // chunk == split)
+        w_t = 1.0
+        if HAS_WEIGHT:
+            w_t = tl.load(w_ptr + t_col, mask=~no_target, other=0.0).to(ACC)
+        W = 1.0  # (1-ls) w_t + ls/V sum(w): 1 without weights
+        if HAS_WEIGHT:
+            W = w_t
+            if SMOOTH:
+                W = (1.0 - ls) * w_t + ls / V * tl.load(sum_w_ptr).to(ACC)
+    if HAS_Z:
+        z = tl.load(z_ptr)
+        zz = 2.0 * z * lse
+    scale = 1.0
+    if IS_MEAN:
+        scale = 1.0 / tl.load(div_ptr).to(ACC)
+    cols = tl.arange(0, BLOCK)
+    first = split.to(tl.int64) * chunk
+    for start in range(first, tl.minimum(first + chunk, V), BLOCK):
+        offs = start + cols
+        mask = offs < V
+        y, dy = _capped(tl.load(x_row + offs, mask=mask, other=0.0).to(ACC), cap, HAS_SOFTCAP)
+        p = tl.exp(y - M) * inv
+        g = W * p  # G_j = scale * ((W + 2 z lse) p_j - w_j q'_j) * dy_j/dx_j
+        if PROB_TARGET or SMOOTH:
+            g -= _target_weight(t_row, w_ptr, offs, mask, ls, V, PROB_TARGET, HAS_WEIGHT, SMOOTH, ACC)
+        if HAS_Z:
+            g += zz * p
+        g *= scale
+        if HAS_SOFTCAP:
+            g *= dy
+        if PROB_TARGET:
+            store = mask
+        else:
+            store = mask & (offs != t_col)
+            g = tl.where(bad, float("nan"), tl.where(ignored, 0.0, g))
+        tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=store)
+    if split == 0:
+        tl.store(lse_ptr + row, lse)
+    if owner:
+        loss = gap + W * log_s  # + the one-hot part below, + z lse^2
+        if not PROB_TARGET:
+            # the target column: never written above, so still the logit (in place too)
+            x_t = tl.load(x_row + t_col, mask=~no_target, other=0.0).to(ACC)
+            y_t, dy_t = _capped(x_t, cap, HAS_SOFTCAP)
+            keep = 1.0
+            if SMOOTH:
+                keep = 1.0 - ls
+            loss += keep * w_t * (M - y_t)
+            p_t = tl.exp(y_t - M) * inv
+            g_t = keep * w_t * tl.where(p_t > 0.5, -others, p_t - 1.0)
+            if SMOOTH:
+                sum_w = tl.zeros((), ACC) + V
+                if HAS_WEIGHT:
+                    sum_w = tl.load(sum_w_ptr).to(ACC)
+                g_t += ls / V * (sum_w * p_t - w_t)
+            if HAS_Z:
+                g_t += zz * p_t
+            g_t *= scale
+            if HAS_SOFTCAP:
+                g_t *= dy_t
+            tl.store(g_row + t_col, tl.where(bad, float("nan"), g_t).to(g_ptr.dtype.element_ty), mask=~no_target)
+        if HAS_Z:
+            loss += z * lse * lse
+        tl.store(loss_ptr + row, tl.where(bad, float("nan"), tl.where(ignored, 0.0, loss)))
+
+
 @triton.jit
 def _scale_kernel(g_ptr, g_stride, s_ptr, V, PER_ROW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """grad *= scale over one block of one row; a 0-d scale of 1 returns at once: no pass."""
@@ -266,13 +484,30 @@ def _block(V):
     return min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
 
 
-def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothing, z_loss, softcap):
+def _warps(block, acc):
+    """8 warps from 8 KB a block of a row: with 4 the kernels spill (ptxas on sm_80 and sm_90)."""
+    return 8 if block * acc.itemsize >= 8192 else 4
+
+
+# rows split across programs: when fewer than TARGET_PROGRAMS rows (an H100's 132 SMs hold about 8 programs
+# each), into at most MAX_SPLITS chunks of at least SPLIT_COLUMNS columns
+TARGET_PROGRAMS, SPLIT_COLUMNS, MAX_SPLITS = 2048, 8192, 64
+SPLIT_BLOCK = 1024  # columns a split program holds at once: ptxas spills the merge beside 2048 (sm_80, sm_90)
+
+
+def splits_for(N, V):
+    """How many programs share a row, from N and V alone (no host read): 1 when there are enough rows."""
+    return max(1, min(triton.cdiv(TARGET_PROGRAMS, max(N, 1)), V // SPLIT_COLUMNS, MAX_SPLITS))
+
+
+def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothing, z_loss, softcap, splits=None):
     """Writes the gradient into `grad` (may be `logits` itself) and returns (loss, lse).
 
     logits (N, V) with unit stride along V; target (N,) class indices (int64, int32, uint8) or (N, V)
     probabilities (contiguous, logits' dtype); weight None or (V,) contiguous; reduction 0 none, 1 mean,
     2 sum; softcap None or > 0. loss: (N,) for none, () otherwise, logits' dtype; lse (N,) in the acc dtype.
-    Nothing is read on the host."""
+    splits: programs per row (default: splits_for(N, V)); above 1 the two-stage kernels run. Nothing is read on
+    the host."""
     N, V = logits.shape
     acc = acc_dtype(logits.dtype)
     device = logits.device
@@ -286,7 +521,50 @@ def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothi
     lse = torch.empty(N, device=device, dtype=acc)
     divisor = mean_divisors(target, weight, ignore_index)[1] if reduction == MEAN else None
     sum_w = weight.sum(dtype=torch.float64) if weight is not None and smooth and not prob else None
-    if N > 0:
+    flags = dict(
+        PROB_TARGET=prob,
+        HAS_WEIGHT=weight is not None,
+        SMOOTH=smooth,
+        HAS_SOFTCAP=softcap is not None,
+        ACC=_tl_dtype(acc),
+    )
+    ls = scalar(label_smoothing) if smooth else None
+    cap = scalar(softcap) if softcap is not None else None
+    splits = splits_for(N, V) if splits is None else splits
+    if N > 0 and splits > 1:
+        block = min(_block(triton.cdiv(V, splits)), SPLIT_BLOCK)
+        chunk = triton.cdiv(triton.cdiv(V, splits), block) * block  # a whole number of blocks
+        splits = triton.cdiv(V, chunk)  # (no empty chunk)
+        part = torch.empty(PARTS, N, splits, device=device, dtype=acc)
+        grid, warps = (N, splits), _warps(block, acc)
+        row_args = (logits, logits.stride(0), target, target.stride(0), weight)
+        _split_stats_kernel[grid](
+            *row_args, part, ls, cap, N, V, chunk, ignore_index, BLOCK=block, num_warps=warps, **flags
+        )
+        _split_grad_kernel[grid](
+            *row_args,
+            grad,
+            grad.stride(0),
+            row_loss,
+            lse,
+            part,
+            divisor,
+            sum_w,
+            ls,
+            scalar(z_loss) if z_loss > 0 else None,
+            cap,
+            N,
+            V,
+            chunk,
+            ignore_index,
+            IS_MEAN=reduction == MEAN,
+            HAS_Z=z_loss > 0,
+            BLOCK=block,
+            BLOCK_S=triton.next_power_of_2(splits),
+            num_warps=warps,
+            **flags,
+        )
+    elif N > 0:
         _forward_kernel[(N,)](
             logits,
             logits.stride(0),
@@ -299,20 +577,16 @@ def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothi
             lse,
             divisor,
             sum_w,
-            scalar(label_smoothing) if smooth else None,
+            ls,
             scalar(z_loss) if z_loss > 0 else None,
-            scalar(softcap) if softcap is not None else None,
+            cap,
             V,
             ignore_index,
             IS_MEAN=reduction == MEAN,
-            PROB_TARGET=prob,
-            HAS_WEIGHT=weight is not None,
-            SMOOTH=smooth,
             HAS_Z=z_loss > 0,
-            HAS_SOFTCAP=softcap is not None,
-            ACC=_tl_dtype(acc),
             BLOCK=_block(V),
-            num_warps=8 if _block(V) * acc.itemsize >= 8192 else 4,  # 4 warps spill past 8 KB a row block
+            **flags,
+            num_warps=_warps(_block(V), acc),
         )
     if reduction == NONE:
         return row_loss.to(logits.dtype), lse

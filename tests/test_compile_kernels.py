@@ -9,7 +9,7 @@ import sys
 
 from conftest import ROOT
 
-CROSS_ENTROPY_KERNELS = {"_forward_kernel", "_scale_kernel"}
+CROSS_ENTROPY_KERNELS = {"_forward_kernel", "_split_stats_kernel", "_split_grad_kernel", "_scale_kernel"}
 BATCH_NORM_KERNELS = {
     "_stats_kernel",
     "_stats_merge_kernel",

@@ -296,3 +296,60 @@ def test_a_unit_upstream_gradient_makes_no_pass_over_the_saved_gradient(op, redu
     assert versions[2.0] == [v + 1 for v in versions[1.0]]  # one write more than forward's: the factor's
     if op == "cross_entropy":
         assert versions[1.0] == [0]  # G as the forward op returned it
+
+
+SPLIT_OPTIONS = {
+    "plain": {},
+    "weight": {"weighted": True},
+    "probabilities": {"prob": True},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-2},
+    "softcap": {"softcap": 3.0},
+    "all": {"weighted": True, "prob": True, "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0},
+    "all_class_targets": {"weighted": True, "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0},
+}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("option", list(SPLIT_OPTIONS))
+def test_rows_split_across_programs_match_one_program_a_row(option, dtype):
+    """The two-stage Triton kernels (a row's columns in 2 or 5 chunks, partials merged per row) against the
+    one-program kernel, for every option and reduction, out of place and in place; class targets with an
+    ignored row and one out of range (NaN, the device assert compiled out here)."""
+    from fusedops import cross_entropy_triton
+
+    kw = SPLIT_OPTIONS[option]
+    g = torch.Generator().manual_seed(3)
+    N, V = 5, 70
+    x = (torch.randn(N, V, generator=g) * 3).to(dtype)
+    if kw.get("prob"):
+        target = torch.softmax(torch.randn(N, V, generator=g), 1).to(dtype)
+    else:
+        target = torch.tensor([3, -100, 69, 75, 40])
+    weight = (torch.rand(V, generator=g) + 0.5).to(dtype) if kw.get("weighted") else None
+    options = (kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0), kw.get("softcap"))
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
+    for reduction in (0, 1, 2):
+        expected_grad = torch.empty_like(x)
+        expected = cross_entropy_triton.forward(x, target, weight, expected_grad, reduction, -100, *options, splits=1)
+        for splits in (2, 5):
+            grad = torch.empty_like(x)
+            got = cross_entropy_triton.forward(x, target, weight, grad, reduction, -100, *options, splits=splits)
+            in_place = x.clone()
+            got_in_place = cross_entropy_triton.forward(
+                in_place, target, weight, in_place, reduction, -100, *options, splits=splits
+            )
+            for a, b in ((got, expected), (got_in_place, expected), ((grad, in_place), (expected_grad,) * 2)):
+                for u, v in zip(a, b, strict=True):
+                    torch.testing.assert_close(u, v, equal_nan=True, **tol)
+
+
+def test_the_launcher_splits_rows_by_shape_alone():
+    """Programs per row from N and V: one when the rows fill the GPU or V is small, else enough for about
+    TARGET_PROGRAMS programs in chunks of at least SPLIT_COLUMNS, at most MAX_SPLITS."""
+    from fusedops import cross_entropy_triton as ct
+
+    assert ct.splits_for(4096, 50257) == 1 and ct.splits_for(8, 1024) == 1
+    assert ct.splits_for(512, 131072) == 4 and ct.splits_for(1, 256000) == 31
+    assert ct.splits_for(1, 10**7) == ct.MAX_SPLITS
