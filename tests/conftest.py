@@ -85,12 +85,15 @@ def notebook_batch(names_splits):
 
 # Tensor methods that read a value into Python (a host sync on CUDA)
 READS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"]
+# torch functions that make a tensor of Python values: a host-to-device copy (blocking) for a CUDA tensor
+COPIES = ["tensor", "as_tensor"]
 
 
 class HostReads:
-    """The tensor reads made from Python inside `with host_reads:`, recorded (then done) as (method, where
-    it was called from). A read with triton's interpreter on the stack is the kernel's own work (on a GPU,
-    device work) and is not recorded; at triton 3.9 the interpreter makes none of these calls anyway."""
+    """The tensor reads and host-to-device copies made from Python inside `with host_reads:`, recorded (then
+    done) as (method, where it was called from). A read with triton's interpreter on the stack is the kernel's
+    own work (on a GPU, device work) and is not recorded; at triton 3.9 the interpreter makes none of these calls
+    anyway."""
 
     def __init__(self):
         self.reads, self.watching = [], False
@@ -100,6 +103,14 @@ class HostReads:
 
     def __exit__(self, *_):
         self.watching = False
+
+    def install(self, setattr=setattr):
+        """Replaces the methods of READS and the functions of COPIES by spies (with `setattr`: monkeypatch's
+        undoes it after a test)."""
+        for name in READS:
+            setattr(torch.Tensor, name, self.spy(name, getattr(torch.Tensor, name)))
+        for name in COPIES:
+            setattr(torch, name, self.spy(name, getattr(torch, name)))
 
     def spy(self, name, method):
         def read(tensor, *args, **kwargs):
@@ -114,10 +125,10 @@ class HostReads:
 
 @pytest.fixture
 def host_reads(monkeypatch):
-    """A HostReads spying on every tensor read of READS for the test's duration."""
+    """A HostReads spying on every tensor read of READS and every host-to-device copy of COPIES for the test's
+    duration."""
     spy = HostReads()
-    for name in READS:
-        monkeypatch.setattr(torch.Tensor, name, spy.spy(name, getattr(torch.Tensor, name)))
+    spy.install(monkeypatch.setattr)
     return spy
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import READS, HostReads
+from conftest import HostReads
 from processes import GROUP_TIMEOUT_S, TIMEOUT_S, run_ok, run_ranks
 from torch import nn
 
@@ -125,8 +125,7 @@ def _sync_steps(rank, world, sizes, shape, memory_format, options, backend, step
     rows = _rows(sizes, rank)
     bn = _with_weight_and_bias(fusedops.SyncBatchNorm(shape[0], backend=backend, **options), weight, bias)
     host_reads = HostReads()
-    for name in READS:
-        setattr(torch.Tensor, name, host_reads.spy(name, getattr(torch.Tensor, name)))
+    host_reads.install()
     with host_reads:
         result = _train_steps(bn, x[rows], dy[rows], steps)
     return dict(result, host_reads=host_reads.reads)

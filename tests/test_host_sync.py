@@ -1,7 +1,8 @@
-"""No host synchronisation on the Triton path: the forward and backward of both ops read no tensor value
-into Python (no item(), tolist(), bool(tensor), int(tensor), nonzero(), ...), whatever the tensors'
-device, so that on CUDA nothing waits for the GPU and the ops can be captured in a CUDA graph. Here the
-Triton kernels run on CPU tensors under the interpreter, with those reads spied on.
+"""No host synchronisation on the Triton path: the forward and backward of every operator, on every option path,
+read no tensor value into Python (no item(), tolist(), bool(tensor), int(tensor), nonzero(), ...) and copy no
+Python value to the device (no torch.tensor(...)), whatever the tensors' device, so that on CUDA nothing waits
+for the GPU and the ops can be captured in a CUDA graph. Here the Triton kernels run on CPU tensors under the
+interpreter, with those reads spied on.
 
 What the spy cannot see: reads inside C++ (PyTorch's own ops); the Python-level ones are fusedops'."""
 
@@ -21,8 +22,9 @@ def test_the_spy_sees_reads(host_reads):
         bool(t[0])
         t.sum().item()
         range(torch.tensor(2))
+        torch.tensor([1.0])  # a host-to-device copy on CUDA
     t.tolist()  # not watched
-    assert [name for name, _ in host_reads.reads] == ["__bool__", "item", "__index__"]
+    assert [name for name, _ in host_reads.reads] == ["__bool__", "item", "tensor", "__index__", "tensor"]
 
 
 @pytest.mark.parametrize("inplace_backward", [False, True])
