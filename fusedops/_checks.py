@@ -302,7 +302,7 @@ def check_batch_norm(
             raise ArgumentValueError(f"batch_norm: momentum must be in [0, 1], got {momentum!r}")
     check_tensor("batch_norm", "residual", residual, input, "input", input.shape)
     check_activation(activation)
-    check_backend(backend, input)
+    check_backend(backend, input, "batch_norm")
 
 
 def check_activation(activation):

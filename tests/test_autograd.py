@@ -697,8 +697,8 @@ def assert_catchable_like_torch(torch_error, fused_error, expected, message):
 @pytest.mark.parametrize("case", list(ce_cases.BAD_INPUTS))
 def test_cross_entropy_errors_catchable_like_torch(case, backend, api):
     replace, expected, message = ce_cases.BAD_INPUTS[case]
-    kw = {"logits": torch.randn(4, 5), "target": torch.tensor([0, 4, -100, 2])} | replace
-    logits, target = kw.pop("logits"), kw.pop("target")
+    kw = ce_cases.good_arguments() | replace
+    logits, target = kw.pop("input"), kw.pop("target")
     if isinstance(logits, torch.Tensor) and logits.is_floating_point():
         logits = logits.detach().requires_grad_()  # so that in place is really asked for (strides kept)
     torch_kw = {
@@ -728,8 +728,9 @@ def test_cross_entropy_errors_catchable_like_torch(case, backend, api):
 def test_cross_entropy_target_out_of_range_catchable_like_torch(case):
     """The C++ kernel's eager check (the Triton kernel's device-side one is in test_host_sync.py)."""
     replace, message = ce_cases.TARGETS_OUT_OF_RANGE[case]
-    kw = {"logits": torch.randn(4, 5, requires_grad=True), "target": torch.tensor([0, 4, -100, 2])} | replace
-    logits, target = kw.pop("logits"), kw.pop("target")
+    kw = ce_cases.good_arguments() | replace
+    logits, target = kw.pop("input"), kw.pop("target")
+    logits.requires_grad_()
     torch_kw = {k: v for k, v in kw.items() if k != "inplace_backward"}
     # int32 targets are fusedops' extension: torch is asked with the same indices as int64
     torch_error = raised(lambda: F.cross_entropy(logits, target.long(), **torch_kw))

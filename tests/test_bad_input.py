@@ -3,6 +3,7 @@
 
 from functools import partial
 
+import cases
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,44 +12,64 @@ from cases import cross_entropy as ce_cases
 from conftest import assert_all_close, forward_and_grads, loss_and_grad
 
 import fusedops
+from fusedops import errors
 
 INF, NAN = float("inf"), float("nan")
 EXACT = {"rtol": 0, "atol": 0}
 
+# --- every operator: its tests/cases table's bad inputs, through one runner ------------------------------
+
+OPERATORS = cases.operators()
+# (operator, case, api): each bad input through the function, and through CrossEntropyLoss, which takes the
+# same arguments (batch norm's layers have their own table, MODULE_BAD_INPUTS)
+REJECTS = [
+    (name, case, api)
+    for name, module in OPERATORS.items()
+    for case in module.BAD_INPUTS
+    for api in (("function", "module") if name == "cross_entropy" else ("function",))
+]
+FUSEDOPS_ERRORS = (errors.ArgumentValueError, errors.ArgumentTypeError, errors.ArgumentIndexError)
+
+
+def snapshot(arguments):
+    """Copies of the tensor arguments that hold values (not meta)."""
+    return {k: v.clone() for k, v in arguments.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
+
+
+@pytest.mark.parametrize("operator,case,api", REJECTS)
+def test_rejects_before_writing(operator, case, api, backend):
+    """The operator's exception (a fusedops error class), its message naming the operator and matching the
+    case's pattern, raised before anything is written: no argument changed (in place either: the differentiable
+    ones require grad), no gradient."""
+    cases = OPERATORS[operator]
+    replace, error, message = cases.BAD_INPUTS[case]
+    arguments = cases.good_arguments() | {"backend": backend} | replace
+    for name in cases.DIFFERENTIABLE:
+        value = arguments.get(name)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.is_leaf:
+            arguments[name] = value.requires_grad_()
+    before = snapshot(arguments)
+    with pytest.raises(error, match=message) as info:
+        cases.call(api, **arguments)
+    assert isinstance(info.value, FUSEDOPS_ERRORS), repr(info.value)
+    assert api == "module" or str(info.value).startswith(f"{operator}: "), str(info.value)  # (a layer: its name)
+    for name, value in before.items():
+        assert torch.equal(arguments[name].detach(), value), name  # nothing written, not even in place
+        assert getattr(arguments[name], "grad", None) is None, name
+
+
 # --- cross-entropy --------------------------------------------------------------------------------
-
-
-def call_cross_entropy(api, logits, target, **options):
-    """fusedops.cross_entropy, or the same through a CrossEntropyLoss built with the options."""
-    if api == "function":
-        return fusedops.cross_entropy(logits, target, **options)
-    return fusedops.CrossEntropyLoss(**options)(logits, target)
-
-
-@pytest.mark.parametrize("api", ["function", "module"])
-@pytest.mark.parametrize("case", list(ce_cases.BAD_INPUTS))
-def test_cross_entropy_rejects(case, backend, api):
-    replace, error, message = ce_cases.BAD_INPUTS[case]
-    kw = {"logits": torch.randn(4, 5), "target": torch.tensor([0, 4, -100, 2]), "backend": backend} | replace
-    logits, target = kw.pop("logits"), kw.pop("target")
-    if isinstance(logits, torch.Tensor) and logits.is_floating_point():
-        saved = logits.clone()
-        logits = logits.requires_grad_() if logits.is_leaf else logits  # so that in-place is really asked for
-    with pytest.raises(error, match=message):
-        call_cross_entropy(api, logits, target, **kw)
-    if isinstance(logits, torch.Tensor) and logits.is_floating_point():
-        assert torch.equal(logits.detach(), saved)  # nothing written, not even in place
 
 
 @pytest.mark.parametrize("api", ["function", "module"])
 @pytest.mark.parametrize("case", list(ce_cases.TARGETS_OUT_OF_RANGE))
 def test_cross_entropy_cpp_rejects_targets_out_of_range_before_writing(case, api):
     replace, message = ce_cases.TARGETS_OUT_OF_RANGE[case]
-    kw = {"logits": torch.randn(4, 5), "target": torch.tensor([0, 4, -100, 2]), "backend": "cpp"} | replace
-    logits, target = kw.pop("logits"), kw.pop("target")
+    kw = ce_cases.good_arguments() | {"backend": "cpp"} | replace
+    logits, target = kw.pop("input"), kw.pop("target")
     saved = logits.clone()
     with pytest.raises(IndexError, match=message):
-        call_cross_entropy(api, logits.requires_grad_(), target, **kw)
+        ce_cases.call(api, input=logits.requires_grad_(), target=target, **kw)
     assert torch.equal(logits.detach(), saved)  # nothing written, not even in place
 
 
@@ -57,8 +78,8 @@ def test_cross_entropy_triton_gives_nan_rows_for_targets_out_of_range(case):
     """No host read on the Triton path: under the interpreter (device asserts compiled out) the rows whose
     target is out of range get a NaN loss and gradient, the others their right values."""
     replace, _ = ce_cases.TARGETS_OUT_OF_RANGE[case]
-    kw = {"logits": torch.randn(4, 5), "target": torch.tensor([0, 4, -100, 2])} | replace
-    logits, target = kw.pop("logits"), kw.pop("target")
+    kw = ce_cases.good_arguments() | replace
+    logits, target = kw.pop("input"), kw.pop("target")
     kw.pop("inplace_backward", None)
     ignore_index = kw.get("ignore_index", -100)
     V = logits.shape[1]
@@ -144,28 +165,6 @@ def test_cross_entropy_strided_equals_contiguous(backend, layout):
 
 
 # --- batch norm -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("case", list(bn_cases.BAD_INPUTS))
-def test_batch_norm_rejects_and_leaves_the_running_stats_untouched(backend, case):
-    replace, error, message = bn_cases.BAD_INPUTS[case]
-    running_mean, running_var = torch.randn(4), torch.rand(4) + 0.5
-    saved = running_mean.clone(), running_var.clone()
-    args = {
-        "input": torch.randn(8, 4),
-        "running_mean": running_mean,
-        "running_var": running_var,
-        "weight": torch.ones(4),
-        "bias": torch.zeros(4),
-        "training": True,
-        "momentum": 0.1,
-        "eps": 1e-5,
-        "backend": backend,
-    }
-    args.update(replace)
-    with pytest.raises(error, match=message):
-        fusedops.batch_norm(**args)
-    assert_all_close([running_mean, running_var], list(saved), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", list(bn_cases.MODULE_BAD_INPUTS))

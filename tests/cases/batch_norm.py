@@ -4,7 +4,32 @@ test_ops.py) read them."""
 
 import torch
 
+import fusedops
+
 NAN = float("nan")
+
+OPERATOR = "batch_norm"
+DIFFERENTIABLE = ("input", "weight", "bias")
+
+
+def good_arguments():
+    """fusedops.batch_norm's arguments of a good training call on (8, 4) input, with running statistics."""
+    return {
+        "input": torch.randn(8, 4),
+        "running_mean": torch.randn(4),
+        "running_var": torch.rand(4) + 0.5,
+        "weight": torch.ones(4),
+        "bias": torch.zeros(4),
+        "training": True,
+        "momentum": 0.1,
+        "eps": 1e-5,
+    }
+
+
+def call(api="function", **arguments):
+    """fusedops.batch_norm (the module's bad inputs are MODULE_BAD_INPUTS)."""
+    return fusedops.batch_norm(**arguments)
+
 
 # (what replaces the good arguments, the exception, a pattern naming the argument) of fusedops.batch_norm
 BAD_INPUTS = {

@@ -5,6 +5,8 @@ read them, and the oracle of the options PyTorch lacks (z-loss, soft-capping, th
 import torch
 import torch.nn.functional as F
 
+import fusedops
+
 NAN = float("nan")
 
 
@@ -38,19 +40,35 @@ def composite(
     return (loss, lse.to(loss.dtype)) if return_lse else loss
 
 
-# (what replaces the good logits (4, 5) / target / options, the exception, a pattern naming the argument)
+OPERATOR = "cross_entropy"
+DIFFERENTIABLE = ("input",)  # made to require grad: an in-place gradient is really asked for
+
+
+def good_arguments():
+    """fusedops.cross_entropy's arguments of a good call: logits (4, 5), a target with an ignored row."""
+    return {"input": torch.randn(4, 5), "target": torch.tensor([0, 4, -100, 2])}
+
+
+def call(api="function", *, input, target, **options):
+    """fusedops.cross_entropy, or the same through a CrossEntropyLoss built with the options."""
+    if api == "function":
+        return fusedops.cross_entropy(input, target, **options)
+    return fusedops.CrossEntropyLoss(**options)(input, target)
+
+
+# (what replaces the good arguments, the exception, a pattern naming the argument)
 BAD_INPUTS = {
     "target_2d": ({"target": torch.zeros(4, 1, dtype=torch.long)}, ValueError, r"target has shape \(4, 1\)"),
     "target_length": ({"target": torch.zeros(3, dtype=torch.long)}, ValueError, r"target has shape \(3,\)"),
     "target_spatial_shape": (
-        {"logits": torch.randn(4, 5, 3), "target": torch.zeros(4, 2, dtype=torch.long)},
+        {"input": torch.randn(4, 5, 3), "target": torch.zeros(4, 2, dtype=torch.long)},
         ValueError,
         r"target has shape \(4, 2\) but logits of shape \(4, 5, 3\)",
     ),
-    "logits_0d": ({"logits": torch.tensor(1.0)}, ValueError, "logits must have at least one class"),
-    "no_classes": ({"logits": torch.randn(4, 0)}, ValueError, "logits must have at least one class"),
+    "logits_0d": ({"input": torch.tensor(1.0)}, ValueError, "logits must have at least one class"),
+    "no_classes": ({"input": torch.randn(4, 0)}, ValueError, "logits must have at least one class"),
     "no_rows_no_classes": (
-        {"logits": torch.randn(0, 0), "target": torch.zeros(0, dtype=torch.long)},
+        {"input": torch.randn(0, 0), "target": torch.zeros(0, dtype=torch.long)},
         ValueError,
         "logits must have at least one class",
     ),
@@ -119,13 +137,13 @@ BAD_INPUTS = {
     "return_lse_int": ({"return_lse": 1}, TypeError, "return_lse must be a bool, got 1"),
     "return_lse_string": ({"return_lse": "yes"}, TypeError, "return_lse must be a bool"),
     "integer_logits": (
-        {"logits": torch.ones(4, 5, dtype=torch.int64)},
+        {"input": torch.ones(4, 5, dtype=torch.int64)},
         TypeError,
         "logits must be a floating-point tensor, got torch.int64",
     ),
-    "bool_logits": ({"logits": torch.ones(4, 5, dtype=torch.bool)}, TypeError, "logits must be a floating-point"),
-    "complex_logits": ({"logits": torch.ones(4, 5, dtype=torch.complex64)}, TypeError, "logits must be a floating"),
-    "logits_not_a_tensor": ({"logits": [[0.0] * 5] * 4}, TypeError, "logits must be a floating-point tensor"),
+    "bool_logits": ({"input": torch.ones(4, 5, dtype=torch.bool)}, TypeError, "logits must be a floating-point"),
+    "complex_logits": ({"input": torch.ones(4, 5, dtype=torch.complex64)}, TypeError, "logits must be a floating"),
+    "logits_not_a_tensor": ({"input": [[0.0] * 5] * 4}, TypeError, "logits must be a floating-point tensor"),
     "target_on_another_device": (
         {"target": torch.zeros(4, dtype=torch.long, device="meta")},
         ValueError,
@@ -140,17 +158,17 @@ BAD_INPUTS = {
     "ignore_index_float": ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int, got 1.5"),
     "unknown_backend": ({"backend": "cuda"}, ValueError, "backend must be one of"),
     "in_place_3d": (
-        {"logits": torch.randn(4, 5, 3), "target": torch.zeros(4, 3, dtype=torch.long), "inplace_backward": True},
+        {"input": torch.randn(4, 5, 3), "target": torch.zeros(4, 3, dtype=torch.long), "inplace_backward": True},
         ValueError,
         "inplace_backward=True needs 1-D or 2-D logits",
     ),
     "in_place_transposed": (
-        {"logits": torch.randn(5, 4).t(), "inplace_backward": True},
+        {"input": torch.randn(5, 4).t(), "inplace_backward": True},
         ValueError,
         "inplace_backward=True needs logits with unit stride along the classes",
     ),
     "in_place_overlapping_rows": (
-        {"logits": torch.randn(1, 5).expand(4, 5), "inplace_backward": True},
+        {"input": torch.randn(1, 5).expand(4, 5), "inplace_backward": True},
         ValueError,
         "inplace_backward=True needs logits with unit stride .* rows that do not overlap",
     ),
@@ -198,7 +216,7 @@ TARGETS_OUT_OF_RANGE = {
         r"target\[3\] = 5 is out of range",
     ),
     "target_out_of_range_spatial": (
-        {"logits": torch.randn(2, 5, 3), "target": torch.tensor([[0, 1, 2], [3, 9, 4]])},
+        {"input": torch.randn(2, 5, 3), "target": torch.tensor([[0, 1, 2], [3, 9, 4]])},
         r"target\[4\] = 9 is out of range",
     ),
 }

@@ -4,9 +4,24 @@ The good call: input (4, 3), weight (5, 3), target [0, 4, -100, 2], bias (5,), a
 
 import torch
 
+import fusedops
 from fusedops import errors
 
 VE, TE, IE = errors.ArgumentValueError, errors.ArgumentTypeError, errors.ArgumentIndexError
+
+
+OPERATOR = "linear_cross_entropy"
+DIFFERENTIABLE = ("input", "weight", "bias")
+
+
+def call(api="function", *, input, weight, target, bias, **options):
+    """fusedops.linear_cross_entropy, or the same through a LinearCrossEntropy holding weight and bias."""
+    if api == "function":
+        return fusedops.linear_cross_entropy(input, weight, target, bias, **options)
+    module = fusedops.LinearCrossEntropy(weight.shape[-1], weight.shape[0], bias=bias is not None, **options)
+    module.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+    module.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+    return module(input, target)
 
 
 def good_arguments():
