@@ -25,6 +25,7 @@ import triton.language as tl
 from ._layout import empty_like_input, is_channels_last
 from ._math import acc_dtype
 from .errors import ArgumentValueError
+from .shared_triton import tl_acc_dtype
 
 TILE, MAX_BLOCK_C, MAX_BLOCK_L, MAX_SPLITS, MERGE_BLOCK_C = 8192, 128, 1024, 256, 128
 ACTIVATIONS = (0, 1)  # none, relu
@@ -452,10 +453,6 @@ def _per_channel(*tensors):
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _batch_stats(x, plan, eps, unbiased):
     """mean (fp64), m2 (fp64), invstd and unbiased var (compute dtype) of x (N, C, L) over N and L; for an
     empty batch mean and m2 are 0, invstd and var NaN."""
@@ -524,7 +521,7 @@ def forward(input, weight, bias, running_mean, running_var, training, unbiased, 
             HAS_BIAS=bias is not None,
             HAS_RESIDUAL=r is not None,
             RELU=activation == 1,
-            ACC=_tl_acc(input.dtype),
+            ACC=tl_acc_dtype(input.dtype),
             **plan.blocks,
         )
     return out, mean, invstd, var
@@ -546,7 +543,7 @@ def _grad_sums(dy, out, x, mean, plan):
         *plan.strides(x),
         *plan.loop,
         HAS_OUTPUT=out is not None,
-        ACC=_tl_acc(x.dtype),
+        ACC=tl_acc_dtype(x.dtype),
         **plan.blocks,
     )
     return part
@@ -575,7 +572,7 @@ def _grad_input(dy, out, x, mean, invstd, weight, part, count, training, unbiase
         UNBIASED=unbiased,
         HAS_WEIGHT=weight is not None,
         COUNT_IN_MEMORY=in_memory,
-        ACC=_tl_acc(x.dtype),
+        ACC=tl_acc_dtype(x.dtype),
         BLOCK_C=plan.merge_block_c,
     )
     dx = _ncl(grad_input)
@@ -598,7 +595,7 @@ def _grad_input(dy, out, x, mean, invstd, weight, part, count, training, unbiase
         HAS_OUTPUT=out is not None,
         GRAD_RESIDUAL=dz is not None,
         TRAINING=training,
-        ACC=_tl_acc(x.dtype),
+        ACC=tl_acc_dtype(x.dtype),
         **plan.blocks,
     )
     return grad_weight, grad_bias

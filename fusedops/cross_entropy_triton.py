@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._math import MEAN, NONE, acc_dtype, mean_divisors
+from .shared_triton import tl_acc_dtype
 
 MAX_BLOCK = 4096
 
@@ -472,12 +473,14 @@ def cross_entropy_scale_grad(grad, scale):
     acc = acc_dtype(grad.dtype)
     block = _block(V)
     _scale_kernel[(N, triton.cdiv(V, block))](
-        grad, grad.stride(0), scale.to(acc).contiguous(), V, PER_ROW=scale.dim() == 1, ACC=_tl_dtype(acc), BLOCK=block
+        grad,
+        grad.stride(0),
+        scale.to(acc).contiguous(),
+        V,
+        PER_ROW=scale.dim() == 1,
+        ACC=tl_acc_dtype(acc),
+        BLOCK=block,
     )
-
-
-def _tl_dtype(acc):
-    return tl.float64 if acc == torch.float64 else tl.float32
 
 
 def _block(V):
@@ -526,7 +529,7 @@ def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothi
         HAS_WEIGHT=weight is not None,
         SMOOTH=smooth,
         HAS_SOFTCAP=softcap is not None,
-        ACC=_tl_dtype(acc),
+        ACC=tl_acc_dtype(acc),
     )
     ls = scalar(label_smoothing) if smooth else None
     cap = scalar(softcap) if softcap is not None else None
