@@ -25,6 +25,7 @@ from fusedops._checks import BACKENDS  # noqa: E402
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CE_QUANTITIES = ("loss", "dlogits")
 BN_QUANTITIES = ("out", "dx", "dgamma", "dbeta")
+LCE_QUANTITIES = ("loss", "dinput", "dweight")
 
 
 def relative_error(actual, exact, dim=None):
@@ -47,6 +48,15 @@ def cross_entropy_inputs(case, N=64, V=300, seed=0):
     return logits, target
 
 
+def linear_cross_entropy_inputs(case, N=64, H=32, V=300, seed=0):
+    """float64 hidden states, weight (V, H) and targets (on CPU); "large": hidden states 8 times larger (logits
+    of tens)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, generator=g, dtype=torch.float64) * (8 if case == "large" else 1)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5
+    return x, weight, torch.randint(0, V, (N,), generator=g)
+
+
 def batch_norm_inputs(case, N=200, C=12, seed=0):
     """float64 input, weight, bias and upstream gradient (on CPU); "shifted": input of mean 100 and std 1."""
     g = torch.Generator().manual_seed(seed)
@@ -63,6 +73,20 @@ def cross_entropy_results(fn, logits, target):
     return {"loss": (fn(logits, target, reduction="none"), None), "dlogits": (x.grad, 1)}
 
 
+def linear_cross_entropy_results(fn, x, weight, target):
+    """{quantity: (values, dim of a sample's values)}: per-sample losses, and the gradients of their mean with
+    respect to the hidden states and the weight."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
+    fn(*leaves, target).backward()
+    loss = fn(x, weight, target, reduction="none")
+    return {"loss": (loss, None), "dinput": (leaves[0].grad, 1), "dweight": (leaves[1].grad, 1)}
+
+
+def linear_then_cross_entropy(x, weight, target, **options):
+    """What fusedops.linear_cross_entropy replaces: the logits, then cross-entropy over them."""
+    return F.cross_entropy(F.linear(x, weight), target, **options)
+
+
 def batch_norm_results(fn, x, weight, bias, dy):
     """{quantity: (values, dim of a channel's values)}: training-mode output and every gradient."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
@@ -76,8 +100,17 @@ def table(backend=None, device="cpu"):
     on `device`."""
     ce = partial(fusedops.cross_entropy, backend=backend)
     bn = partial(fusedops.batch_norm, backend=backend)
+    lce = partial(fusedops.linear_cross_entropy, backend=backend)
     ops = [
         ("cross_entropy", ("random", "confident"), cross_entropy_inputs, cross_entropy_results, ce, F.cross_entropy),
+        (
+            "linear_cross_entropy",
+            ("random", "large"),
+            linear_cross_entropy_inputs,
+            linear_cross_entropy_results,
+            lce,
+            linear_then_cross_entropy,
+        ),
         ("batch_norm", ("random", "shifted"), batch_norm_inputs, batch_norm_results, bn, F.batch_norm),
     ]
     rows = []
