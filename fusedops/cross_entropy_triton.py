@@ -82,6 +82,96 @@ def _target_weight(
     return tl.where(mask, wq, 0.0)
 
 
+@triton.jit
+def _scalars(ls_ptr, cap_ptr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """The options' scalars label smoothing and softcap, read in ACC (a float argument would be fp32)."""
+    ls = 0.0
+    if SMOOTH:
+        ls = tl.load(ls_ptr)
+    cap = 1.0
+    if HAS_SOFTCAP:
+        cap = tl.load(cap_ptr)
+    return ls, cap
+
+
+@triton.jit
+def _class_target(t_row, V, ignore_index):
+    """(ignored, bad, t_col) of a row's class target: t_col its column, -1 where there is none. A target out of
+    range stops the kernel on the device, as PyTorch's CUDA kernel (no host read); where asserts are compiled
+    out (the interpreter) its row's loss and gradient are NaN, never an out-of-bounds access."""
+    t = tl.load(t_row).to(tl.int64)
+    ignored = t == ignore_index
+    bad = ~ignored & ((t < 0) | (t >= V))
+    tl.device_assert(~bad, "cross_entropy: target out of range (argument 'target')")
+    return ignored, bad, tl.where(ignored | bad, -1, t)
+
+
+@triton.jit
+def _class_weights(w_ptr, sum_w_ptr, t_col, ls, V, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, ACC: tl.constexpr):
+    """(w_t, W) of a class target: its class weight, and W = sum_j w_j q'_j = (1-ls) w_t + ls/V sum(w) (1
+    without weights)."""
+    w_t = 1.0
+    W = 1.0
+    if HAS_WEIGHT:
+        w_t = tl.load(w_ptr + t_col, mask=t_col >= 0, other=0.0).to(ACC)
+        W = w_t
+        if SMOOTH:
+            W = (1.0 - ls) * w_t + ls / V * tl.load(sum_w_ptr).to(ACC)
+    return w_t, W
+
+
+@triton.jit
+def _grad(p, dy, W, wq, zz, scale, SUBTRACT_WQ: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """G_j = scale * ((W + 2 z lse) p_j - w_j q'_j) * dy_j/dx_j (zz = 2 z lse, added after W p - w q', which may
+    cancel); the one-hot part of a class target is the target column's own (_target_grad)."""
+    g = W * p
+    if SUBTRACT_WQ:
+        g -= wq
+    if HAS_Z:
+        g += zz * p
+    g *= scale
+    if HAS_SOFTCAP:
+        g *= dy
+    return g
+
+
+@triton.jit
+def _target_grad(
+    p_t,
+    others,
+    w_t,
+    dy_t,
+    ls,
+    V,
+    sum_w_ptr,
+    zz,
+    scale,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The target column's gradient: (1-ls) w_t (p_t - 1) + ls/V (sum(w) p_t - w_t) + 2 z lse p_t, with p_t - 1
+    as -(sum of the others) when p_t > 1/2 (exact even when p_t rounds to 1), else directly (where the sum of
+    the others would cancel)."""
+    keep = 1.0
+    if SMOOTH:
+        keep = 1.0 - ls
+    g_t = keep * w_t * tl.where(p_t > 0.5, -others, p_t - 1.0)
+    if SMOOTH:
+        sum_w = tl.zeros((), ACC) + V
+        if HAS_WEIGHT:
+            sum_w = tl.load(sum_w_ptr).to(ACC)
+        g_t += ls / V * (sum_w * p_t - w_t)
+    if HAS_Z:
+        g_t += zz * p_t
+    g_t *= scale
+    if HAS_SOFTCAP:
+        g_t *= dy_t
+    return g_t
+
+
 @triton.jit(debug=True)  # keeps the device-side assert on the targets' range
 def _forward_kernel(
     x_ptr,
@@ -113,37 +203,22 @@ def _forward_kernel(
     x_row = x_ptr + row * x_stride
     g_row = g_ptr + row * g_stride
     t_row = t_ptr + row * t_stride
-    # the options' scalars, in ACC (a float argument would be fp32)
-    ls = 0.0
-    if SMOOTH:
-        ls = tl.load(ls_ptr)
-    cap = 1.0
-    if HAS_SOFTCAP:
-        cap = tl.load(cap_ptr)
+    ls, cap = _scalars(ls_ptr, cap_ptr, SMOOTH, HAS_SOFTCAP)
     ignored = False
     bad = False
     if not PROB_TARGET:
-        t = tl.load(t_row).to(tl.int64)
-        ignored = t == ignore_index
-        # a target out of range stops the kernel on the device, as PyTorch's CUDA kernel (no host read);
-        # where asserts are compiled out (the interpreter) its row's loss and gradient are NaN, never an
-        # out-of-bounds access
-        bad = ~ignored & ((t < 0) | (t >= V))
-        tl.device_assert(~bad, "cross_entropy: target out of range (argument 'target')")
-        no_target = ignored | bad
-        t_col = tl.where(no_target, -1, t)  # the target's column, -1 (none) in an ignored row
-        x_t = tl.load(x_row + t_col, mask=~no_target, other=0.0).to(ACC)  # read before an in-place write
+        ignored, bad, t_col = _class_target(t_row, V, ignore_index)
+        x_t = tl.load(x_row + t_col, mask=t_col >= 0, other=0.0).to(ACC)  # read before an in-place write
         y_t, dy_t = _capped(x_t, cap, HAS_SOFTCAP)
-        w_t = 1.0
-        if HAS_WEIGHT:
-            w_t = tl.load(w_ptr + t_col, mask=~no_target, other=0.0).to(ACC)
+        w_t, W = _class_weights(w_ptr, sum_w_ptr, t_col, ls, V, HAS_WEIGHT, SMOOTH, ACC)
     cols = tl.arange(0, BLOCK)
 
     # pass 1: online max and sum of exp, s = s * exp(m - m') + sum(exp(y - m'));
     # W = sum_j w_j q'_j for a probability target
     m = tl.full((), float("-inf"), ACC)
     s = tl.zeros((), ACC)
-    W = tl.zeros((), ACC)
+    if PROB_TARGET:
+        W = tl.zeros((), ACC)
     for start in range(0, V, BLOCK):
         offs = start + cols
         mask = offs < V
@@ -158,16 +233,10 @@ def _forward_kernel(
     log_s = tl.log(s)
     lse = m + log_s  # lse = M + log S
     tl.store(lse_ptr + row, lse)
-    if not PROB_TARGET:
-        # W = (1-ls) w_t + ls/V sum(w): 1 without weights
-        W = 1.0
-        if HAS_WEIGHT:
-            W = w_t
-            if SMOOTH:
-                W = (1.0 - ls) * w_t + ls / V * tl.load(sum_w_ptr).to(ACC)
+    zz = 0.0
     if HAS_Z:
         z = tl.load(z_ptr)
-        zz = 2.0 * z * lse  # added to W after W p - w q' (which may cancel), not to W
+        zz = 2.0 * z * lse
     scale = 1.0
     if IS_MEAN:
         # 1/0 = inf when the divisor is 0: every row ignored (G = 0 below) or the kept weights sum to 0 (NaN, as torch)
@@ -183,16 +252,11 @@ def _forward_kernel(
         mask = offs < V
         y, dy = _capped(tl.load(x_row + offs, mask=mask, other=0.0).to(ACC), cap, HAS_SOFTCAP)
         p = tl.exp(y - m) * inv
-        g = W * p
+        wq = 0.0
         if PROB_TARGET or SMOOTH:
             wq = _target_weight(t_row, w_ptr, offs, mask, ls, V, PROB_TARGET, HAS_WEIGHT, SMOOTH, ACC)
             wq_gap += tl.sum(tl.where(mask, wq * (m - y), 0.0), 0)
-            g -= wq
-        if HAS_Z:
-            g += zz * p
-        g *= scale
-        if HAS_SOFTCAP:
-            g *= dy
+        g = _grad(p, dy, W, wq, zz, scale, PROB_TARGET or SMOOTH, HAS_Z, HAS_SOFTCAP)
         if PROB_TARGET:
             store = mask
         else:
@@ -213,22 +277,11 @@ def _forward_kernel(
     tl.store(loss_ptr + row, tl.where(bad, float("nan"), tl.where(ignored, 0.0, loss)))
 
     if not PROB_TARGET:
-        # target column: (1-ls) w_t (p_t - 1) + ls/V (sum(w) p_t - w_t) + 2 z lse p_t, with p_t - 1 as
-        # -(sum of the others) when p_t > 1/2 (exact even when p_t rounds to 1), else directly (where the
-        # sum of the others would cancel)
         p_t = tl.exp(y_t - m) * inv
-        g_t = keep * w_t * tl.where(p_t > 0.5, -others, p_t - 1.0)
-        if SMOOTH:
-            sum_w = tl.zeros((), ACC) + V
-            if HAS_WEIGHT:
-                sum_w = tl.load(sum_w_ptr).to(ACC)
-            g_t += ls / V * (sum_w * p_t - w_t)
-        if HAS_Z:
-            g_t += zz * p_t
-        g_t *= scale
-        if HAS_SOFTCAP:
-            g_t *= dy_t
-        tl.store(g_row + t_col, tl.where(bad, float("nan"), g_t).to(g_ptr.dtype.element_ty), mask=~no_target)
+        g_t = _target_grad(
+            p_t, others, w_t, dy_t, ls, V, sum_w_ptr, zz, scale, HAS_WEIGHT, SMOOTH, HAS_Z, HAS_SOFTCAP, ACC
+        )
+        tl.store(g_row + t_col, tl.where(bad, float("nan"), g_t).to(g_ptr.dtype.element_ty), mask=t_col >= 0)
 
 
 # Rows split across programs (too few rows to fill the GPU): each of a row's `splits` programs takes `chunk`
@@ -267,19 +320,10 @@ def _split_stats_kernel(
     splits = tl.num_programs(1)
     x_row = x_ptr + row * x_stride
     t_row = t_ptr + row * t_stride
-    ls = 0.0
-    if SMOOTH:
-        ls = tl.load(ls_ptr)
-    cap = 1.0
-    if HAS_SOFTCAP:
-        cap = tl.load(cap_ptr)
+    ls, cap = _scalars(ls_ptr, cap_ptr, SMOOTH, HAS_SOFTCAP)
     t_col = -1
     if not PROB_TARGET:
-        t = tl.load(t_row).to(tl.int64)
-        ignored = t == ignore_index
-        bad = ~ignored & ((t < 0) | (t >= V))
-        tl.device_assert(~bad, "cross_entropy: target out of range (argument 'target')")
-        t_col = tl.where(ignored | bad, -1, t)
+        t_ignored, t_bad, t_col = _class_target(t_row, V, ignore_index)  # (the row's loss: stage 2's)
     cols = tl.arange(0, BLOCK)
     m = tl.full((), float("-inf"), ACC)
     s = tl.zeros((), ACC)
@@ -349,12 +393,7 @@ def _split_grad_kernel(
     x_row = x_ptr + row * x_stride
     g_row = g_ptr + row * g_stride
     t_row = t_ptr + row * t_stride
-    ls = 0.0
-    if SMOOTH:
-        ls = tl.load(ls_ptr)
-    cap = 1.0
-    if HAS_SOFTCAP:
-        cap = tl.load(cap_ptr)
+    ls, cap = _scalars(ls_ptr, cap_ptr, SMOOTH, HAS_SOFTCAP)
     # the row's partials, merged
     ks = tl.arange(0, BLOCK_S)
     kmask = ks < splits
@@ -377,20 +416,10 @@ def _split_grad_kernel(
     if PROB_TARGET:
         W = tl.sum(wq_k, 0)
     else:
-        t = tl.load(t_row).to(tl.int64)
-        ignored = t == ignore_index
-        bad = ~ignored & ((t < 0) | (t >= V))
-        no_target = ignored | bad
-        t_col = tl.where(no_target, -1, t)
-        owner = tl.where(no_target, split == 0, t_col // chunk == split)
-        w_t = 1.0
-        if HAS_WEIGHT:
-            w_t = tl.load(w_ptr + t_col, mask=~no_target, other=0.0).to(ACC)
-        W = 1.0  # (1-ls) w_t + ls/V sum(w): 1 without weights
-        if HAS_WEIGHT:
-            W = w_t
-            if SMOOTH:
-                W = (1.0 - ls) * w_t + ls / V * tl.load(sum_w_ptr).to(ACC)
+        ignored, bad, t_col = _class_target(t_row, V, ignore_index)
+        owner = tl.where(t_col < 0, split == 0, t_col // chunk == split)
+        w_t, W = _class_weights(w_ptr, sum_w_ptr, t_col, ls, V, HAS_WEIGHT, SMOOTH, ACC)
+    zz = 0.0
     if HAS_Z:
         z = tl.load(z_ptr)
         zz = 2.0 * z * lse
@@ -404,14 +433,10 @@ def _split_grad_kernel(
         mask = offs < V
         y, dy = _capped(tl.load(x_row + offs, mask=mask, other=0.0).to(ACC), cap, HAS_SOFTCAP)
         p = tl.exp(y - M) * inv
-        g = W * p  # G_j = scale * ((W + 2 z lse) p_j - w_j q'_j) * dy_j/dx_j
+        wq = 0.0
         if PROB_TARGET or SMOOTH:
-            g -= _target_weight(t_row, w_ptr, offs, mask, ls, V, PROB_TARGET, HAS_WEIGHT, SMOOTH, ACC)
-        if HAS_Z:
-            g += zz * p
-        g *= scale
-        if HAS_SOFTCAP:
-            g *= dy
+            wq = _target_weight(t_row, w_ptr, offs, mask, ls, V, PROB_TARGET, HAS_WEIGHT, SMOOTH, ACC)
+        g = _grad(p, dy, W, wq, zz, scale, PROB_TARGET or SMOOTH, HAS_Z, HAS_SOFTCAP)
         if PROB_TARGET:
             store = mask
         else:
@@ -424,25 +449,17 @@ def _split_grad_kernel(
         loss = gap + W * log_s  # + the one-hot part below, + z lse^2
         if not PROB_TARGET:
             # the target column: never written above, so still the logit (in place too)
-            x_t = tl.load(x_row + t_col, mask=~no_target, other=0.0).to(ACC)
+            x_t = tl.load(x_row + t_col, mask=t_col >= 0, other=0.0).to(ACC)
             y_t, dy_t = _capped(x_t, cap, HAS_SOFTCAP)
             keep = 1.0
             if SMOOTH:
                 keep = 1.0 - ls
             loss += keep * w_t * (M - y_t)
             p_t = tl.exp(y_t - M) * inv
-            g_t = keep * w_t * tl.where(p_t > 0.5, -others, p_t - 1.0)
-            if SMOOTH:
-                sum_w = tl.zeros((), ACC) + V
-                if HAS_WEIGHT:
-                    sum_w = tl.load(sum_w_ptr).to(ACC)
-                g_t += ls / V * (sum_w * p_t - w_t)
-            if HAS_Z:
-                g_t += zz * p_t
-            g_t *= scale
-            if HAS_SOFTCAP:
-                g_t *= dy_t
-            tl.store(g_row + t_col, tl.where(bad, float("nan"), g_t).to(g_ptr.dtype.element_ty), mask=~no_target)
+            g_t = _target_grad(
+                p_t, others, w_t, dy_t, ls, V, sum_w_ptr, zz, scale, HAS_WEIGHT, SMOOTH, HAS_Z, HAS_SOFTCAP, ACC
+            )
+            tl.store(g_row + t_col, tl.where(bad, float("nan"), g_t).to(g_ptr.dtype.element_ty), mask=t_col >= 0)
         if HAS_Z:
             loss += z * lse * lse
         tl.store(loss_ptr + row, tl.where(bad, float("nan"), tl.where(ignored, 0.0, loss)))
