@@ -412,8 +412,9 @@ class _Plan:
         self.splits = max(triton.cdiv(tiles, tiles_per_split), 1)
         self.sizes = (N, C, L)
         self.loop = (tiles, tiles_l, tiles_per_split)
-        # 8 warps for a full tile: with 4, a thread holds 64 of its values and the kernels spill (ptxas on sm_80/90)
-        warps = 8 if block_n * block_c * block_l >= TILE else 4
+        # 8 warps from half a tile: with 4, a thread holds 32 or 64 of its values and the kernels spill (ptxas on
+        # sm_80 and sm_90: bench/results/compile_kernels.md)
+        warps = 8 if block_n * block_c * block_l >= TILE // 2 else 4
         self.blocks = dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_L=block_l, num_warps=warps)
         self.grid = (triton.cdiv(C, block_c), self.splits)
         self.merge_block_c = min(triton.next_power_of_2(C), MERGE_BLOCK_C)

@@ -500,8 +500,10 @@ def cross_entropy_scale_grad(grad, scale):
     )
 
 
-def _block(V):
-    return min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK)
+def _block(V, options=False):
+    """The columns a program holds at once: a power of 2, at most MAX_BLOCK (half that with options on, whose
+    extra values per column spill at 4096 on sm_80 and sm_90)."""
+    return min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK // 2 if options else MAX_BLOCK)
 
 
 def _warps(block, acc):
@@ -556,7 +558,7 @@ def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothi
         chunk = triton.cdiv(triton.cdiv(V, splits), block) * block  # a whole number of blocks
         splits = triton.cdiv(V, chunk)  # (no empty chunk)
         part = torch.empty(PARTS, N, splits, device=device, dtype=acc)
-        grid, warps = (N, splits), _warps(block, acc)
+        grid, warps = (N, splits), _warps(2 * block, acc)  # (the merge's registers besides: 8 warps from 4 KB)
         row_args = (logits, logits.stride(0), target, target.stride(0), weight)
         _split_stats_kernel[grid](
             *row_args, part, ls, cap, N, V, chunk, ignore_index, BLOCK=block, num_warps=warps, **flags
@@ -585,6 +587,7 @@ def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothi
             **flags,
         )
     elif N > 0:
+        block = _block(V, options=prob or smooth or z_loss > 0 or softcap is not None)
         _forward_kernel[(N,)](
             logits,
             logits.stride(0),
@@ -604,9 +607,9 @@ def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothi
             ignore_index,
             IS_MEAN=reduction == MEAN,
             HAS_Z=z_loss > 0,
-            BLOCK=_block(V),
+            BLOCK=block,
             **flags,
-            num_warps=_warps(_block(V), acc),
+            num_warps=_warps(block, acc),
         )
     if reduction == NONE:
         return row_loss.to(logits.dtype), lse
