@@ -500,10 +500,11 @@ def cross_entropy_scale_grad(grad, scale):
     )
 
 
-def _block(V, options=False):
-    """The columns a program holds at once: a power of 2, at most MAX_BLOCK (half that with options on, whose
-    extra values per column spill at 4096 on sm_80 and sm_90)."""
-    return min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK // 2 if options else MAX_BLOCK)
+def _block(V, options=False, acc=torch.float32):
+    """The columns a program holds at once: a power of 2, at most MAX_BLOCK; with options on, whose extra values
+    per column spill beyond that on sm_80 and sm_90, 2048 (fp32) or 512 (fp64)."""
+    most = MAX_BLOCK if not options else 2048 if acc == torch.float32 else 512
+    return min(triton.next_power_of_2(max(V, 1)), most)
 
 
 def _warps(block, acc):
@@ -514,7 +515,7 @@ def _warps(block, acc):
 # rows split across programs: when fewer than TARGET_PROGRAMS rows (an H100's 132 SMs hold about 8 programs
 # each), into at most MAX_SPLITS chunks of at least SPLIT_COLUMNS columns
 TARGET_PROGRAMS, SPLIT_COLUMNS, MAX_SPLITS = 2048, 8192, 64
-SPLIT_BLOCK = 1024  # columns a split program holds at once: ptxas spills the merge beside 2048 (sm_80, sm_90)
+SPLIT_BLOCK = 512  # columns a split program holds at once (4 warps): more spill beside the merge on sm_80/90
 
 
 def splits_for(N, V):
@@ -558,7 +559,7 @@ def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothi
         chunk = triton.cdiv(triton.cdiv(V, splits), block) * block  # a whole number of blocks
         splits = triton.cdiv(V, chunk)  # (no empty chunk)
         part = torch.empty(PARTS, N, splits, device=device, dtype=acc)
-        grid, warps = (N, splits), _warps(2 * block, acc)  # (the merge's registers besides: 8 warps from 4 KB)
+        grid, warps = (N, splits), 4
         row_args = (logits, logits.stride(0), target, target.stride(0), weight)
         _split_stats_kernel[grid](
             *row_args, part, ls, cap, N, V, chunk, ignore_index, BLOCK=block, num_warps=warps, **flags
@@ -587,7 +588,7 @@ def forward(logits, target, weight, grad, reduction, ignore_index, label_smoothi
             **flags,
         )
     elif N > 0:
-        block = _block(V, options=prob or smooth or z_loss > 0 or softcap is not None)
+        block = _block(V, prob or smooth or z_loss > 0 or softcap is not None, acc)
         _forward_kernel[(N,)](
             logits,
             logits.stride(0),
